@@ -1,0 +1,199 @@
+"""The Python API behind the CLI: run, resume, evaluate, predict."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from semiseg.config import RunConfig, dump_config, load_config
+from semiseg.data.presets import load_source
+from semiseg.data.splits import Splits, make_splits
+from semiseg.engine.checkpoint import atomic_write_text, seed_everything
+from semiseg.engine.distributed import barrier, init_distributed, resolve_device
+from semiseg.errors import ConfigError
+from semiseg.methods.registry import get_method
+from semiseg.pipeline.context import RunContext
+from semiseg.pipeline.stages import run_stages
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _splits_for(config: RunConfig, source: Any) -> Splits:
+    if config.split.files:
+        return Splits.read(Path(config.split.files))
+    return make_splits(source, seed=config.split.seed, labeled=config.split.labeled, val=config.split.val,
+                       test=config.split.test, fixed=source.fixed_splits)
+
+
+def prepare(config: RunConfig, run_dir: Path, *, console: Any = None, fresh: bool) -> RunContext:
+    """Load data and splits, create (or reopen) the run directory, set seeds and the device."""
+    device = resolve_device(config.train.device, int(os.environ.get("LOCAL_RANK", "0")))
+    dist = init_distributed(device)
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    if config.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    source = load_source(config.data.source, config.data.root, **config.data.options)
+    if fresh:
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise ConfigError(f"run directory {run_dir} already exists: continue it with `semiseg resume {run_dir}` "
+                              "or choose another name (--set name=...)")
+        splits = _splits_for(config, source)
+        if dist.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            splits.write(run_dir / "splits")
+            atomic_write_text(run_dir / "config.yaml", dump_config(config))
+        barrier()
+    else:
+        splits = Splits.read(run_dir / "splits")
+    seed_everything(config.seed)
+    return RunContext(config, run_dir, source, splits, device, dist, console)
+
+
+def _execute(ctx: RunContext, log: Any) -> dict[str, Any]:
+    t0 = time.time()
+    method = get_method(ctx.config.method["name"])(ctx, ctx.config.method_options())
+    stage_dirs = run_stages(ctx.run_dir, method.stages(), out_dir=ctx.run_dir.parent, dist=ctx.dist, log=log)
+    results: dict[str, Any] = {}
+    if ctx.dist.is_main:
+        model = method.final_model()
+        results = final_results(ctx, model, stage_dirs, time.time() - t0)
+        atomic_write_text(ctx.run_dir / "results.json", json.dumps(results, indent=1))
+    barrier()
+    return results
+
+
+def final_results(ctx: RunContext, model: torch.nn.Module, stage_dirs: list[Path], seconds: float) -> dict:
+    """Val metrics at working size, test metrics at original resolution, timings, provenance."""
+    from semiseg.evaluation.evaluator import evaluate_source
+    from semiseg.pipeline.training import validation_fn
+
+    cfg = ctx.config
+    val = validation_fn(ctx)(model)
+    test = None
+    if ctx.splits.test:
+        res = evaluate_source(model, ctx.source, ctx.splits.test, protocol=cfg.eval.protocol,
+                              size=tuple(cfg.data.size), window=cfg.eval.window, stride=cfg.eval.stride,
+                              device=ctx.device)
+        test = res.to_dict()
+        test["headline"] = res.headline()
+    stages = []
+    for d in stage_dirs:
+        info = json.loads((d / "DONE").read_text()) if (d / "DONE").exists() else {}
+        stages.append({"dir": d.name, **info})
+    return {
+        "name": cfg.name, "method": cfg.method["name"], "split_seed": cfg.split.seed, "seed": cfg.seed,
+        "val_metric": ctx.val_metric, "val": val, "test": test,
+        "stage_seconds": round(sum(s.get("seconds", 0.0) for s in stages), 1),
+        "session_seconds": round(seconds, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "stages": stages, "command": " ".join(["semiseg", *sys.argv[1:]]), "commit": _git_commit(),
+    }
+
+
+def run(config: RunConfig, *, console: Any = None, log: Any = print) -> dict[str, Any]:
+    """Train ``config``'s method from scratch in ``out_dir/name``; returns ``results.json``'s content."""
+    run_dir = Path(config.out_dir) / config.name
+    return _execute(prepare(config, run_dir, console=console, fresh=True), log)
+
+
+def resume(run_dir: Path, *, console: Any = None, log: Any = print) -> dict[str, Any]:
+    """Continue a killed or unfinished run: finished stages are skipped, the current one resumes."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
+    config = load_config(run_dir / "config.yaml")
+    return _execute(prepare(config, run_dir, console=console, fresh=False), log)
+
+
+def load_run(run_dir: Path, *, console: Any = None) -> tuple[RunContext, torch.nn.Module]:
+    """The context and delivered model of a finished run."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "results.json").is_file():
+        raise ConfigError(f"{run_dir}: no finished run here (no results.json); train or resume it first")
+    config = load_config(run_dir / "config.yaml")
+    config.train.device = "cpu" if not torch.cuda.is_available() else config.train.device
+    ctx = prepare(config, run_dir, console=console, fresh=False)
+    model = get_method(config.method["name"])(ctx, config.method_options()).final_model()
+    return ctx, model.eval()
+
+
+def evaluate(run_dir: Path, *, data: str | None = None, root: str | None = None, split: str = "test",
+             protocol: str | None = None, window: tuple[int, int] | None = None,
+             stride: tuple[int, int] | None = None) -> dict[str, Any]:
+    """Evaluate a run's model on a split of its own data, or on every labeled image of another source."""
+    from semiseg.evaluation.evaluator import evaluate_source
+
+    ctx, model = load_run(run_dir)
+    cfg = ctx.config
+    if data is None:
+        source = ctx.source
+        if split not in ("labeled", "val", "test", "unlabeled"):
+            raise ConfigError(f"--split {split!r}: choose labeled, val, test or unlabeled")
+        stems = getattr(ctx.splits, split)
+    else:
+        source = load_source(data, root)
+        stems = source.fixed_splits.get(split) or [s.stem for s in source.samples]
+    if source.classes.num_classes != ctx.classes.num_classes:
+        raise ConfigError(f"--data {data}: {source.classes.num_classes} classes, the model has "
+                          f"{ctx.classes.num_classes}")
+    res = evaluate_source(model, source, stems, protocol=protocol or cfg.eval.protocol,
+                          size=tuple(cfg.data.size), window=window or cfg.eval.window,
+                          stride=stride or cfg.eval.stride, device=ctx.device)
+    out = res.to_dict()
+    out["headline"] = res.headline()
+    return out
+
+
+def predict(run_dir: Path, images: Path, out_dir: Path, *, protocol: str | None = None) -> int:
+    """Write a PNG mask (class indices, palette) and an overlay for every image in ``images``."""
+    import numpy as np
+    from PIL import Image
+
+    from semiseg.data.decode import read_image
+    from semiseg.data.sources import list_images
+    from semiseg.evaluation.inference import predict_probs
+
+    ctx, model = load_run(run_dir)
+    cfg = ctx.config
+    files = list(list_images(Path(images)).values())
+    out_dir = Path(out_dir)
+    (out_dir / "masks").mkdir(parents=True, exist_ok=True)
+    (out_dir / "overlays").mkdir(parents=True, exist_ok=True)
+    palette = np.array(ctx.classes.palette(), dtype=np.uint8)
+    flat_palette = palette.flatten().tolist() + [0] * (768 - palette.size)
+    for path in files:
+        image = read_image(path)
+        pred = predict_probs(model, image, protocol=protocol or cfg.eval.protocol, size=tuple(cfg.data.size),
+                             window=cfg.eval.window, stride=cfg.eval.stride,
+                             num_classes=ctx.classes.num_classes, device=ctx.device)
+        label = pred.probs.argmax(0).cpu().numpy().astype(np.uint8)
+        mask = Image.fromarray(label, mode="P")
+        mask.putpalette(flat_palette)
+        _save_atomic(mask, out_dir / "masks" / f"{path.stem}.png")
+        overlay = (0.55 * image + 0.45 * palette[label]).astype(np.uint8)
+        overlay[label == 0] = image[label == 0]
+        _save_atomic(Image.fromarray(overlay), out_dir / "overlays" / f"{path.stem}.jpg")
+    return len(files)
+
+
+def _save_atomic(image: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    image.save(tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,124 @@
+"""Staged pipelines: each stage persists into ``stages/<i>-<name>/`` and is DONE once, atomically.
+
+A stage with the same content key (its inputs and config) as one already computed under the same
+``out_dir`` is reused instead of recomputed: e.g. the supervised teacher shared by several methods.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from semiseg.engine.checkpoint import atomic_write_text
+from semiseg.engine.distributed import DistInfo, barrier
+
+
+@dataclass
+class Stage:
+    """``run(stage_dir)`` does the work (resuming from whatever it left in ``stage_dir``).
+
+    ``key`` is everything the outputs depend on (config sections, split, upstream keys); a stage
+    whose key is None is never reused.
+    """
+
+    name: str
+    run: Callable[[Path], None]
+    key: dict[str, Any] | None = None
+    outputs: dict[str, Any] = field(default_factory=dict)
+
+    def key_hash(self) -> str | None:
+        if self.key is None:
+            return None
+        blob = json.dumps(self.key, sort_keys=True, default=str).encode()
+        return hashlib.blake2b(blob, digest_size=12).hexdigest()
+
+
+def stage_dir(run_dir: Path, index: int, stage: Stage) -> Path:
+    return run_dir / "stages" / f"{index}-{stage.name}"
+
+
+def is_done(path: Path) -> bool:
+    return (path / "DONE").is_file()
+
+
+def _reuse_index(out_dir: Path) -> Path:
+    return out_dir / ".stage-index"
+
+
+def find_reusable(out_dir: Path, key_hash: str) -> Path | None:
+    entry = _reuse_index(out_dir) / key_hash
+    if not entry.is_file():
+        return None
+    path = Path(entry.read_text().strip())
+    path = path if path.is_absolute() else (out_dir / path)
+    return path if is_done(path) else None
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_stages(run_dir: Path, stages: list[Stage], *, out_dir: Path | None = None, dist: DistInfo | None = None,
+               log: Callable[[str], None] = print) -> list[Path]:
+    """Run every stage not DONE yet, in order. Returns the stage directories."""
+    dist = dist or DistInfo()
+    out_dir = out_dir or run_dir.parent
+    dirs = []
+    for i, stage in enumerate(stages):
+        path = stage_dir(run_dir, i, stage)
+        dirs.append(path)
+        if is_done(path):
+            log(f"stage {i}-{stage.name}: done, skipped")
+            continue
+        key_hash = stage.key_hash()
+        reusable = find_reusable(out_dir, key_hash) if key_hash else None
+        if reusable is not None and reusable.resolve() != path.resolve():
+            if dist.is_main:
+                log(f"stage {i}-{stage.name}: identical to {reusable}, reused")
+                _copy_stage(reusable, path)
+            barrier()
+            continue
+        path.mkdir(parents=True, exist_ok=True)
+        log(f"stage {i}-{stage.name}: running")
+        t0 = time.time()
+        stage.run(path)
+        barrier()
+        if dist.is_main:
+            info = {"stage": stage.name, "key": key_hash, "seconds": round(time.time() - t0, 2),
+                    "peak_rss_mb": round(_peak_rss_mb(), 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            atomic_write_text(path / "DONE", json.dumps(info, indent=1))
+            if key_hash:
+                index = _reuse_index(out_dir)
+                index.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(index / key_hash, os.path.relpath(path, out_dir))
+        barrier()
+    return dirs
+
+
+def _copy_stage(src: Path, dst: Path) -> None:
+    """Copy a finished stage (checkpoints hard-linked where the file system allows)."""
+    tmp = dst.with_name(dst.name + ".reuse-tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    def link_or_copy(s: str, d: str) -> None:
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copy2(s, d)
+
+    shutil.copytree(src, tmp, copy_function=link_or_copy)
+    info = json.loads((tmp / "DONE").read_text())
+    info["reused_from"] = str(src)
+    (tmp / "DONE").unlink()  # it may be a hard link to the source's marker
+    (tmp / "DONE").write_text(json.dumps(info, indent=1))
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
