@@ -93,6 +93,8 @@ def test_group_larger_than_twice_the_target_still_gives_one_group() -> None:
     src = _source(60, groups=[30, 30])
     sp = make_splits(src, seed=0, labeled=0.5, val=0.05)
     assert len(sp.val) == 30 and len(sp.labeled) == 30
+    flat = make_splits(src, seed=0, labeled=0.5, val=0.05, group_aware=False)
+    assert (len(flat.val), len(flat.labeled)) == (3, 28)
 
 
 def test_fixed_test_is_respected_and_excluded() -> None:
@@ -101,8 +103,7 @@ def test_fixed_test_is_respected_and_excluded() -> None:
     sp = make_splits(src, seed=0, labeled=0.5, val=0.1)
     assert sp.test == fixed_test and len(sp.val) == 9 and len(sp.labeled) == 40
     _check_partition(sp, src)
-    with pytest.raises(ConfigError, match="test split is fixed by source"):
-        make_splits(src, seed=0, labeled=0.5, val=0.1, test=0.1)
+    assert make_splits(src, seed=0, labeled=0.5, val=0.1, test=0.3) == sp  # a fixed split's amount is ignored
     drawn = make_splits(src, seed=0, labeled=0.5, val=0.1, test=0.1, fixed={})
     assert len(drawn.test) == 10 and drawn.test != fixed_test
 
@@ -125,7 +126,6 @@ def test_fixed_labeled_and_unlabeled() -> None:
     ({"labeled": None, "val": 0.1}, ConfigError, "labeled"),
     ({"labeled": 0.2, "val": 1.0}, DataError, "no samples left"),
     ({"labeled": 0.2, "val": None, "fixed": {"test": ["s001"], "val": ["s001"]}}, DataError, "both"),
-    ({"labeled": 0.2, "val": 0.1, "fixed": {"val": ["s001"]}}, ConfigError, "is fixed by the given"),
     ({"labeled": 0.2, "val": 0.1, "fixed": {"test": ["nope"]}}, DataError, "not in source"),
     ({"labeled": 0.2, "val": 0.1, "fixed": {"tset": ["s001"]}}, ConfigError, "unknown split"),
 ])
@@ -134,10 +134,12 @@ def test_impossible_requests_are_clear_errors(kwargs: dict, error: type, match: 
         make_splits(_source(50), seed=0, **kwargs)
 
 
-def test_fixed_split_must_not_cut_a_group() -> None:
-    src = _source(10, groups=[5, 5])
-    with pytest.raises(DataError, match="part of group"):
-        make_splits(src, seed=0, labeled=0.5, val=0, fixed={"test": ["s000", "s001"]})
+def test_fixed_split_may_cut_a_group_whose_rest_stays_together() -> None:
+    src = _source(12, groups=[6, 6])  # like CamVid: official test frames share a sequence with train frames
+    sp = make_splits(src, seed=0, labeled=0.5, val=0, fixed={"test": ["s000", "s001"]})
+    assert sp.test == ["s000", "s001"]
+    rest_g0 = {f"s{i:03d}" for i in range(2, 6)}
+    assert rest_g0 <= set(sp.labeled) or rest_g0 <= set(sp.unlabeled)
 
 
 def test_unlabeled_images_never_go_to_a_labeled_split() -> None:

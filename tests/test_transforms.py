@@ -203,7 +203,7 @@ def test_cutmix_pastes_one_half_area_box_from_the_next_sample() -> None:
         box = (mi[i] != images[i]).any(dim=0)
         y, x, bh, bw = _box_of(box)
         assert w // 2 + 1 <= bw <= w - 1 and bh == round(h * w / 2 / bw)
-        torch.testing.assert_close(mi[i], torch.where(box, images[j], images[i]))
+        assert torch.equal(mi[i], torch.where(box, images[j], images[i]))
         assert torch.equal(ml[i], torch.where(box, labels[j], labels[i]))
         assert mc is not None and torch.equal(mc[i], torch.where(box, conf[j], conf[i]))
     # same generator state -> same result; p=0 -> inputs returned untouched

@@ -37,7 +37,7 @@ def _splits_for(config: RunConfig, source: Any) -> Splits:
     if config.split.files:
         return Splits.read(Path(config.split.files))
     return make_splits(source, seed=config.split.seed, labeled=config.split.labeled, val=config.split.val,
-                       test=config.split.test, fixed=source.fixed_splits)
+                       test=config.split.test, fixed=source.fixed_splits, group_aware=config.split.group_aware)
 
 
 def prepare(config: RunConfig, run_dir: Path, *, console: Any = None, fresh: bool) -> RunContext:
@@ -97,7 +97,10 @@ def final_results(ctx: RunContext, model: torch.nn.Module, stage_dirs: list[Path
     for d in stage_dirs:
         info = json.loads((d / "DONE").read_text()) if (d / "DONE").exists() else {}
         stages.append({"dir": d.name, **info})
+    diagnostics = ctx.run_dir / "diagnostics.json"
     return {
+        "pseudo_label_quality": last_pseudo_label_quality(stage_dirs, ctx.classes.is_binary),
+        "diagnostics": json.loads(diagnostics.read_text()) if diagnostics.is_file() else None,
         "name": cfg.name, "method": cfg.method["name"], "split_seed": cfg.split.seed, "seed": cfg.seed,
         "val_metric": ctx.val_metric, "val": val, "test": test,
         "stage_seconds": round(sum(s.get("seconds", 0.0) for s in stages), 1),
@@ -105,6 +108,16 @@ def final_results(ctx: RunContext, model: torch.nn.Module, stage_dirs: list[Path
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "stages": stages, "command": " ".join(["semiseg", *sys.argv[1:]]), "commit": _git_commit(),
     }
+
+
+def last_pseudo_label_quality(stage_dirs: list[Path], binary: bool) -> float | None:
+    """Quality of the newest pseudo-label round against ground truth (benchmark mode), if any."""
+    for d in reversed(stage_dirs):
+        for stats_path in sorted(d.rglob("stats.json")):
+            quality = json.loads(stats_path.read_text()).get("quality")
+            if quality:
+                return quality.get("foreground_dice" if binary else "miou")
+    return None
 
 
 def run(config: RunConfig, *, console: Any = None, log: Any = print) -> dict[str, Any]:

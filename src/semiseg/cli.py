@@ -16,9 +16,7 @@ from semiseg.errors import SemisegError
 app = typer.Typer(help="Semi-supervised semantic segmentation with teacher-student pseudo labelling.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 data_app = typer.Typer(help="Look at data before training on it.", no_args_is_help=True)
-bench_app = typer.Typer(help="Benchmarks: method matrices and throughput.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-app.add_typer(bench_app, name="bench")
 console = Console(stderr=True)
 out = Console()
 
@@ -52,7 +50,8 @@ def _print_results(results: dict) -> None:
 
 
 @app.command()
-def train(config: Annotated[Path | None, typer.Argument(help="YAML config (defaults if omitted)")] = None,
+def train(config: Annotated[str | None, typer.Argument(
+              help="YAML config file, or a bundled protocol: polyp, camvid, demo")] = None,
           set_: SetOption = None) -> None:
     """Train a method as CONFIG says; the run directory is OUT_DIR/NAME."""
     from semiseg import api
@@ -62,6 +61,15 @@ def train(config: Annotated[Path | None, typer.Argument(help="YAML config (defau
     results = api.run(cfg, console=console, log=console.print)
     if results:
         _print_results(results)
+
+
+@app.command("config")
+def show_config(config: Annotated[str | None, typer.Argument(help="YAML file or bundled protocol")] = None,
+                set_: SetOption = None) -> None:
+    """Print the fully resolved config (every default visible), as `train` would use it."""
+    from semiseg.config import dump_config, load_config
+
+    out.print(dump_config(load_config(config, set_ or [])), highlight=False, markup=False)
 
 
 @app.command()
@@ -76,13 +84,14 @@ def resume(run: Annotated[Path, typer.Argument(help="run directory")]) -> None:
 
 @app.command()
 def evaluate(run: Annotated[Path, typer.Argument(help="finished run directory")],
-             data: Annotated[str | None, typer.Option(help="another preset or folder (default: the run's data)")] = None,
+             data: Annotated[str | None, typer.Option(help="another preset or folder (default: the run's own)")] = None,
              root: Annotated[str | None, typer.Option(help="folder of a --data preset")] = None,
              split: Annotated[str, typer.Option(help="labeled | val | test | unlabeled")] = "test",
              protocol: Annotated[str | None, typer.Option(help="resize | whole | center_crop | sliding_window")] = None,
              window: Annotated[str | None, typer.Option(help="sliding window H,W")] = None,
              stride: Annotated[str | None, typer.Option(help="sliding stride H,W")] = None,
-             json_out: Annotated[Path | None, typer.Option("--json", help="also write the metrics here")] = None) -> None:
+             json_out: Annotated[Path | None, typer.Option("--json", help="also write metrics here")] = None,
+             ) -> None:
     """Evaluate a run's model at original resolution."""
     from semiseg import api
 
@@ -138,15 +147,35 @@ def data_inspect(spec: Annotated[str, typer.Argument(help="preset name or folder
         raise typer.Exit(1)
 
 
-@bench_app.command("throughput")
-def bench_throughput(steps: Annotated[int, typer.Option(help="timed steps per loop")] = 30,
-                     batch: Annotated[int, typer.Option(help="batch size")] = 8,
-                     size: Annotated[int, typer.Option(help="square input size")] = 128,
-                     threads: Annotated[int | None, typer.Option(help="torch threads")] = None) -> None:
-    """Training-step throughput of the engine vs a bare PyTorch loop (ratio must be >= 0.95)."""
-    from semiseg.bench.throughput import run_throughput
+@app.command()
+def bench(protocol: Annotated[str, typer.Argument(help="polyp | camvid | demo, or: throughput, tables")],
+          methods: Annotated[str | None, typer.Option(help="comma-separated methods (default: the matrix)")] = None,
+          seeds: Annotated[str | None, typer.Option(help="comma-separated split seeds")] = None,
+          out_dir: Annotated[Path, typer.Option(help="run directories of the bench")] = Path("bench-runs"),
+          results: Annotated[Path, typer.Option(help="folder of the merged result JSONs")] = Path("benchmarks/results"),
+          markdown: Annotated[Path, typer.Option(help="generated tables")] = Path("BENCHMARKS.md"),
+          set_: SetOption = None,
+          steps: Annotated[int, typer.Option(help="throughput: timed steps")] = 30,
+          size: Annotated[int, typer.Option(help="throughput: square input size")] = 128,
+          threads: Annotated[int | None, typer.Option(help="throughput: torch threads")] = None) -> None:
+    """Run a protocol's method matrix (resumable, merged into RESULTS/PROTOCOL.json, then BENCHMARKS.md);
+    `bench tables` regenerates BENCHMARKS.md from the JSON; `bench throughput` compares engine vs bare loop."""
+    if protocol == "throughput":
+        from semiseg.bench.throughput import run_throughput
 
-    run_throughput(steps=steps, batch=batch, size=size, threads=threads, out=out)
+        run_throughput(steps=steps, batch=8, size=size, threads=threads, out=out)
+        return
+    from semiseg.bench.tables import write_benchmarks_md
+
+    if protocol != "tables":
+        from semiseg.bench.matrix import run_bench
+
+        run_bench(protocol, methods=methods.split(",") if methods else None,
+                  seeds=[int(s) for s in seeds.split(",")] if seeds else None, out_dir=out_dir,
+                  results_path=results / f"{protocol}.json", overrides=set_ or [], log=console.print,
+                  console=console)
+    write_benchmarks_md(results, markdown)
+    out.print(f"wrote {markdown}")
 
 
 def main() -> None:

@@ -32,6 +32,7 @@ class SplitConfig(_Strict):
     val: float | int = Field(0.1, description="share or count for validation (model selection)")
     test: float | int | None = Field(0.1, description="share or count for test; ignored when the preset fixes it")
     files: str | None = Field(None, description="folder with labeled/unlabeled/val/test.txt to use as given")
+    group_aware: bool = Field(True, description="keep a preset's groups (video sequences) within one split")
 
 
 class AugmentConfig(_Strict):
@@ -148,12 +149,22 @@ def config_from_dict(raw: dict[str, Any], origin: str = "config") -> RunConfig:
     return config
 
 
+def bundled_config(name: str | Path) -> Path | None:
+    """A protocol config shipped with semiseg (``polyp``, ``camvid``, ``demo``) when ``name`` is not a file."""
+    if Path(name).exists() or "/" in str(name) or str(name).endswith((".yaml", ".yml")):
+        return None
+    from importlib.resources import files
+
+    candidate = Path(str(files("semiseg") / "configs" / f"{name}.yaml"))
+    return candidate if candidate.is_file() else None
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML config (or start from defaults when ``path`` is None) and apply ``--set`` overrides."""
     raw: dict[str, Any] = {}
     origin = "defaults"
     if path is not None:
-        path = Path(path)
+        path = bundled_config(path) or Path(path)
         origin = str(path)
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")

@@ -94,7 +94,8 @@ def _digest(data: bytes) -> str:
 
 
 def _code_digest(code: Any) -> str:
-    consts = [_code_digest(c) if inspect.iscode(c) else repr(c) for c in code.co_consts]
+    # constants via _stable: a set literal compiles to a frozenset whose repr order changes per process
+    consts = [_code_digest(c) if inspect.iscode(c) else _stable(c) for c in code.co_consts]
     return _digest(code.co_code + repr(consts).encode())
 
 
@@ -195,9 +196,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, mode)  # mkstemp makes 0600; a cache shared between users must be readable
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -208,7 +210,8 @@ def _atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def _resize_image(img: np.ndarray, h: int, w: int) -> np.ndarray:
+def resize_image(img: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Image to (h, w): area interpolation when shrinking both sides, bilinear otherwise."""
     ih, iw = img.shape[:2]
     if (ih, iw) == (h, w):
         return img
@@ -216,7 +219,8 @@ def _resize_image(img: np.ndarray, h: int, w: int) -> np.ndarray:
     return cv2.resize(img, (w, h), interpolation=interp)
 
 
-def _resize_mask(mask: np.ndarray, h: int, w: int) -> np.ndarray:
+def resize_mask(mask: np.ndarray, h: int, w: int) -> np.ndarray:
+    """Mask to (h, w) by nearest neighbour, pixel-centre aligned like :func:`resize_image`."""
     if mask.shape == (h, w):
         return mask
     return cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST_EXACT)
@@ -241,7 +245,7 @@ def _open_entry(entry: Path, key: str, n: int, size: tuple[int, int],
                         list(meta["has_mask"]), entry)
 
 
-def _donors(family: Path, reader: str, decoder: str | None, limit: int = 4) -> list[tuple[dict, Path]]:
+def _donors(family: Path, reader: str, decoder: str | None, limit: int = 8) -> list[tuple[dict, Path]]:
     """Metadata of the most recent entries of the same size, reader and decoder, to copy rows from."""
     metas = []
     for m in family.glob("*/meta.json"):
@@ -290,6 +294,7 @@ def _build(entry: Path, key: str, samples: Sequence[Sample], digests: list[tuple
     family = entry.parent
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=family))
     try:
+        os.chmod(tmp, 0o755)
         images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(n, h, w, 3))
         masks = None
         if decode_mask is not None:
@@ -304,7 +309,7 @@ def _build(entry: Path, key: str, samples: Sequence[Sample], digests: list[tuple
             else:
                 full = read_image(s.image)
                 orig = (int(full.shape[0]), int(full.shape[1]))
-                img = _resize_image(full, h, w)
+                img = resize_image(full, h, w)
             if decode_mask is None:
                 return img, None, orig
             if s.mask is None:
@@ -319,7 +324,7 @@ def _build(entry: Path, key: str, samples: Sequence[Sample], digests: list[tuple
             if m.shape != orig:
                 raise DataError(f"{s.mask}: mask is {m.shape[0]}x{m.shape[1]} but its image {s.image} is "
                                 f"{orig[0]}x{orig[1]}")
-            return img, _resize_mask(m, h, w), orig
+            return img, resize_mask(m, h, w), orig
 
         orig_sizes: list[list[int]] = []
         with ThreadPoolExecutor(max_workers=workers) as ex:

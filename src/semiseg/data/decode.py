@@ -170,8 +170,11 @@ class ThresholdMask:
             a = read_image(path)
         if a.dtype != np.uint8:
             a = _to_uint8(a)
-        level = a if a.ndim == 2 else a.mean(axis=2, dtype=np.float32)
-        return (level >= self.threshold).astype(np.uint8)
+        if a.ndim == 2:
+            return (a >= self.threshold).view(np.uint8)
+        # mean >= t  <=>  sum >= 3 t: integer sums, much faster than a float mean
+        total = a[..., 0].astype(np.uint16) + a[..., 1] + a[..., 2]
+        return (total >= 3 * self.threshold).view(np.uint8)
 
     def __repr__(self) -> str:
         return f"ThresholdMask(threshold={self.threshold})"

@@ -3,8 +3,10 @@
 Order of drawing (BENCHMARK.md): test from the pool, then val from what is left, then labeled from
 what is left after that; everything remaining is unlabeled, as are the source's images without masks.
 Splits fixed in advance (``source.fixed_splits``, e.g. CamVid's official val frames as test) are taken
-as given and removed from the pool first. A ratio is a share of the samples still unassigned when that
-split is drawn; a count is a number of samples.
+as given and removed from the pool first, even when they cut a group (CamVid's official split shares
+sequence 0016E5 between train and val); the group's other samples then stay together in the pool.
+A ratio is a share of the samples still unassigned when that split is drawn; a count is a number of
+samples.
 
 Group-aware: when samples carry a ``group`` (frames of one video), whole groups are drawn. Groups are
 visited in a seeded random order and a group is taken when it brings the split's size strictly closer
@@ -124,14 +126,16 @@ def _draw(name: str, pool: list[str], amount: Amount, group_of: dict[str, str | 
 
 
 def make_splits(source: DataSource, *, seed: int, labeled: Amount | None, val: Amount | None,
-                test: Amount | None = None, fixed: dict[str, list[str]] | None = None) -> Splits:
+                test: Amount | None = None, fixed: dict[str, list[str]] | None = None,
+                group_aware: bool = True) -> Splits:
     """Seeded splits of ``source`` (see the module docstring for the rules).
 
-    ``fixed`` defaults to ``source.fixed_splits``; pass ``{}`` to ignore them. A split that is fixed
-    must have amount None. ``labeled=1.0`` is the oracle: every remaining sample is labeled.
-    ``val``/``test`` of 0 or None give an empty split.
+    ``fixed`` defaults to ``source.fixed_splits``; pass ``{}`` to ignore them. The amount of a split that
+    is fixed is ignored (a config's default ``test: 0.1`` does not override CamVid's official test set).
+    ``labeled=1.0`` is the oracle: every remaining sample is labeled. ``val``/``test`` of 0 or None give
+    an empty split. ``group_aware=False`` ignores sample groups (e.g. CamVid, whose three sequence groups
+    are too coarse for a 1/8 labeled split).
     """
-    by = f"by source {source.name!r}" if fixed is None else "by the given split files"
     fixed = dict(source.fixed_splits if fixed is None else fixed)
     amounts = {"test": test, "val": val, "labeled": labeled}
     for name, amount in amounts.items():
@@ -139,10 +143,6 @@ def make_splits(source: DataSource, *, seed: int, labeled: Amount | None, val: A
     unknown_names = sorted(set(fixed) - set(SPLIT_NAMES))
     if unknown_names:
         raise ConfigError(f"fixed splits: unknown split names {unknown_names} (use {', '.join(SPLIT_NAMES)})")
-    for name in ("test", "val", "labeled"):
-        if name in fixed and amounts[name] is not None:
-            raise ConfigError(f"splits.{name}: the {name} split is fixed {by} ({len(fixed[name])} stems); "
-                              f"set splits.{name} to null to use it")
     if "labeled" not in fixed and labeled is None:
         raise ConfigError("splits.labeled: give a ratio or a count of labeled images")
 
@@ -163,13 +163,8 @@ def make_splits(source: DataSource, *, seed: int, labeled: Amount | None, val: A
                 raise DataError(f"fixed splits: stem {s!r} is in both {owner[s]!r} and {name!r}")
             owner[s] = name
 
-    group_of = {s.stem: s.group for s in source.samples}
+    group_of = {s.stem: s.group if group_aware else None for s in source.samples}
     pool = sorted(s for s in with_mask if s not in owner)
-    split_groups = {group_of[s] for s in owner if s in group_of and group_of[s] is not None}
-    leaked = sorted({g for s in pool if (g := group_of[s]) in split_groups})
-    if leaked:
-        raise DataError(f"fixed splits take only part of group(s) {leaked[:5]}; a group must stay in one "
-                        "split (list all of its samples or none)")
 
     rng = np.random.default_rng(seed)
     out: dict[str, list[str]] = {}

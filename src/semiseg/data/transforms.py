@@ -67,9 +67,11 @@ def _check_size(size: Sequence[int]) -> tuple[int, int]:
 
 
 def weak_transform(size: Sequence[int], *, scale: tuple[float, float] | None = (0.5, 2.0),
-                   pad_label: int = IGNORE_INDEX, hflip: bool = True,
+                   pad_label: int = IGNORE_INDEX, hflip: bool = True, vflip: bool = False,
                    scale_mode: str = "uniform") -> AlbuPair:
-    """Random scale, pad to ``size`` (image 0, mask ``pad_label``), random crop ``size``, horizontal flip.
+    """Random scale, pad to ``size`` (image 0, mask ``pad_label``), random crop ``size``, flips.
+
+    ``vflip`` adds a vertical flip (p 0.5): natural for endoscopy and microscopy, wrong for street scenes.
 
     ``scale_mode="uniform"``: factor ~ U(scale); ``"gta"``: GTA-Seg's RandResize, with p 0.5 U(lo, 1) else
     U(1, hi), so the factor is *not* uniform on [lo, hi]. ``scale=None`` skips scaling. ST++ pads the
@@ -102,6 +104,8 @@ def weak_transform(size: Sequence[int], *, scale: tuple[float, float] | None = (
             A.RandomCrop(height=h, width=w, p=1.0)]
     if hflip:
         ops.append(A.HorizontalFlip(p=0.5))
+    if vflip:
+        ops.append(A.VerticalFlip(p=0.5))
     return AlbuPair(ops)
 
 
@@ -195,7 +199,8 @@ _STD = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
 
 def normalize(image: np.ndarray) -> torch.Tensor:
     """uint8 H×W×3 (or N×H×W×3) RGB -> float32 3×H×W (N×3×H×W), ImageNet mean/std: the model input."""
-    t = torch.from_numpy(np.ascontiguousarray(image))
+    # np.array copies: cached images are read-only memmaps, which torch cannot wrap without a warning
+    t = torch.from_numpy(np.array(image, copy=True))
     if t.dtype != torch.uint8 or t.shape[-1] != 3:
         raise ValueError(f"normalize expects uint8 ...×H×W×3, got {t.dtype} {tuple(t.shape)}")
     t = t.movedim(-1, -3).to(torch.float32).div_(255.0)

@@ -51,6 +51,11 @@ class TrainingTask:
 
         return unwrap(self.nets[self.eval_net_name])
 
+    def extra_eval_nets(self) -> dict[str, nn.Module]:
+        """Further nets validated alongside ``eval_net()``, each selected on its own: the loop logs
+        ``val_<name>/<metric>`` and keeps ``checkpoints/best-<name>.pt`` (e.g. a raw and a momentum model)."""
+        return {}
+
     def on_epoch_end(self, epoch: int) -> None:
         """Called when the first loader finishes an epoch (per-epoch EMA lives here)."""
 

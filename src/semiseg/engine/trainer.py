@@ -75,6 +75,7 @@ class Trainer:
         self.scalers = {n: torch.amp.GradScaler(device.type, enabled=use_scaler) for n in self.optimizers}
         self.step = 0
         self.best: dict[str, Any] = {"metric": None, "step": None}
+        self.best_extra: dict[str, dict[str, Any]] = {}  # per extra eval net (TrainingTask.extra_eval_nets)
         self._tb = None
 
     # -- setup -------------------------------------------------------------------------------------
@@ -126,7 +127,7 @@ class Trainer:
     # -- state ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
-            "step": self.step, "total": self.total, "best": self.best,
+            "step": self.step, "total": self.total, "best": self.best, "best_extra": self.best_extra,
             "nets": {n: unwrap(m).state_dict() for n, m in self.task.nets.items()},
             "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
             "scalers": {n: s.state_dict() for n, s in self.scalers.items()},
@@ -136,6 +137,7 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.best = state["step"], state["best"]
+        self.best_extra = state.get("best_extra", {})
         for n, sd in state["nets"].items():
             unwrap(self.task.nets[n]).load_state_dict(sd)
         for n, sd in state["optimizers"].items():
@@ -173,18 +175,29 @@ class Trainer:
     def _validate(self) -> dict[str, float]:
         if self.evaluate is None:
             return {}
-        net = self.task.eval_net()
+        record = self._validate_net(self.task.eval_net(), None)
+        for name, net in self.task.extra_eval_nets().items():
+            record.update(self._validate_net(net, name))
+        return record
+
+    def _validate_net(self, net: nn.Module, extra: str | None) -> dict[str, float]:
+        """Validate ``net``; keep it as ``best.pt`` (``best-<extra>.pt`` for an extra net) when it improves."""
         was_training = net.training
         net.eval()
         scores = broadcast_object(self.evaluate(net) if self.dist.is_main else None)
         net.train(was_training)
+        best = self.best if extra is None else self.best_extra.get(extra, {"metric": None, "step": None})
         metric = scores.get(self.val_metric)  # type: ignore[union-attr]
-        if metric is not None and math.isfinite(metric) and (self.best["metric"] is None
-                                                             or metric > self.best["metric"]):
-            self.best = {"metric": metric, "step": self.step}
-            self._save("best.pt", {"net": unwrap(net).state_dict(), "step": self.step, "metric": metric,
-                                   "val_metric": self.val_metric})
-        return {f"val/{k}": v for k, v in scores.items()}  # type: ignore[union-attr]
+        if metric is not None and math.isfinite(metric) and (best["metric"] is None or metric > best["metric"]):
+            if extra is None:
+                self.best = {"metric": metric, "step": self.step}
+            else:
+                self.best_extra[extra] = {"metric": metric, "step": self.step}
+            self._save("best.pt" if extra is None else f"best-{extra}.pt",
+                       {"net": unwrap(net).state_dict(), "step": self.step, "metric": metric,
+                        "val_metric": self.val_metric})
+        prefix = "val" if extra is None else f"val_{extra}"
+        return {f"{prefix}/{k}": v for k, v in scores.items()}  # type: ignore[union-attr]
 
     def fit(self) -> FitResult:
         last = self.ckpt_dir / "last.pt"

@@ -31,7 +31,7 @@ def make_dataset(ctx: RunContext, images: np.ndarray, masks: np.ndarray | None, 
                  seed: int, strong: bool = False, transform=None) -> SegmentationDataset:  # noqa: ANN001
     aug = ctx.config.train.augment
     weak = transform or weak_transform(tuple(ctx.config.data.size), scale=tuple(aug.scale),
-                                       pad_label=aug.pad_label, hflip=aug.hflip)
+                                       pad_label=aug.pad_label, hflip=aug.hflip, vflip=aug.vflip)
     return SegmentationDataset(images, masks, list(indices), weak, strong=strong_transform() if strong else None,
                                seed=seed)
 

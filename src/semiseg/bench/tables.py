@@ -1,0 +1,146 @@
+"""Benchmark results: merge partial runs, aggregate over split seeds, gap recovered, BENCHMARKS.md tables."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+from semiseg.engine.checkpoint import atomic_write_text
+
+BASELINES = ("supervised", "oracle")
+
+
+def entry_from_results(protocol: str, results: dict[str, Any], *, wall_seconds: float | None = None) -> dict:
+    """One row of the benchmark JSON from a run's results.json."""
+    test = results.get("test") or {}
+    headline = test.get("headline")
+    entry = {
+        "protocol": protocol, "method": results["method"], "split_seed": results["split_seed"],
+        "seed": results.get("seed", 0), "headline_metric": results.get("val_metric"),
+        "test": headline, "test_detail": {k: test.get(k) for k in ("dice", "iou", "dice_pooled", "miou",
+                                                                   "mean_of_subsets", "per_subset",
+                                                                   "per_class_iou") if k in test},
+        "val": (results.get("val") or {}).get(results.get("val_metric") or "", None),
+        "pseudo_label_quality": results.get("pseudo_label_quality"),
+        "wall_seconds": wall_seconds if wall_seconds is not None else results.get("stage_seconds"),
+        "peak_rss_mb": results.get("peak_rss_mb"), "command": results.get("command"),
+        "commit": results.get("commit"), "run": results.get("name"),
+    }
+    return entry
+
+
+def merge(existing: list[dict], new: list[dict]) -> list[dict]:
+    """Entries keyed by (protocol, method, split seed, seed); a newer entry replaces an older one."""
+    table = {(e["protocol"], e["method"], e["split_seed"], e.get("seed", 0)): e for e in existing}
+    for e in new:
+        table[(e["protocol"], e["method"], e["split_seed"], e.get("seed", 0))] = e
+    return sorted(table.values(), key=lambda e: (e["protocol"], e["method"], e["split_seed"], e.get("seed", 0)))
+
+
+def load_entries(path: Path) -> list[dict]:
+    return json.loads(path.read_text())["entries"] if path.is_file() else []
+
+
+def save_entries(path: Path, entries: list[dict]) -> None:
+    atomic_write_text(path, json.dumps({"entries": entries}, indent=1) + "\n")
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def gap_recovered(method: float, supervised: float, oracle: float) -> float | None:
+    """(method − supervised) / (oracle − supervised); None when the oracle is not above supervised."""
+    denominator = oracle - supervised
+    if not math.isfinite(denominator) or denominator <= 0:
+        return None
+    return (method - supervised) / denominator
+
+
+def summarize(entries: list[dict], protocol: str) -> list[dict[str, Any]]:
+    """Per method: mean ± std of the test headline over split seeds, gain and gap recovered per seed."""
+    rows = [e for e in entries if e["protocol"] == protocol and e.get("test") is not None]
+    by_seed: dict[tuple[str, int], float] = {(e["method"], e["split_seed"]): e["test"] for e in rows}
+    methods = sorted({e["method"] for e in rows}, key=lambda m: (m not in BASELINES, m != "supervised", m))
+    out = []
+    for method in methods:
+        mine = [e for e in rows if e["method"] == method]
+        seeds = sorted(e["split_seed"] for e in mine)
+        gains, gaps = [], []
+        for e in mine:
+            sup = by_seed.get(("supervised", e["split_seed"]))
+            ora = by_seed.get(("oracle", e["split_seed"]))
+            if sup is not None:
+                gains.append(e["test"] - sup)
+                if ora is not None:
+                    g = gap_recovered(e["test"], sup, ora)
+                    if g is not None:
+                        gaps.append(g)
+        m, s = mean_std([e["test"] for e in mine])
+        quality = [e["pseudo_label_quality"] for e in mine if e.get("pseudo_label_quality") is not None]
+        out.append({
+            "method": method, "seeds": seeds, "test_mean": m, "test_std": s,
+            "gain_mean": mean_std(gains)[0] if gains else None, "gain_std": mean_std(gains)[1] if gains else None,
+            "gap_mean": mean_std(gaps)[0] if gaps else None,
+            "pl_quality": statistics.fmean(quality) if quality else None,
+            "wall_minutes": statistics.fmean([e["wall_seconds"] or 0 for e in mine]) / 60,
+            "peak_rss_mb": max((e["peak_rss_mb"] or 0) for e in mine),
+            "metric": mine[0].get("headline_metric"),
+            "beats_supervised": None if not gains or method in BASELINES else statistics.fmean(gains) > 0,
+            "commits": sorted({e.get("commit") or "?" for e in mine}),
+        })
+    return out
+
+
+def _fmt(x: float | None, scale: float = 100.0, signed: bool = False) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "–"
+    return f"{x * scale:+.1f}" if signed else f"{x * scale:.1f}"
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    head = ("| method | split seeds | test (mean ± std) | gain vs supervised (pts) | gap recovered | "
+            "beats supervised? | pseudo-label quality | wall time / run | peak RSS | commit |")
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        beats = {None: "", True: "yes", False: "**no**"}[r["beats_supervised"]]
+        gain = "" if r["gain_mean"] is None else f"{_fmt(r['gain_mean'], signed=True)} ± {_fmt(r['gain_std'])}"
+        gap = "" if r["gap_mean"] is None else f"{r['gap_mean'] * 100:.0f} %"
+        lines.append(
+            f"| `{r['method']}` | {','.join(map(str, r['seeds']))} | {_fmt(r['test_mean'])} ± {_fmt(r['test_std'])} | "
+            f"{gain} | {gap} | {beats} | {_fmt(r['pl_quality'])} | {r['wall_minutes']:.1f} min | "
+            f"{r['peak_rss_mb']:.0f} MB | {', '.join(r['commits'])} |")
+    return "\n".join(lines)
+
+
+PROTOCOL_NOTES = {
+    "polyp": "test Dice = per-image Dice of the polyp class, mean of the Kvasir-SEG and CVC-ClinicDB test-set "
+             "means (original resolution); test split fixed (semiseg/splits/polyp/test.txt).",
+    "camvid": "test mIoU over 11 classes, void ignored, on the 101 official val frames (original resolution).",
+}
+
+
+def write_benchmarks_md(results_dir: Path, out_path: Path) -> Path:
+    """BENCHMARKS.md from every ``<protocol>.json`` in ``results_dir`` (numbers only from those files)."""
+    parts = ["# Benchmarks", "",
+             "Generated by `semiseg bench tables` from the committed result files in "
+             f"`{results_dir.as_posix()}/`; never edited by hand. Protocols: `../shared/BENCHMARK.md`. "
+             "Each row names the commit(s) of the runs; the command of every run is in the JSON.", ""]
+    for path in sorted(results_dir.glob("*.json")):
+        protocol = path.stem
+        entries = load_entries(path)
+        rows = summarize(entries, protocol)
+        commands = sorted({e.get("command") or "" for e in entries})
+        parts += [f"## `{protocol}`", "", PROTOCOL_NOTES.get(protocol, ""), "", markdown_table(rows), "",
+                  "Gain and gap recovered are computed per split seed against that seed's `supervised` and "
+                  "`oracle` runs. Pseudo-label quality: last round against the unlabeled images' ground truth "
+                  "(benchmark mode). Wall time: sum of the run's stages (a reused teacher counts for every method "
+                  "that uses it).", "", "Commands:", ""]
+        parts += [f"- `{c}`" for c in commands if c] + [""]
+    atomic_write_text(out_path, "\n".join(parts))
+    return out_path

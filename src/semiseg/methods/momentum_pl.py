@@ -1,0 +1,251 @@
+"""Online pseudo labelling with momentum networks (the polyp paper, released code ``online_learning_ssl``).
+
+Stage 1 — teacher: a net trained on labeled images only, with a momentum (EMA) copy; the best raw net
+and the best momentum net are each selected on validation.
+
+Stage 2 — student (Algorithm 1), from scratch; every step:
+
+1. the teacher (best momentum teacher, or best raw teacher) labels the unlabeled batch — the SAME
+   augmented view the student sees — soft ``softmax`` probabilities or hard labels;
+2. the student minimises ``Dice(labeled) + 0.3 · Dice(unlabeled, pseudo labels)``;
+3. online: teacher := EMA of the student (offline: the teacher never changes);
+4. momentum student := EMA of the student; the momentum student is the delivered model.
+
+EMA is per epoch in the released code (per step as an option), parameters only; a momentum net's BN
+statistics come from a no-grad train-mode forward on each labeled batch (the code's logging forward).
+The paper's Table II variants: ``teacher_update`` (online / offline) × ``pseudo_from`` (momentum / raw)
+× ``deliver`` (momentum / raw student).
+
+The released code trains with Adam 1e-4 and no LR schedule. This toolkit uses the run's ``train`` section
+(shared by every method of a benchmark); to reproduce the code set ``train.optimizer=adam train.lr=1e-4
+train.lr_schedule=constant train.weight_decay=0 train.batch_size=8`` (16 for its teacher).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, cast
+
+from pydantic import Field
+from torch import Tensor, nn
+
+from semiseg.data.transforms import polyp_labeled_transform, polyp_paper_transform
+from semiseg.engine.loader import EndlessLoader
+from semiseg.engine.task import Optimized, StepContext, TrainingTask
+from semiseg.errors import ConfigError
+from semiseg.losses import dice_loss, tversky_loss
+from semiseg.methods.online import (
+    labeled_stream,
+    load_selected,
+    stage_key,
+    teacher_forward,
+    unlabeled_stream,
+    weak_view,
+)
+from semiseg.methods.registry import Method, MethodOptions, register
+from semiseg.models.ema import EMA, frozen_copy
+from semiseg.pipeline.context import RunContext
+from semiseg.pipeline.stages import Stage, stage_dir
+from semiseg.pipeline.training import fit, new_model
+
+
+class MomentumPLOptions(MethodOptions):
+    teacher_update: Literal["online", "offline"] = Field("online", description=(
+        "online: the teacher follows the student by EMA (the proposed method); offline: a frozen teacher"))
+    pseudo_from: Literal["momentum", "raw"] = Field("momentum", description=(
+        "stage-1 net that becomes the teacher: the best momentum net (proposed) or the best raw net"))
+    deliver: Literal["momentum", "raw"] = Field("momentum", description=(
+        "student net selected on val and delivered: its momentum copy (code, paper) or the raw student"))
+    soft_labels: bool = Field(True, description=(
+        "soft teacher probabilities (code default use_soft_label=True) or hard labels (0.5 / argmax)"))
+    unsup_weight: float = Field(0.3, ge=0, description="weight of the unlabeled loss (code: beta = 0.3)")
+    loss: Literal["dice", "tversky"] = Field(
+        "dice", description="code: smp DiceLoss (binary, batch-global); the paper says Tversky")
+    tversky_alpha: float = Field(0.5, ge=0, description="Tversky FP weight (paper: no value; 0.5 = Dice)")
+    tversky_beta: float = Field(0.5, ge=0, description="Tversky FN weight (paper: no value; 0.5 = Dice)")
+    loss_reduction: Literal["batch", "image"] = Field("batch", description=(
+        "batch: one Dice over the whole batch (code: smp sums over dims (0, 2)); image: per-image Dice mean"))
+    teacher_momentum: float = Field(0.95, ge=0, lt=1, description="stage-1 momentum of the teacher's copy")
+    student_momentum: float = Field(0.99, ge=0, lt=1, description="momentum of the student's copy (code)")
+    teacher_ema_momentum: float = Field(0.99, ge=0, lt=1, description="online teacher EMA from the student")
+    ema_every: Literal["epoch", "step"] = Field(
+        "epoch", description="EMA cadence: once per epoch (code: training_epoch_end) or every step")
+    momentum_bn: Literal["forward", "ema"] = Field("forward", description=(
+        "BN statistics of the momentum nets and the online teacher: a no-grad train-mode forward on each "
+        "labeled batch (code: its logging forward) or an EMA of the buffers too"))
+    momentum_init: Literal["copy", "independent"] = Field("copy", description=(
+        "a momentum net starts as a copy of its net; independent: a second freshly built model, as the code "
+        "does (there with ImageNet encoders, so only its decoder differs)"))
+    teacher_mode: Literal["train", "eval"] = Field("train", description=(
+        "mode of the teacher when it labels: train (code: BN batch statistics, dropout active) or eval"))
+    augment: Literal["polyp", "run"] = Field("polyp", description=(
+        "polyp: the paper's augmentation (labeled: vflip + rot90; unlabeled: shift-scale-rotate, RGB shift, "
+        "brightness/contrast, flips; square data.size only); run: the run's weak augmentation for both"))
+    teacher_steps: int | None = Field(None, gt=0, description="steps of stage 1 (default train.steps)")
+
+
+def _loss(opt: MomentumPLOptions, logits: Tensor, target: Tensor | None,
+          soft: Tensor | None = None) -> Tensor:
+    if opt.loss == "dice":
+        return dice_loss(logits, target, soft_target=soft, reduction=opt.loss_reduction)
+    return tversky_loss(logits, target, soft_target=soft, alpha=opt.tversky_alpha, beta=opt.tversky_beta,
+                        reduction=opt.loss_reduction)
+
+
+def _momentum_copy(net: nn.Module, fresh: nn.Module | None) -> nn.Module:
+    """The frozen momentum twin of ``net``: its copy, or a copy of an independently built ``fresh`` model."""
+    return frozen_copy(fresh if fresh is not None else net)
+
+
+class _MomentumMixin:
+    """EMA cadence shared by both stages: ``emas`` run per step or at each epoch end; BN by forward or EMA."""
+
+    opt: MomentumPLOptions
+    emas: list[EMA]
+    bn_nets: list[nn.Module]
+
+    def _after_step(self, labeled_images: Tensor) -> None:
+        if self.opt.momentum_bn == "forward":
+            for net in self.bn_nets:
+                teacher_forward(net, labeled_images, train_mode=True)
+        if self.opt.ema_every == "step":
+            for ema in self.emas:
+                ema.update()
+
+    def on_epoch_end(self, epoch: int) -> None:
+        if self.opt.ema_every == "epoch":
+            for ema in self.emas:
+                ema.update()
+
+
+class TeacherTask(_MomentumMixin, TrainingTask):
+    """Stage 1: Dice on labeled batches; the momentum copy is validated and selected on its own."""
+
+    def __init__(self, model: nn.Module, labeled: EndlessLoader, options: MomentumPLOptions,
+                 fresh: nn.Module | None = None) -> None:
+        self.opt = options
+        self.nets = {"model": model, "momentum": _momentum_copy(model, fresh)}
+        self.loaders = {"labeled": labeled}
+        self.optimized = [Optimized("model")]
+        bn = options.momentum_bn == "ema"
+        self.emas = [EMA(model, self.nets["momentum"], momentum=options.teacher_momentum, buffers=bn)]
+        self.bn_nets = [self.nets["momentum"]]
+
+    def extra_eval_nets(self) -> dict[str, nn.Module]:
+        return {"momentum": self.nets["momentum"]}
+
+    def train_step(self, batches: dict[str, Any], ctx: StepContext) -> dict[str, float]:
+        batch = batches["labeled"]
+        with ctx.autocast():
+            loss = _loss(self.opt, self.nets["model"](batch["image"]), batch["mask"])
+        ctx.optimize("model", loss)
+        self._after_step(batch["image"])
+        return {"loss": loss.item()}
+
+
+class StudentTask(_MomentumMixin, TrainingTask):
+    """Stage 2 (Algorithm 1): online pseudo labels from the (momentum) teacher for a student from scratch."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, labeled: EndlessLoader,
+                 unlabeled: EndlessLoader, options: MomentumPLOptions,
+                 fresh: nn.Module | None = None) -> None:
+        self.opt = options
+        self.nets = {"student": student, "momentum": _momentum_copy(student, fresh),
+                     "teacher": frozen_copy(teacher)}
+        # the longer stream defines the epoch (Lightning's max_size_cycle in the code); the other one cycles
+        pair = [("unlabeled", unlabeled), ("labeled", labeled)]
+        if len(labeled.dataset) > len(unlabeled.dataset):  # type: ignore[arg-type]
+            pair.reverse()
+        self.loaders = dict(pair)
+        self.optimized = [Optimized("student")]
+        self.eval_net_name = "momentum" if options.deliver == "momentum" else "student"
+        bn = options.momentum_bn == "ema"
+        self.emas = [EMA(student, self.nets["momentum"], momentum=options.student_momentum, buffers=bn)]
+        self.bn_nets = [self.nets["momentum"]]
+        if options.teacher_update == "online":
+            online = EMA(student, self.nets["teacher"], momentum=options.teacher_ema_momentum, buffers=bn)
+            self.emas.insert(0, online)
+            self.bn_nets.append(self.nets["teacher"])
+
+    def extra_eval_nets(self) -> dict[str, nn.Module]:
+        other = "student" if self.eval_net_name == "momentum" else "momentum"
+        extra = {other: self.nets[other]}
+        if self.opt.teacher_update == "online":
+            extra["teacher"] = self.nets["teacher"]
+        return extra
+
+    def pseudo_targets(self, images: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """Step 1: ``(hard, soft)`` targets of the teacher on the student's own view (one of them None)."""
+        logits = teacher_forward(self.nets["teacher"], images, train_mode=self.opt.teacher_mode == "train")
+        prob = logits.softmax(dim=1)
+        if not self.opt.soft_labels:
+            return prob.argmax(dim=1), None
+        return None, (prob[:, 1] if prob.shape[1] == 2 else prob)
+
+    def train_step(self, batches: dict[str, Any], ctx: StepContext) -> dict[str, float]:
+        lab, unl = batches["labeled"], batches["unlabeled"]
+        hard, soft = self.pseudo_targets(unl["image"])
+        with ctx.autocast():  # two forwards, as the code's compute_loss(labeled) then compute_loss(unlabeled)
+            loss_l = _loss(self.opt, self.nets["student"](lab["image"]), lab["mask"])
+            loss_u = _loss(self.opt, self.nets["student"](unl["image"]), hard, soft)
+            loss = loss_l + self.opt.unsup_weight * loss_u
+        ctx.optimize("student", loss)
+        self._after_step(lab["image"])
+        return {"loss": loss.item(), "loss_labeled": loss_l.item(), "loss_unlabeled": loss_u.item()}
+
+
+def _transforms(run: RunContext, opt: MomentumPLOptions) -> tuple[Any, Any]:
+    if opt.augment == "run":
+        return weak_view(run), None
+    h, w = run.config.data.size
+    if h != w:
+        raise ConfigError(f"method.augment=polyp needs a square data.size (RandomRotate90), got {h}x{w}; "
+                          "use method.augment=run")
+    return polyp_labeled_transform(), polyp_paper_transform()
+
+
+@register
+class MomentumPL(Method):
+    name = "momentum-pl"
+    summary = "polyp paper: (momentum) teacher, then a student with online pseudo labels and a momentum copy"
+    paper = "Online pseudo labeling for polyp segmentation with momentum networks (online_learning_ssl)"
+    options_model = MomentumPLOptions
+
+    def _teacher_stage(self, opt: MomentumPLOptions) -> Stage:
+        run = self.run
+        seed = run.stage_seed("momentum-pl-teacher")
+
+        def train(directory: Path) -> None:
+            lab_t, _ = _transforms(run, opt)
+            fresh = new_model(run, seed + 1) if opt.momentum_init == "independent" else None
+            task = TeacherTask(new_model(run, seed), labeled_stream(run, seed, transform=lab_t), opt, fresh)
+            fit(run, task, directory, steps=opt.teacher_steps)
+
+        teacher_opts = opt.model_dump(include={
+            "loss", "tversky_alpha", "tversky_beta", "loss_reduction", "teacher_momentum", "ema_every",
+            "momentum_bn", "momentum_init", "augment"})
+        steps = opt.teacher_steps or run.config.train.steps
+        return Stage("teacher", train, key=stage_key(run, "momentum-pl-teacher", seed, steps=steps,
+                                                     options=teacher_opts))
+
+    def stages(self) -> list[Stage]:
+        run, opt = self.run, cast(MomentumPLOptions, self.options)
+        teacher_stage = self._teacher_stage(opt)
+        seed = run.stage_seed("momentum-pl-student")
+
+        def train(directory: Path) -> None:
+            momentum = opt.pseudo_from == "momentum"
+            teacher = load_selected(run, stage_dir(run.run_dir, 0, teacher_stage),
+                                    best="best-momentum.pt" if momentum else "best.pt",
+                                    net="momentum" if momentum else "model")
+            lab_t, unl_t = _transforms(run, opt)
+            fresh = new_model(run, seed + 2) if opt.momentum_init == "independent" else None
+            task = StudentTask(new_model(run, seed), teacher, labeled_stream(run, seed, transform=lab_t),
+                               unlabeled_stream(run, seed + 1, transform=unl_t), opt, fresh)
+            fit(run, task, directory)
+
+        return [teacher_stage, Stage("student", train)]
+
+    def final_model(self) -> nn.Module:
+        opt = cast(MomentumPLOptions, self.options)
+        return load_selected(self.run, self.run.run_dir / "stages" / "1-student", net=opt.deliver).eval()

@@ -1,0 +1,155 @@
+"""What the online teacher-student methods share: batch streams, teacher forwards, pseudo labels, keys.
+
+``mean-teacher``, ``momentum-pl`` and ``gta-seg`` each read like their paper's algorithm box; the
+plumbing they have in common lives here:
+
+- labeled / unlabeled batch streams. An unlabeled batch carries no ground truth: its ``mask`` is an
+  *ignore map* (0 = a real pixel of the image, 255 = padding of the weak crop) and, with the strong
+  view, ``mask_strong`` adds 255 inside the cutout box. Pseudo labels take their 255 from it.
+- a no-grad forward of a teacher in a chosen train / eval mode that restores the mode afterwards
+  (the released codes label with train-mode teachers in places: BN batch statistics, dropout on).
+- hard pseudo labels (argmax, optional confidence threshold).
+- the content key of a stage (what its outputs depend on) and loading a net a finished stage selected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from semiseg.data.classes import IGNORE_INDEX
+from semiseg.data.datasets import oversampled_indices
+from semiseg.data.transforms import PairTransform, weak_transform
+from semiseg.engine.checkpoint import load_checkpoint
+from semiseg.engine.loader import EndlessLoader
+from semiseg.errors import ConfigError
+from semiseg.models.factory import build_model
+from semiseg.pipeline.context import RunContext
+from semiseg.pipeline.training import make_dataset, make_loader
+
+
+# ----------------------------------------------------------------------------------------- streams
+def weak_view(run: RunContext, *, pad_label: int | None = None, scale_mode: str = "uniform") -> PairTransform:
+    """The run's weak augmentation (``train.augment``), with the mask padding and scale law overridable."""
+    aug = run.config.train.augment
+    return weak_transform(tuple(run.config.data.size), scale=tuple(aug.scale),
+                          pad_label=aug.pad_label if pad_label is None else pad_label, hflip=aug.hflip,
+                          vflip=aug.vflip, scale_mode=scale_mode)
+
+
+def labeled_stream(run: RunContext, seed: int, *, transform: PairTransform | None = None,
+                   repeat_to: int | None = None, batch_size: int | None = None) -> EndlessLoader:
+    """Labeled images with masks; ``repeat_to`` oversamples the list (GTA-Seg: to the unlabeled count, so an
+    epoch of this stream is one pass over the unlabeled set, as the released code's 1:1 loaders)."""
+    arrays = run.arrays("labeled")
+    indices = list(range(len(arrays.stems)))
+    if repeat_to is not None:
+        indices = oversampled_indices(indices, repeat_to, np.random.default_rng(seed))
+    ds = make_dataset(run, arrays.images, arrays.masks, indices, seed=seed, transform=transform)
+    return make_loader(run, ds, batch_size or run.config.train.batch_size, seed)
+
+
+def ignore_maps(images: np.ndarray) -> np.ndarray:
+    """An all-zero N×H×W "mask" that costs no memory: augmented with the image, it marks padding / cutout."""
+    return np.broadcast_to(np.zeros((1, 1, 1), dtype=np.uint8), images.shape[:3])
+
+
+def unlabeled_count(run: RunContext) -> int:
+    n = len(run.arrays("unlabeled").stems)
+    if n == 0:
+        raise ConfigError(f"method.name={run.config.method['name']}: the split has no unlabeled images "
+                          "(split.labeled leaves none); use method.name=supervised")
+    return n
+
+
+def unlabeled_stream(run: RunContext, seed: int, *, transform: PairTransform | None = None,
+                     strong: bool = False, batch_size: int | None = None) -> EndlessLoader:
+    """Unlabeled images. ``mask`` / ``mask_strong`` are ignore maps (see the module docstring), never labels.
+
+    The default weak view pads the ignore map with 255 whatever ``train.augment.pad_label`` says, so
+    padded pixels are never pseudo-labelled by methods that take their ignore pixels from it.
+    """
+    arrays = run.arrays("unlabeled")
+    unlabeled_count(run)
+    ds = make_dataset(run, arrays.images, ignore_maps(arrays.images), range(len(arrays.stems)), seed=seed,
+                      strong=strong, transform=transform or weak_view(run, pad_label=IGNORE_INDEX))
+    bs = batch_size or run.config.train.unlabeled_batch_size or run.config.train.batch_size
+    return make_loader(run, ds, bs, seed)
+
+
+# ---------------------------------------------------------------------------------------- teachers
+@contextlib.contextmanager
+def net_mode(net: nn.Module, train: bool) -> Iterator[nn.Module]:
+    """Put ``net`` in train (``True``) or eval mode for a block and restore its previous mode after."""
+    was_training = net.training
+    net.train(train)
+    try:
+        yield net
+    finally:
+        net.train(was_training)
+
+
+@torch.no_grad()
+def teacher_forward(net: nn.Module, images: Tensor, *, train_mode: bool) -> Tensor:
+    """Float logits of ``net`` without gradients. A train-mode forward uses BN batch statistics and
+    updates the net's running statistics (that is how the released codes keep teachers' BN current)."""
+    with net_mode(net, train_mode):
+        return net(images).float()
+
+
+def hard_pseudo_labels(logits: Tensor, *, threshold: float = 0.0,
+                       ignore: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(label, confidence)``: argmax of the softmax, 255 where confidence < ``threshold`` or ``ignore``."""
+    conf, label = logits.float().softmax(dim=1).max(dim=1)
+    if threshold > 0:
+        label = label.masked_fill(conf < threshold, IGNORE_INDEX)
+    if ignore is not None:
+        label = label.masked_fill(ignore, IGNORE_INDEX)
+    return label, conf
+
+
+@torch.no_grad()
+def copy_weights(source: nn.Module, target: nn.Module, *, buffers: bool = True) -> None:
+    """``target`` := ``source`` in place (parameters, and BN statistics with ``buffers``); the parameter
+    objects stay, so optimizers built over ``target`` keep working."""
+    src = dict(source.named_parameters())
+    for name, p in target.named_parameters():
+        p.copy_(src[name])
+    if buffers:
+        src_buf = dict(source.named_buffers())
+        for name, b in target.named_buffers():
+            b.copy_(src_buf[name])
+
+
+# ---------------------------------------------------------------------------------------- stages
+def stage_key(run: RunContext, kind: str, seed: int, *, steps: int, **extra: Any) -> dict[str, Any]:
+    """What a stage trained on the run's data for ``steps`` steps depends on (as ``supervised_stage`` keys it),
+    plus ``extra``; ``train.steps`` itself is left out, so a stage with its own step count can be shared."""
+    cfg = run.config
+    return {"kind": kind, "labeled": run.splits.labeled, "unlabeled": run.splits.unlabeled,
+            "val": run.splits.val,
+            "data": cfg.data.model_dump(mode="json", exclude={"benchmark_gt"}),
+            "model": cfg.model.model_dump(mode="json"),
+            "train": cfg.train.model_dump(mode="json", exclude={"progress", "num_workers", "tensorboard",
+                                                                "checkpoint_every", "steps"}),
+            "seed": seed, "steps": steps, **extra}
+
+
+def load_selected(run: RunContext, stage_dir: Path, *, best: str = "best.pt",
+                  net: str | None = None) -> nn.Module:
+    """The net a finished training stage selected on validation (``checkpoints/<best>``), or, when nothing
+    was validated, the final weights of ``net`` (default: the first net) from ``last.pt``."""
+    model = build_model(run.config.model, run.classes.num_classes)
+    path = stage_dir / "checkpoints" / best
+    if path.exists():
+        model.load_state_dict(load_checkpoint(path)["net"])
+    else:
+        nets = load_checkpoint(stage_dir / "checkpoints" / "last.pt")["nets"]
+        model.load_state_dict(nets[net or next(iter(nets))])
+    return model.to(run.device)

@@ -1,0 +1,443 @@
+"""Online teacher methods (mean-teacher, momentum-pl, gta-seg): each step does what its algorithm box says.
+
+The tasks are driven directly with a tiny BatchNorm net (named like an smp model) and in-memory arrays, so
+every check is exact: EMA scopes, step order, what the loss receives, which net labels, which net moves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from semiseg.config import TrainConfig
+from semiseg.data.datasets import SegmentationDataset, oversampled_indices
+from semiseg.data.transforms import StrongTransform, cutmix_batch
+from semiseg.engine.loader import EndlessLoader
+from semiseg.engine.task import StepContext
+from semiseg.engine.trainer import Trainer
+from semiseg.methods import gta_seg
+from semiseg.methods.gta_seg import GTASegOptions, GTATask
+from semiseg.methods.mean_teacher import MeanTeacherOptions, MeanTeacherTask
+from semiseg.methods.momentum_pl import MomentumPLOptions, StudentTask, TeacherTask
+from semiseg.methods.online import hard_pseudo_labels, ignore_maps
+from semiseg.models.factory import param_group_of
+
+
+class TinySeg(nn.Module):
+    """encoder / decoder / segmentation_head with BatchNorm, like an smp model's parameter names."""
+
+    def __init__(self, classes: int = 2) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())
+        self.decoder = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU())
+        self.segmentation_head = nn.Conv2d(6, classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.segmentation_head(self.decoder(self.encoder(x)))
+
+
+def arrays(n: int, seed: int, size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+    return images, (images[..., 0] > 128).astype(np.uint8)
+
+
+def streams(n_lab: int = 4, n_unl: int = 8, batch: int = 2, *, strong: bool = False,
+            repeat: bool = False) -> tuple[EndlessLoader, EndlessLoader]:
+    images, masks = arrays(n_lab, 1)
+    idx = oversampled_indices(range(n_lab), n_unl) if repeat else range(n_lab)
+    lab = EndlessLoader(SegmentationDataset(images, masks, idx, None, seed=3), batch, seed=3)
+    u_images, _ = arrays(n_unl, 2)
+    strong_t = StrongTransform(p_cutout=1.0) if strong else None
+    unl = EndlessLoader(SegmentationDataset(u_images, ignore_maps(u_images), range(n_unl), None, strong=strong_t,
+                                            seed=4), batch, seed=4)
+    return lab, unl
+
+
+def trainer_for(task, tmp_path, lr: float = 0.05) -> Trainer:
+    train = TrainConfig(steps=1000, lr=lr, optimizer="sgd", progress=False, amp="none", lr_scaling="none")
+    return Trainer(task, train, tmp_path, device=torch.device("cpu"))
+
+
+def params(net: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in net.named_parameters()}
+
+
+def peek(loader: EndlessLoader) -> dict:
+    """The batch ``loader`` will give next, without advancing it."""
+    twin = EndlessLoader(loader.dataset, loader.batch_size, seed=loader.seed)
+    twin.load_state_dict(loader.state_dict())
+    return next(twin)
+
+
+def run_steps(trainer: Trainer, n: int, optimize=None) -> list[dict[str, float]]:
+    """The Trainer's loop body (batches, step, epoch-end hook) without validation or checkpoints."""
+    out, first = [], next(iter(trainer.task.loaders.values()))
+    for _ in range(n):
+        batches = {k: next(ld) for k, ld in trainer.task.loaders.items()}
+        ctx = StepContext(trainer.step, trainer.device, contextlib.nullcontext, optimize or trainer.optimize)
+        out.append(trainer.task.train_step(batches, ctx))
+        trainer.step += 1
+        if first.batch == first.batches_per_epoch():
+            trainer.task.on_epoch_end(first.epoch)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ GTA
+def gta(tmp_path, **options):
+    torch.manual_seed(0)
+    lab, unl = streams(repeat=True)  # 4 labeled oversampled to 8: an epoch is 4 steps of batch 2
+    task = GTATask(TinySeg(), lab, unl, GTASegOptions(**options), seed=5)
+    return task, trainer_for(task, tmp_path)
+
+
+class Spy:
+    """Records, at each optimizer call, the name and every net's parameters just before the step."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer, self.events = trainer, []
+
+    def __call__(self, name: str, loss: torch.Tensor) -> None:
+        self.events.append((name, {k: params(v) for k, v in self.trainer.task.nets.items()}))
+        self.trainer.optimize(name, loss)
+
+
+def test_gta_supervised_epoch_then_copy(tmp_path):
+    task, trainer = gta(tmp_path)
+    assert task.sup_steps == 4
+    teacher0, ta0 = params(task.nets["teacher"]), params(task.nets["ta"])
+    spy = Spy(trainer)
+    run_steps(trainer, 4, spy)
+    assert [name for name, _ in spy.events] == ["student"] * 4
+    assert task.eval_net() is task.nets["student"]  # the code validates the student in epoch 0
+    for k, v in params(task.nets["teacher"]).items():
+        assert torch.equal(v, teacher0[k]) and torch.equal(params(task.nets["ta"])[k], ta0[k])
+    student = copy.deepcopy(task.nets["student"])
+    task.start_semi_supervised(4)  # one deep copy: parameters and BN statistics
+    for name in ("ta", "teacher"):
+        for k, v in student.state_dict().items():
+            assert torch.equal(task.nets[name].state_dict()[k], v), (name, k)
+    run_steps(trainer, 1, spy)
+    assert task.eval_net() is task.nets["teacher"]
+    name, before = spy.events[4]  # the TA step of the first semi-supervised step sees the copies
+    assert name == "ta"
+    for k, v in student.named_parameters():
+        assert torch.equal(before["ta"][k], v) and torch.equal(before["teacher"][k], v)
+
+
+@pytest.mark.parametrize("scope,moved", [("all_but_classifier", {"encoder", "decoder"}), ("encoder", {"encoder"})])
+def test_gta_step_order_and_ta_to_student_scope(tmp_path, scope, moved):
+    """One semi step: TA step, EMA TA -> student on `scope` only, student step, EMA student -> teacher."""
+    task, trainer = gta(tmp_path, ta_to_student_scope=scope)
+    run_steps(trainer, 4)
+    spy = Spy(trainer)
+    run_steps(trainer, 2, spy)
+    assert [name for name, _ in spy.events] == ["ta", "student", "ta", "student"]
+    # step t = 0: decay 0, so the student takes the stepped TA's values exactly inside the scope
+    (_, at_ta), (_, at_student) = spy.events[0], spy.events[1]
+    for k, v in at_student["student"].items():
+        if param_group_of(k) in moved:
+            assert torch.equal(v, at_student["ta"][k]), k
+            assert not torch.equal(v, at_ta["student"][k]), k
+        else:
+            assert torch.equal(v, at_ta["student"][k]), k  # untouched by the TA
+    # step t = 1: decay 1/2 on the scope, the student's own values elsewhere
+    (_, at_ta), (_, at_student) = spy.events[2], spy.events[3]
+    ta_after = at_student["ta"]
+    for k, v in at_student["student"].items():
+        expected = 0.5 * at_ta["student"][k] + 0.5 * ta_after[k] if param_group_of(k) in moved else at_ta["student"][k]
+        torch.testing.assert_close(v, expected, rtol=0, atol=1e-6)
+    # the teacher follows the student: t = 1 -> teacher = (teacher_prev + student_now) / 2
+    now = params(task.nets["student"])
+    for k, v in params(task.nets["teacher"]).items():
+        torch.testing.assert_close(v, 0.5 * at_ta["teacher"][k] + 0.5 * now[k], rtol=0, atol=1e-6)
+
+
+def _hand_gta_loss(logits: torch.Tensor, target: torch.Tensor, teacher: torch.Tensor, drop: float) -> float:
+    """GTA's loss by hand in numpy: drop c <= 20th percentile, weights (c + 1) over all pixels."""
+    c = teacher.double().softmax(1).amax(1).numpy()
+    thresh = np.percentile(c, drop)
+    kept = c > thresh
+    logp = torch.log_softmax(logits.double(), 1).numpy()
+    ce = -np.take_along_axis(logp, target.numpy()[:, None], 1)[:, 0]
+    w = np.where(kept, c, 0.0) + 1.0
+    return float((w * ce * kept).sum() / w.sum())
+
+
+@pytest.mark.parametrize("cutmix_p", [0.0, 1.0])
+def test_gta_ta_loss_gets_eval_labels_and_train_mode_confidence(tmp_path, monkeypatch, cutmix_p):
+    task, trainer = gta(tmp_path, cutmix_p=cutmix_p)
+    run_steps(trainer, 5)  # past the copy
+    seen = {}
+    real = gta_seg.confidence_weighted_cross_entropy
+
+    def spy(logits, target, teacher_logits, **kw):
+        seen.update(logits=logits.detach().clone(), target=target.clone(), teacher=teacher_logits.clone(), kw=kw)
+        return real(logits, target, teacher_logits, **kw)
+
+    monkeypatch.setattr(gta_seg, "confidence_weighted_cross_entropy", spy)
+    lb, ub = peek(task.loaders["labeled"]), peek(task.loaders["unlabeled"])
+    teacher = copy.deepcopy(task.nets["teacher"])
+    gen = torch.Generator()
+    gen.set_state(task.generator.get_state())
+    out = run_steps(trainer, 1)[0]
+    with torch.no_grad():
+        label, conf = hard_pseudo_labels(teacher.eval()(ub["image"]))
+        image_u, label, _ = cutmix_batch(ub["image"], label, conf, p=cutmix_p, generator=gen)
+        conf_logits = teacher.train()(torch.cat([lb["image"], image_u]))[2:]
+    assert torch.equal(seen["target"], label)
+    assert cutmix_p == 0.0 or not torch.equal(image_u, ub["image"])
+    torch.testing.assert_close(seen["teacher"], conf_logits)
+    assert seen["kw"] == {"drop_percent": 20.0, "tau": None}
+    hand = _hand_gta_loss(seen["logits"], seen["target"], seen["teacher"], 20.0)
+    assert out["loss_ta"] == pytest.approx(hand, rel=1e-5)
+
+
+def test_gta_legacy_aliasing_ties_storage_and_keeps_the_classifier_tied(tmp_path):
+    task, trainer = gta(tmp_path, legacy_weight_aliasing=True)
+    run_steps(trainer, 5)
+    s, ta = task.nets["student"], task.nets["ta"]
+    # after a step of the first semi epoch: the classifier is shared, the EMA re-assigned the rest
+    assert s.segmentation_head.weight.data_ptr() == ta.segmentation_head.weight.data_ptr()
+    assert s.encoder[0].weight.data_ptr() != ta.encoder[0].weight.data_ptr()
+    run_steps(trainer, 5)  # into the second semi epoch: the code never unties the classifier
+    assert s.segmentation_head.weight.data_ptr() == ta.segmentation_head.weight.data_ptr()
+    # a resumed task restores the tie
+    twin, _ = gta(tmp_path / "b", legacy_weight_aliasing=True)
+    for name in task.nets:
+        twin.nets[name].load_state_dict(task.nets[name].state_dict())
+    twin.load_state_dict(task.state_dict())
+    assert twin.nets["student"].segmentation_head.weight.data_ptr() == \
+        twin.nets["ta"].segmentation_head.weight.data_ptr()
+    # without the legacy option nothing is ever shared
+    clean, trainer = gta(tmp_path / "c")
+    run_steps(trainer, 10)
+    shared = {p.data_ptr() for p in clean.nets["student"].parameters()} & \
+        {p.data_ptr() for n in ("ta", "teacher") for p in clean.nets[n].parameters()}
+    assert not shared
+
+
+# ------------------------------------------------------------------------------------------ mean teacher
+def test_mean_teacher_pseudo_labels_ignore_cutout_and_low_confidence(tmp_path):
+    torch.manual_seed(0)
+    lab, unl = streams(strong=True)
+    task = MeanTeacherTask(TinySeg(), lab, unl, MeanTeacherOptions())
+    batch = next(unl)
+    box = batch["mask_strong"] == 255
+    assert box.any() and not box.all()
+    pseudo = task.pseudo_labels(batch)
+    with torch.no_grad():
+        expected = task.nets["teacher"].eval()(batch["image"]).argmax(1)  # the WEAK view, eval mode
+    assert torch.equal(pseudo == 255, box)
+    assert torch.equal(pseudo[~box], expected[~box])
+    task.opt = MeanTeacherOptions(conf_threshold=0.55)
+    with torch.no_grad():
+        conf = task.nets["teacher"](batch["image"]).softmax(1).amax(1)
+    assert torch.equal(task.pseudo_labels(batch) == 255, box | (conf < 0.55))
+
+
+def test_mean_teacher_ema_warmup_and_student_view(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    lab, unl = streams(strong=True)
+    task = MeanTeacherTask(TinySeg(), lab, unl, MeanTeacherOptions())
+    trainer = trainer_for(task, tmp_path)
+    inputs = []
+    task.nets["student"].register_forward_hook(lambda m, i, o: inputs.append(i[0].clone()))
+    ub = peek(unl)
+    out = run_steps(trainer, 1)[0]
+    assert out["ema_decay"] == 0.0  # min(1 - 1/1, 0.99)
+    assert torch.equal(inputs[0][2:], ub["image_strong"])
+    for k, v in task.nets["student"].state_dict().items():  # decay 0 copies parameters and buffers
+        assert torch.equal(task.nets["teacher"].state_dict()[k], v), k
+    before_t = params(task.nets["teacher"])
+    run_steps(trainer, 1)
+    s_after = params(task.nets["student"])
+    for k, v in params(task.nets["teacher"]).items():  # t = 1: decay 1/2
+        torch.testing.assert_close(v, 0.5 * before_t[k] + 0.5 * s_after[k], rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------- momentum-pl
+def test_momentum_teacher_stage_ema_per_epoch_and_bn_by_forward(tmp_path):
+    torch.manual_seed(0)
+    lab, _ = streams(n_lab=6)  # 3 steps per epoch
+    task = TeacherTask(TinySeg(), lab, MomentumPLOptions())
+    trainer = trainer_for(task, tmp_path)
+    m0 = params(task.nets["momentum"])
+    bn0 = task.nets["momentum"].encoder[1].running_mean.clone()
+    run_steps(trainer, 2)
+    for k, v in params(task.nets["momentum"]).items():
+        assert torch.equal(v, m0[k])  # no EMA inside an epoch
+    assert not torch.equal(task.nets["momentum"].encoder[1].running_mean, bn0)  # the logging forward
+    run_steps(trainer, 1)
+    model = params(task.nets["model"])
+    for k, v in params(task.nets["momentum"]).items():
+        torch.testing.assert_close(v, 0.95 * m0[k] + 0.05 * model[k], rtol=0, atol=1e-6)
+    assert set(task.extra_eval_nets()) == {"momentum"}
+
+
+def student_task(tmp_path, **options):
+    torch.manual_seed(0)
+    lab, unl = streams(n_lab=4, n_unl=6)  # the unlabeled stream (3 steps) defines the epoch
+    teacher = TinySeg()
+    task = StudentTask(TinySeg(), teacher, lab, unl, MomentumPLOptions(**options))
+    return task, trainer_for(task, tmp_path)
+
+
+@pytest.mark.parametrize("cadence", ["epoch", "step"])
+def test_momentum_pl_offline_teacher_never_moves_online_follows_the_student(tmp_path, cadence):
+    off, off_trainer = student_task(tmp_path / "off", teacher_update="offline", ema_every=cadence)
+    on, on_trainer = student_task(tmp_path / "on", teacher_update="online", ema_every=cadence)
+    assert list(on.loaders) == ["unlabeled", "labeled"]
+    t0 = params(off.nets["teacher"])
+    for _ in range(4):
+        run_steps(off_trainer, 1)
+        for k, v in params(off.nets["teacher"]).items():
+            assert torch.equal(v, t0[k]), k
+    before = params(on.nets["teacher"])
+    run_steps(on_trainer, 2)
+    moved = any(not torch.equal(v, before[k]) for k, v in params(on.nets["teacher"]).items())
+    assert moved == (cadence == "step")
+    run_steps(on_trainer, 1)  # end of the first epoch
+    assert any(not torch.equal(v, before[k]) for k, v in params(on.nets["teacher"]).items())
+    # both variants run identical student updates until the teacher first differs
+    assert set(off.extra_eval_nets()) == {"student"} and set(on.extra_eval_nets()) == {"student", "teacher"}
+
+
+def test_momentum_pl_teacher_online_ema_formula_per_epoch(tmp_path):
+    task, trainer = student_task(tmp_path)
+    t0, m0 = params(task.nets["teacher"]), params(task.nets["momentum"])
+    run_steps(trainer, 3)
+    s = params(task.nets["student"])
+    for k, v in params(task.nets["teacher"]).items():
+        torch.testing.assert_close(v, 0.99 * t0[k] + 0.01 * s[k], rtol=0, atol=1e-6)
+    for k, v in params(task.nets["momentum"]).items():
+        torch.testing.assert_close(v, 0.99 * m0[k] + 0.01 * s[k], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("soft,mode", [(True, "train"), (False, "eval")])
+def test_momentum_pl_pseudo_targets_on_the_students_view(tmp_path, soft, mode):
+    task, trainer = student_task(tmp_path, soft_labels=soft, teacher_mode=mode)
+    images = peek(task.loaders["unlabeled"])["image"]
+    ref = copy.deepcopy(task.nets["teacher"]).train(mode == "train")
+    hard, soft_t = task.pseudo_targets(images)
+    assert task.nets["teacher"].training  # mode restored
+    with torch.no_grad():
+        prob = ref(images).softmax(1)
+    if soft:
+        assert hard is None
+        torch.testing.assert_close(soft_t, prob[:, 1])
+    else:
+        assert soft_t is None and torch.equal(hard, prob.argmax(1))
+    # the unlabeled loss is taken on the same images the teacher labelled
+    seen = []
+    task.nets["student"].register_forward_hook(lambda m, i, o: seen.append(i[0].clone()))
+    ub = peek(task.loaders["unlabeled"])
+    run_steps(trainer, 1)
+    assert torch.equal(seen[1], ub["image"])
+
+
+def test_dice_loss_of_soft_pseudo_labels_matches_hand_value():
+    """The unlabeled loss with soft targets: 1 - 2Σpt / (Σp + Σt) over the whole batch (foreground)."""
+    from semiseg.methods.momentum_pl import _loss
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 2, 4, 4, generator=g)
+    soft = torch.rand(2, 4, 4, generator=g)
+    p = F.softmax(logits, 1)[:, 1]
+    hand = 1 - 2 * (p * soft).sum() / (p.sum() + soft.sum())
+    torch.testing.assert_close(_loss(MomentumPLOptions(), logits, None, soft), hand)
+
+
+# ------------------------------------------------------------------------------- end to end (real CLI)
+def _last(run_dir, stage):
+    return torch.load(run_dir / "stages" / stage / "checkpoints" / "last.pt", weights_only=False)
+
+
+def _kill_and_resume(tmp_path, name: str, extra: list[str], stage: str, at_step: int) -> None:
+    """Start a run, SIGKILL it once ``stage`` checkpointed ``at_step``, then ``semiseg resume`` it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.cli_helpers import env, semiseg, train_args
+
+    cmd = [sys.executable, "-m", "semiseg", *train_args(name, tmp_path / "runs", extra)]
+    proc = subprocess.Popen(cmd, env=env(tmp_path), cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    last = tmp_path / "runs" / name / "stages" / stage / "checkpoints" / "last.pt"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if last.exists() and torch.load(last, weights_only=False)["step"] >= at_step:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "training finished before it could be killed; make it longer"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "runs" / name / "results.json").exists()
+    semiseg(["resume", str(tmp_path / "runs" / name)], tmp_path)
+
+
+def _assert_same_run(a, b, stages: list[str]) -> None:
+    import json
+
+    for stage in stages:
+        sa, sb = _last(a, stage), _last(b, stage)
+        assert sa["step"] == sb["step"] and sa["best"] == sb["best"] and sa.get("best_extra") == sb.get("best_extra")
+        for net in sa["nets"]:  # students, teachers, TA, momentum copies: parameters and BN statistics
+            for k, v in sa["nets"][net].items():
+                assert torch.equal(v, sb["nets"][net][k]), (stage, net, k)
+        assert sa["task"].keys() == sb["task"].keys()
+        for k, v in sa["task"].items():
+            assert torch.equal(v, sb["task"][k]) if isinstance(v, torch.Tensor) else v == sb["task"][k], k
+        log = Path("stages") / stage / "metrics.jsonl"
+        assert (a / log).read_text() == (b / log).read_text()
+    ra, rb = (json.loads((d / "results.json").read_text()) for d in (a, b))
+    assert ra["val"] == rb["val"] and ra["test"]["dice"] == rb["test"]["dice"]
+
+
+DETERMINISTIC = ["train.deterministic=true", "train.checkpoint_every=4", "train.eval_every=8", "train.steps=24"]
+
+
+@pytest.mark.slow
+def test_gta_seg_sigkill_resume_equals_uninterrupted(tmp_path):
+    """Killed after the student -> teacher/TA copy; teacher, TA, student, CutMix generator all resume."""
+    from tests.cli_helpers import semiseg, train_args
+
+    extra = [*DETERMINISTIC, "method.name=gta-seg"]
+    semiseg(train_args("straight", tmp_path / "runs", extra), tmp_path)
+    _kill_and_resume(tmp_path, "killed", extra, "0-gta-seg", at_step=12)
+    _assert_same_run(tmp_path / "runs" / "straight", tmp_path / "runs" / "killed", ["0-gta-seg"])
+
+
+@pytest.mark.slow
+def test_momentum_pl_sigkill_resume_equals_uninterrupted(tmp_path):
+    """Killed inside the student stage (teacher stage DONE); per-epoch EMAs and the online teacher resume.
+    Offline variant afterwards: its teacher stage is reused, and its frozen teacher is exactly the stage-1
+    best momentum net (raw: best raw net)."""
+    from tests.cli_helpers import semiseg, train_args
+
+    extra = [*DETERMINISTIC, "method.name=momentum-pl", "train.batch_size=2"]
+    semiseg(train_args("straight", tmp_path / "runs", extra), tmp_path)
+    _kill_and_resume(tmp_path, "killed", extra, "1-student", at_step=12)
+    stages = ["0-teacher", "1-student"]
+    _assert_same_run(tmp_path / "runs" / "straight", tmp_path / "runs" / "killed", stages)
+    for pseudo, best in [("momentum", "best-momentum.pt"), ("raw", "best.pt")]:
+        name = f"offline-{pseudo}"
+        variant = [*extra, "method.teacher_update=offline", f"method.pseudo_from={pseudo}",
+                   "method.teacher_steps=24", "train.steps=4"]
+        proc = semiseg(train_args(name, tmp_path / "runs", variant), tmp_path)
+        assert "reused" in proc.stdout + proc.stderr  # same teacher stage as the runs above
+        run = tmp_path / "runs" / name
+        selected = torch.load(run / "stages" / "0-teacher" / "checkpoints" / best, weights_only=False)["net"]
+        teacher = _last(run, "1-student")["nets"]["teacher"]
+        for k, v in teacher.items():
+            if not k.endswith(("running_mean", "running_var", "num_batches_tracked")):  # train-mode labelling
+                assert torch.equal(v, selected[k]), (pseudo, k)

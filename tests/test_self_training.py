@@ -1,0 +1,389 @@
+"""The labelling stage, ST++'s stability split, the pseudo-labeled training set, ST / ST++ resume and reuse."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from semiseg.config import config_from_dict
+from semiseg.data.cache import CachedArrays
+from semiseg.data.classes import ClassTable
+from semiseg.data.sources import folder_source
+from semiseg.data.splits import Splits, make_splits
+from semiseg.data.synthetic import generate_synthetic, synthetic_classes
+from semiseg.data.transforms import normalize
+from semiseg.data.types import DataSource
+from semiseg.engine.checkpoint import load_checkpoint, seed_everything
+from semiseg.errors import DataError
+from semiseg.methods.registry import Method, get_method
+from semiseg.methods.self_training import snapshot_steps, stability_stage
+from semiseg.pipeline.context import RunContext
+from semiseg.pipeline.labeling import (
+    ROUND,
+    label_stage,
+    load_round,
+    oversampled_size,
+    pseudo_dataset,
+)
+from semiseg.pipeline.stages import run_stages
+from semiseg.pseudo.policies import ClassBalanced, SelectAll
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def fake_run(tmp: Path, unlabeled: np.ndarray, *, gt: np.ndarray | None = None, labeled: np.ndarray | None = None,
+             labeled_masks: np.ndarray | None = None, batch: int = 2) -> RunContext:
+    """A run over in-memory arrays (no files): unlabeled stems ``u0..``, labeled ``l0..``."""
+    n, h, w = unlabeled.shape[:3]
+    cfg = config_from_dict({"data": {"size": [h, w], "benchmark_gt": gt is not None},
+                            "train": {"batch_size": batch, "progress": False,
+                                      "augment": {"scale": [1.0, 1.0], "hflip": False}}})
+    source = DataSource("fake", None, ClassTable.binary("obj"), [], lambda p: None)
+    stems = [f"u{i}" for i in range(n)]
+    lab_stems = [f"l{i}" for i in range(0 if labeled is None else len(labeled))]
+    run = RunContext(cfg, tmp / "run", source, Splits(labeled=lab_stems, unlabeled=stems), torch.device("cpu"))
+    run._arrays["unlabeled"] = CachedArrays(unlabeled, None, stems, [(h, w)] * n, [False] * n, tmp)
+    if gt is not None:
+        run._arrays["unlabeled_gt"] = CachedArrays(unlabeled, gt, stems, [(h, w)] * n, [True] * n, tmp)
+    if labeled is not None:
+        run._arrays["labeled"] = CachedArrays(labeled, labeled_masks, lab_stems, [(h, w)] * len(labeled),
+                                              [True] * len(labeled), tmp)
+    return run
+
+
+def pixel_net() -> nn.Module:
+    """A per-pixel network (1×1 convs): exactly equivariant to flips, whatever the padding."""
+    g = torch.Generator().manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 2, 1))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    return net.eval()
+
+
+def random_images(n: int, size: int = 16, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+class TableNet(nn.Module):
+    """Predicts a fixed label map per image; the image's id is its (uniform) pixel value / 10."""
+
+    def __init__(self, maps: list[np.ndarray]) -> None:
+        super().__init__()
+        self.maps = [torch.as_tensor(m, dtype=torch.long) for m in maps]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+        std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+        ids = ((x * std + mean) * 255)[:, 0, 0, 0].round().long() // 10
+        out = torch.zeros(x.shape[0], 2, *x.shape[2:])
+        for b, i in enumerate(ids.tolist()):
+            m = self.maps[i]
+            out[b, :, : m.shape[0], : m.shape[1]] = torch.nn.functional.one_hot(m, 2).permute(2, 0, 1) * 10.0
+        return out
+
+
+# ------------------------------------------------------------------------------------------ stability
+def test_stability_stage_scores_and_split_by_hand(tmp_path: Path) -> None:
+    z, o = np.zeros((4, 4), np.uint8), np.ones((4, 4), np.uint8)
+    half = np.zeros((4, 4), np.uint8)
+    half[:, :2] = 1
+    one_off = half.copy()
+    one_off[0, 0] = 0
+    top0 = o.copy()
+    top0[0] = 0
+    four1 = z.copy()
+    four1[0] = 1
+    ref = [half, half, o, z, half]
+    s1 = [half, half, z, z, one_off]
+    s2 = [half, z, top0, four1, one_off]
+    images = np.stack([np.full((4, 4, 3), 10 * i, np.uint8) for i in range(5)])
+    run = fake_run(tmp_path, images, gt=np.stack(ref))
+    stage = stability_stage(run, "stability", models=lambda: [TableNet(s1), TableNet(s2), TableNet(ref)],
+                            key=None)
+    run_stages(run.run_dir, [stage], out_dir=tmp_path)
+    info = json.loads((run.run_dir / "stages" / "0-stability" / "stability.json").read_text())
+    # image 0: identical -> 1. image 1: s1 = ref (1); s2 all 0: IoU0 8/16, IoU1 0/8 -> 1/4; mean 5/8.
+    # image 2 (ref all 1): s1 all 0 -> IoU0 0/16, IoU1 0/16 -> 0; s2 top row 0 -> IoU1 12/16, IoU0 0/4 -> 3/8.
+    # image 3 (ref all 0): s1 -> 1 (class 1 absent from both); s2 row of 1 -> IoU0 12/16, IoU1 0/4 -> 3/8.
+    # image 4: one class-1 pixel predicted 0 by both: IoU1 7/8, IoU0 8/9.
+    expected = [1.0, 5 / 8, 3 / 16, (1 + 3 / 8) / 2, (7 / 8 + 8 / 9) / 2]
+    assert np.allclose(info["scores"], expected)
+    # sorted: 0 (1.0), 4 (.88), 3 (.69), 1 (.625), 2 (.19); the top len//2 = 2 are reliable
+    assert info["reliable"] == ["u0", "u4"] and info["unreliable"] == ["u3", "u1", "u2"]
+    # benchmark mode: the final snapshot equals the ground truth here
+    assert info["quality"]["final_snapshot_miou_reliable"] == pytest.approx(1.0)
+
+
+def test_snapshot_steps() -> None:
+    assert snapshot_steps(15, 3) == [5, 10, 15]
+    assert snapshot_steps(20, 3) == [6, 13, 20]  # E//3, 2E//3, E as the released code's epochs
+    assert snapshot_steps(10, 2) == [5, 10]
+
+
+# -------------------------------------------------------------------------------------- label stage
+def _label(run: RunContext, tmp: Path, name: str, **kw) -> Path:  # noqa: ANN003
+    net = kw.pop("net", None) or pixel_net()
+    stage = label_stage(run, name, model=lambda: net, stems=kw.pop("stems", list(run.splits.unlabeled)),
+                        policy=kw.pop("policy", SelectAll()), key=None, **kw)
+    out = tmp / name
+    run_stages(out, [stage], out_dir=tmp)
+    return out / "stages" / f"0-{name}"
+
+
+def test_label_stage_flip_equivariant_and_exact(tmp_path: Path) -> None:
+    images = random_images(5)
+    gt = (images[..., 0] > 127).astype(np.uint8)
+    run = fake_run(tmp_path, images, gt=gt)
+    plain = load_round(_label(run, tmp_path, "plain"))
+    flip = load_round(_label(run, tmp_path, "flip", tta_flip=True, previous=lambda: tmp_path / "plain" /
+                             "stages" / "0-plain"))
+    with torch.no_grad():
+        probs = pixel_net()(normalize(images)).softmax(1).numpy()
+    assert plain.stems == [f"u{i}" for i in range(5)]
+    for i, stem in enumerate(plain.stems):
+        assert np.array_equal(plain.labels(stem), flip.labels(stem))
+        assert np.array_equal(plain.confidence(stem), flip.confidence(stem))
+        assert np.array_equal(plain.labels(stem), probs[i].argmax(0))  # independent: the net itself
+        assert np.abs(plain.confidence(stem) - probs[i].max(0)).max() <= 0.5 / 255 + 1e-6
+    assert flip.provenance["tta"]["views"] == 2 and plain.provenance["tta"]["views"] == 1
+    assert flip.provenance["policy"]["name"] == "all" and flip.provenance["model_sha256"]
+    assert flip.stats["flip_rate"] == 0.0 and flip.stats["flip_compared_images"] == 5
+    pred = probs.argmax(1)
+    fg_iou = ((pred == 1) & (gt == 1)).sum() / ((pred == 1) | (gt == 1)).sum()
+    assert flip.stats["quality"]["per_class_iou"][1] == pytest.approx(fg_iou)
+
+
+def test_label_stage_fits_a_copy_of_the_policy_and_skips_gt_outside_benchmark(tmp_path: Path) -> None:
+    images = random_images(4, seed=1)
+    run = fake_run(tmp_path, images)
+    policy = ClassBalanced(0.5, sample_stride=1)
+    rnd = load_round(_label(run, tmp_path, "cbc", policy=policy, stems=["u2", "u0"]))
+    assert policy.thresholds is None  # the caller's policy is not mutated
+    with torch.no_grad():
+        probs = pixel_net()(normalize(images[[2, 0]])).softmax(1).numpy()
+    ref = ClassBalanced(0.5, sample_stride=1).fit(list(probs))
+    assert np.allclose(rnd.provenance["policy"]["params"]["thresholds"], ref.thresholds)
+    assert rnd.stems == ["u2", "u0"]
+    for k, stem in enumerate(rnd.stems):
+        assert np.array_equal(rnd.labels(stem), ref(probs[k])[0])
+    assert rnd.stats["quality"] is None and 0 < rnd.stats["coverage"] < 1
+
+
+KILL_SCRIPT = """
+import sys, time, torch
+sys.path.insert(0, {root!r})
+from pathlib import Path
+from tests.test_self_training import fake_run, pixel_net, random_images
+from semiseg.pipeline.labeling import label_stage
+from semiseg.pipeline.stages import run_stages
+from semiseg.pseudo.policies import SelectAll
+
+class Slow(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = pixel_net()
+    def forward(self, x):
+        time.sleep(0.4)
+        return self.net(x)
+
+tmp = Path({tmp!r})
+run = fake_run(tmp, random_images(8))
+stage = label_stage(run, "label", model=Slow, stems=list(run.splits.unlabeled), policy=SelectAll(), key=None)
+run_stages(run.run_dir, [stage], out_dir=tmp)
+"""
+
+
+def test_kill_during_labelling_leaves_no_round_and_resume_completes(tmp_path: Path) -> None:
+    script = tmp_path / "label.py"
+    script.write_text(KILL_SCRIPT.format(root=str(ROOT), tmp=str(tmp_path)))
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.Popen([sys.executable, str(script)], env=env, stderr=subprocess.PIPE)
+    sdir = tmp_path / "run" / "stages" / "0-label"
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None and not list(sdir.glob(".pseudo.tmp-*/labels/0.png")):
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list(sdir.glob(".pseudo.tmp-*"))  # the killed writer's leftovers
+    assert not (sdir / ROUND / "DONE").exists() and not (sdir / "DONE").exists()
+    run = fake_run(tmp_path, random_images(8))
+    stage = label_stage(run, "label", model=pixel_net, stems=list(run.splits.unlabeled), policy=SelectAll(),
+                        key=None)
+    run_stages(run.run_dir, [stage], out_dir=tmp_path)  # resume
+    assert (sdir / "DONE").exists() and not list(sdir.glob(".pseudo.tmp-*"))
+    resumed = load_round(sdir)
+    fresh = load_round(_label(fake_run(tmp_path / "f", random_images(8)), tmp_path / "f", "fresh"))
+    assert resumed.stems == fresh.stems and len(resumed) == 8
+    for s in fresh.stems:
+        assert np.array_equal(resumed.labels(s), fresh.labels(s))
+
+
+# ------------------------------------------------------------------------------------- training set
+def test_pseudo_dataset_oversamples_labeled_and_augments_pseudo_only(tmp_path: Path) -> None:
+    images = random_images(7, seed=2)
+    lab = random_images(3, seed=3)
+    lab_masks = (lab[..., 1] > 100).astype(np.uint8)
+    run = fake_run(tmp_path, images, labeled=lab, labeled_masks=lab_masks)
+    rdir = _label(run, tmp_path, "lab")
+    rnd = load_round(rdir)
+    ds = pseudo_dataset(run, [(rdir, ["u1", "u3", "u5", "u6"]), (rdir, ["u0"])], seed=0, strong=True)
+    # ST/ST++: labeled * ceil(U / L) + U = 3 * ceil(5 / 3) + 5
+    assert len(ds) == oversampled_size(3, 5) == 11 and ds.n_labeled == 6
+    cut = changed = 0
+    for epoch in range(4):
+        ds.set_epoch(epoch)
+        for k in range(len(ds)):
+            item = ds[k]
+            if k < 6:  # labeled: ground truth, weak view only (an identity here)
+                assert item["pseudo"] == 0 and item["index"] == k % 3
+                assert torch.equal(item["image"], normalize(lab[k % 3]))
+                assert torch.equal(item["mask"], torch.from_numpy(lab_masks[k % 3]).long())
+            else:
+                stem = ["u1", "u3", "u5", "u6", "u0"][k - 6]
+                assert item["pseudo"] == 1 and item["index"] == int(stem[1:])
+                label = torch.from_numpy(rnd.labels(stem)).long()
+                keep = item["mask"] != 255
+                assert torch.equal(item["mask"][keep], label[keep])
+                cut += int((~keep).any())
+                changed += int(not torch.equal(item["image"], normalize(images[int(stem[1:])])))
+    assert cut > 0 and changed > 0  # cutout and colour changes reached the pseudo-labeled images
+    weak = pseudo_dataset(run, [(rdir, ["u1"])], seed=0, strong=False)
+    assert len(weak) == 3 + 1 and torch.equal(weak[3]["image"], normalize(images[1]))
+    with pytest.raises(DataError, match="twice"):
+        pseudo_dataset(run, [(rdir, ["u1"]), (rdir, ["u1"])], seed=0)
+
+
+def test_oversampled_size() -> None:
+    assert oversampled_size(3, 5) == 11 and oversampled_size(4, 4) == 8 and oversampled_size(5, 0) == 5
+    assert oversampled_size(2, 7) == 2 * math.ceil(7 / 2) + 7
+
+
+# ------------------------------------------------------------------------------ ST / ST++ end to end
+def synthetic_run(data: Path, out: Path, name: str, method: str, *, steps: int = 12,
+                  **options: object) -> tuple[RunContext, Method]:
+    """A tiny deterministic run on 60 synthetic 64 px images (the CLI's preparation, without the CLI)."""
+    src = generate_synthetic(data / "synthetic", n=60, size=(64, 64))
+    source = folder_source(src, classes=synthetic_classes("binary"), mask_format="index")
+    cfg = config_from_dict({
+        "name": name, "out_dir": str(out), "seed": 0,
+        "data": {"size": [64, 64], "benchmark_gt": True, "cache_dir": str(data / "cache")},
+        "model": {"arch": "Unet", "encoder": "resnet18", "weights": "none", "decoder_channels": [16, 8, 8],
+                  "options": {"encoder_depth": 3}},
+        "train": {"steps": steps, "batch_size": 4, "eval_every": 4, "checkpoint_every": 4, "progress": False,
+                  "deterministic": True, "threads": 1, "augment": {"scale": [0.75, 1.25]}},
+        "method": {"name": method, **options}})
+    splits = make_splits(source, seed=0, labeled=0.15, val=0.15, test=0.2, fixed={})
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    seed_everything(0)
+    run = RunContext(cfg, out / name, source, splits, torch.device("cpu"))
+    return run, get_method(method)(run, cfg.method_options())
+
+
+STPP = {"retrain_steps": 8, "tta_scales": [1.0], "tta_flip": True}
+STPP_STAGES = ["0-supervised", "1-stability", "2-label-reliable", "3-retrain-reliable", "4-label-unreliable",
+               "5-retrain-all"]
+
+DRIVER = """
+import json, sys, time
+sys.path.insert(0, {root!r})
+from pathlib import Path
+from tests.test_self_training import STPP, synthetic_run
+from semiseg.pipeline.stages import run_stages
+
+if {slow!r}:  # slow every optimizer step and forward pass so that the parent can kill inside a stage
+    from semiseg.engine.trainer import Trainer
+    from semiseg.pseudo.labeler import Labeler
+    opt, fwd = Trainer.optimize, Labeler._forward
+    Trainer.optimize = lambda self, n, loss: (time.sleep(0.2), opt(self, n, loss))[1]
+    Labeler._forward = lambda self, x: (time.sleep(0.1), fwd(self, x))[1]
+run, method = synthetic_run(Path({data!r}), Path({out!r}), "stpp", "st++", **STPP)
+run_stages(run.run_dir, method.stages(), out_dir=Path({out!r}), log=lambda m: None)
+"""
+
+
+def _drive(tmp: Path, data: Path, out: Path, *, slow: bool) -> subprocess.Popen:
+    script = tmp / f"drive-{out.name}.py"
+    script.write_text(DRIVER.format(root=str(ROOT), data=str(data), out=str(out), slow=slow))
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    return subprocess.Popen([sys.executable, str(script)], env=env, stderr=subprocess.PIPE)
+
+
+def _inside(stage: Path) -> bool:
+    """The stage has made progress and is not finished: a training checkpoint or a round being written."""
+    if (stage / "DONE").exists() or not stage.is_dir():
+        return False
+    if stage.name.split("-", 1)[1] in ("supervised", "retrain-reliable", "retrain-all"):
+        return (stage / "checkpoints" / "last.pt").exists()
+    if stage.name.endswith("stability"):
+        return True
+    return bool(list(stage.glob(".pseudo.tmp-*/labels/0.png")))
+
+
+@pytest.mark.slow
+def test_st_plus_plus_resumes_after_sigkill_in_every_stage(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    generate_synthetic(data / "synthetic", n=60, size=(64, 64))
+    ref = _drive(tmp_path, data, tmp_path / "ref", slow=False)
+    stages = tmp_path / "killed" / "stpp" / "stages"
+    for name in STPP_STAGES:
+        proc = _drive(tmp_path, data, tmp_path / "killed", slow=True)
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and not _inside(stages / name):
+            time.sleep(0.02)
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:] if proc.stderr else name
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert not (stages / name / "DONE").exists(), f"{name} finished before the kill"
+    last = _drive(tmp_path, data, tmp_path / "killed", slow=False)
+    for p in (last, ref):
+        assert p.wait(timeout=300) == 0, p.stderr.read().decode()[-3000:] if p.stderr else ""
+    rstages = tmp_path / "ref" / "stpp" / "stages"
+    a = load_checkpoint(stages / "5-retrain-all" / "checkpoints" / "last.pt")["nets"]["model"]
+    b = load_checkpoint(rstages / "5-retrain-all" / "checkpoints" / "last.pt")["nets"]["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    best_a = load_checkpoint(stages / "5-retrain-all" / "checkpoints" / "best.pt")["net"]
+    best_b = load_checkpoint(rstages / "5-retrain-all" / "checkpoints" / "best.pt")["net"]
+    assert all(torch.equal(best_a[k], best_b[k]) for k in best_a)
+    for name in ("0-supervised", "3-retrain-reliable", "5-retrain-all"):
+        assert (stages / name / "metrics.jsonl").read_text() == (rstages / name / "metrics.jsonl").read_text()
+    info = json.loads((stages / "1-stability" / "stability.json").read_text())
+    assert info == json.loads((rstages / "1-stability" / "stability.json").read_text())
+    assert len(info["reliable"]) == len(info["stems"]) // 2
+    for name, half in (("2-label-reliable", "reliable"), ("4-label-unreliable", "unreliable")):
+        ra, rb = load_round(stages / name), load_round(rstages / name)
+        assert ra.stems == rb.stems == info[half]
+        assert all(np.array_equal(ra.labels(s), rb.labels(s)) for s in ra.stems)
+    assert ra.provenance["checkpoint"]["path"].endswith("3-retrain-reliable/checkpoints/best.pt")
+
+
+def test_second_run_reuses_the_supervised_stage(tmp_path: Path) -> None:
+    data, out = tmp_path / "data", tmp_path / "runs"
+    run, sup = synthetic_run(data, out, "sup", "supervised", steps=8)
+    run_stages(run.run_dir, sup.stages(), out_dir=out, log=lambda m: None)
+    run2, st = synthetic_run(data, out, "st", "self-training", steps=8, retrain_steps=4, tta_scales=[1.0],
+                             tta_flip=False)
+    dirs = run_stages(run2.run_dir, st.stages(), out_dir=out, log=lambda m: None)
+    assert [d.name for d in dirs] == ["0-supervised", "1-label", "2-retrain"]
+    done = json.loads((dirs[0] / "DONE").read_text())
+    assert done["reused_from"] == str(run.run_dir / "stages" / "0-supervised")
+    assert (dirs[0] / "metrics.jsonl").read_text() == (run.run_dir / "stages" / "0-supervised" /
+                                                       "metrics.jsonl").read_text()
+    rnd = load_round(dirs[1])
+    assert rnd.stems == run2.splits.unlabeled and rnd.stats["quality"] is not None
+    assert rnd.provenance["checkpoint"]["path"] == str(dirs[0] / "checkpoints" / "best.pt")
+    assert st.final_model() is not None and (dirs[2] / "checkpoints" / "best.pt").exists()
