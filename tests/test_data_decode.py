@@ -231,3 +231,10 @@ def test_auto_rule(tmp_path: Path) -> None:
     expected = {"j.jpg": "threshold", "one.png": "index", "bw.png": "threshold", "bw_rgb.png": "threshold",
                 "idx01.png": "index", "idx.png": "index", "pal.png": "index", "col.png": "color"}
     assert {k: choose_mask_format(tmp_path / k) for k in expected} == expected
+
+
+def test_cache_keys_follow_parameters() -> None:
+    assert ThresholdMask(BIN).cache_key == ThresholdMask(BIN, 128).cache_key != ThresholdMask(BIN, 100).cache_key
+    assert IndexMask(THREE).cache_key != IndexMask(THREE, void_values=(2,)).cache_key
+    assert IndexMask(THREE, mapping={1: 2, 0: 1}).cache_key == IndexMask(THREE, mapping={0: 1, 1: 2}).cache_key
+    assert ColorMask(THREE).cache_key != ColorMask(THREE, void_colors=[(9, 9, 9)]).cache_key

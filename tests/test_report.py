@@ -246,7 +246,7 @@ def compare_runs(run_dir: Path, tmp_path: Path):  # noqa: ANN201 - yields a list
             ("report-test-fake", 1, 0.8)]
     for method, seed, value in spec:
         d = tmp_path / "bench" / f"{method}-{seed}"
-        shutil.copytree(run_dir, d, ignore=shutil.ignore_patterns("report.html"))
+        shutil.copytree(run_dir, d, ignore=shutil.ignore_patterns("report.html", "last.pt"))
         if method == "oracle":
             (d / "stages" / "0-supervised").rename(d / "stages" / "0-oracle")
         cfg = yaml.safe_load((d / "config.yaml").read_text())
@@ -276,6 +276,8 @@ def test_compare_table_gain_and_gap(compare_runs: list[Path]) -> None:
     assert float(cells["report-test-fake|gap_recovered"][0]) == pytest.approx(0.5)
     assert cells["oracle|headline"][1] == "0.9000"  # one run: no std
     assert int(cells["report-test-fake|runs"][0]) == 2
+    order = [k.split("|")[0] for k in cells if k.endswith("|runs")]
+    assert order == ["supervised", "report-test-fake", "oracle"]  # reference rows first and last
     # side by side: the same images for the three methods, each prediction an embedded thumbnail
     preds = [a["alt"] for a in page.imgs if " prediction of " in a.get("alt", "")]
     stems = {alt.split(" prediction of ")[1] for alt in preds}
@@ -291,6 +293,7 @@ def test_mean_std_and_gap_formulas() -> None:
     assert mean_std([0.3]) == (0.3, None) and mean_std([]) == (None, None)
     assert gap_recovered(0.7, 0.5, 0.9) == pytest.approx(0.5)
     assert gap_recovered(0.7, 0.5, 0.5) is None and gap_recovered(None, 0.5, 0.9) is None
+    assert gap_recovered(0.7, 0.5, 0.4) is None  # the oracle does not beat supervised: no gap
 
 
 # ------------------------------------------------------------------------------------- components

@@ -275,7 +275,7 @@ def test_oversampled_size() -> None:
 # ------------------------------------------------------------------------------ ST / ST++ end to end
 def synthetic_run(data: Path, out: Path, name: str, method: str, *, steps: int = 12,
                   **options: object) -> tuple[RunContext, Method]:
-    """A tiny deterministic run on 60 synthetic 64 px images (the CLI's preparation, without the CLI)."""
+    """A tiny run on 60 synthetic 64 px images, prepared in-process (what the CLI does, minus files)."""
     src = generate_synthetic(data / "synthetic", n=60, size=(64, 64))
     source = folder_source(src, classes=synthetic_classes("binary"), mask_format="index")
     cfg = config_from_dict({
@@ -284,43 +284,49 @@ def synthetic_run(data: Path, out: Path, name: str, method: str, *, steps: int =
         "model": {"arch": "Unet", "encoder": "resnet18", "weights": "none", "decoder_channels": [16, 8, 8],
                   "options": {"encoder_depth": 3}},
         "train": {"steps": steps, "batch_size": 4, "eval_every": 4, "checkpoint_every": 4, "progress": False,
-                  "deterministic": True, "threads": 1, "augment": {"scale": [0.75, 1.25]}},
+                  "augment": {"scale": [0.75, 1.25]}},
         "method": {"name": method, **options}})
     splits = make_splits(source, seed=0, labeled=0.15, val=0.15, test=0.2, fixed={})
-    torch.set_num_threads(1)
-    torch.use_deterministic_algorithms(True, warn_only=True)
     seed_everything(0)
     run = RunContext(cfg, out / name, source, splits, torch.device("cpu"))
     return run, get_method(method)(run, cfg.method_options())
 
 
-STPP = {"retrain_steps": 8, "tta_scales": [1.0], "tta_flip": True}
+# the CLI's tiny st++ run: 12 supervised steps (snapshots at 4 and 8), 8 steps per re-training
+STPP_SETS = ["data.size=[64,64]", "data.options.n=60", "data.options.size=64", "data.benchmark_gt=true",
+             "model.decoder_channels=[16,8,8]", "model.options.encoder_depth=3", "train.steps=12",
+             "train.eval_every=4", "train.checkpoint_every=4", "train.batch_size=4", "train.threads=1",
+             "train.progress=false", "train.deterministic=true", "split.labeled=0.15", "split.val=0.15",
+             "split.test=0.2", "method.name=st++", "method.retrain_steps=8", "method.tta_scales=[1.0]",
+             "method.tta_flip=true", "name=stpp"]
 STPP_STAGES = ["0-supervised", "1-stability", "2-label-reliable", "3-retrain-reliable", "4-label-unreliable",
                "5-retrain-all"]
 
 DRIVER = """
-import json, sys, time
-sys.path.insert(0, {root!r})
-from pathlib import Path
-from tests.test_self_training import STPP, synthetic_run
-from semiseg.pipeline.stages import run_stages
-
+import sys, time
 if {slow!r}:  # slow every optimizer step and forward pass so that the parent can kill inside a stage
     from semiseg.engine.trainer import Trainer
     from semiseg.pseudo.labeler import Labeler
     opt, fwd = Trainer.optimize, Labeler._forward
     Trainer.optimize = lambda self, n, loss: (time.sleep(0.2), opt(self, n, loss))[1]
     Labeler._forward = lambda self, x: (time.sleep(0.1), fwd(self, x))[1]
-run, method = synthetic_run(Path({data!r}), Path({out!r}), "stpp", "st++", **STPP)
-run_stages(run.run_dir, method.stages(), out_dir=Path({out!r}), log=lambda m: None)
+from semiseg.cli import main
+sys.argv = ["semiseg", *{args!r}]
+main()
 """
 
 
-def _drive(tmp: Path, data: Path, out: Path, *, slow: bool) -> subprocess.Popen:
-    script = tmp / f"drive-{out.name}.py"
-    script.write_text(DRIVER.format(root=str(ROOT), data=str(data), out=str(out), slow=slow))
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    return subprocess.Popen([sys.executable, str(script)], env=env, stderr=subprocess.PIPE)
+def _cli(tmp: Path, args: list[str], *, slow: bool) -> subprocess.Popen:
+    script = tmp / "drive.py"
+    script.write_text(DRIVER.format(slow=slow, args=args))
+    env = {**os.environ, "SEMISEG_CACHE": str(tmp / "cache"), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT / "src")}
+    return subprocess.Popen([sys.executable, str(script)], env=env, cwd=tmp, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+
+
+def _train(out: Path) -> list[str]:
+    return ["train", *[x for s in [*STPP_SETS, f"out_dir={out}"] for x in ("--set", s)]]
 
 
 def _inside(stage: Path) -> bool:
@@ -334,24 +340,28 @@ def _inside(stage: Path) -> bool:
     return bool(list(stage.glob(".pseudo.tmp-*/labels/0.png")))
 
 
+def _err(proc: subprocess.Popen) -> str:
+    return proc.stderr.read().decode()[-3000:] if proc.stderr else ""
+
+
 @pytest.mark.slow
 def test_st_plus_plus_resumes_after_sigkill_in_every_stage(tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    generate_synthetic(data / "synthetic", n=60, size=(64, 64))
-    ref = _drive(tmp_path, data, tmp_path / "ref", slow=False)
-    stages = tmp_path / "killed" / "stpp" / "stages"
-    for name in STPP_STAGES:
-        proc = _drive(tmp_path, data, tmp_path / "killed", slow=True)
-        deadline = time.time() + 120
+    ref = _cli(tmp_path, _train(tmp_path / "ref"), slow=False)
+    assert ref.wait(timeout=600) == 0, _err(ref)
+    run_dir = tmp_path / "killed" / "stpp"
+    stages = run_dir / "stages"
+    for i, name in enumerate(STPP_STAGES):
+        proc = _cli(tmp_path, _train(tmp_path / "killed") if i == 0 else ["resume", str(run_dir)], slow=True)
+        deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None and not _inside(stages / name):
             time.sleep(0.02)
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:] if proc.stderr else name
+        assert proc.poll() is None, f"{name}: {_err(proc)}"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert not (stages / name / "DONE").exists(), f"{name} finished before the kill"
-    last = _drive(tmp_path, data, tmp_path / "killed", slow=False)
-    for p in (last, ref):
-        assert p.wait(timeout=300) == 0, p.stderr.read().decode()[-3000:] if p.stderr else ""
+    last = _cli(tmp_path, ["resume", str(run_dir)], slow=False)
+    assert last.wait(timeout=600) == 0, _err(last)
+
     rstages = tmp_path / "ref" / "stpp" / "stages"
     a = load_checkpoint(stages / "5-retrain-all" / "checkpoints" / "last.pt")["nets"]["model"]
     b = load_checkpoint(rstages / "5-retrain-all" / "checkpoints" / "last.pt")["nets"]["model"]
@@ -361,14 +371,18 @@ def test_st_plus_plus_resumes_after_sigkill_in_every_stage(tmp_path: Path) -> No
     assert all(torch.equal(best_a[k], best_b[k]) for k in best_a)
     for name in ("0-supervised", "3-retrain-reliable", "5-retrain-all"):
         assert (stages / name / "metrics.jsonl").read_text() == (rstages / name / "metrics.jsonl").read_text()
+    assert (stages / "0-supervised" / "checkpoints" / "snapshot-4.pt").exists()
     info = json.loads((stages / "1-stability" / "stability.json").read_text())
     assert info == json.loads((rstages / "1-stability" / "stability.json").read_text())
-    assert len(info["reliable"]) == len(info["stems"]) // 2
+    assert len(info["reliable"]) == len(info["stems"]) // 2 and info["quality"] is not None
     for name, half in (("2-label-reliable", "reliable"), ("4-label-unreliable", "unreliable")):
         ra, rb = load_round(stages / name), load_round(rstages / name)
         assert ra.stems == rb.stems == info[half]
         assert all(np.array_equal(ra.labels(s), rb.labels(s)) for s in ra.stems)
-    assert ra.provenance["checkpoint"]["path"].endswith("3-retrain-reliable/checkpoints/best.pt")
+    assert ra.provenance["checkpoint"]["path"] == str(stages / "3-retrain-reliable" / "checkpoints" / "best.pt")
+    res_a = json.loads((run_dir / "results.json").read_text())
+    res_b = json.loads((tmp_path / "ref" / "stpp" / "results.json").read_text())
+    assert res_a["test"]["dice"] == res_b["test"]["dice"] and res_a["val"] == res_b["val"]
 
 
 def test_second_run_reuses_the_supervised_stage(tmp_path: Path) -> None:

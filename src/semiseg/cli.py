@@ -178,6 +178,24 @@ def bench(protocol: Annotated[str, typer.Argument(help="polyp | camvid | demo, o
     out.print(f"wrote {markdown}")
 
 
+@app.command()
+def report(runs: Annotated[list[Path], typer.Argument(help="run directory (several with --compare)")],
+           compare: Annotated[bool, typer.Option("--compare", help="one page comparing the runs' methods")] = False,
+           out_file: Annotated[Path | None, typer.Option("--out", help="HTML file (default RUN/report.html; "
+                                                         "with --compare, compare.html next to the runs)")] = None,
+           threads: Annotated[int | None, typer.Option(help="torch CPU threads while predicting")] = None) -> None:
+    """A self-contained HTML page (images embedded, opens offline) about a run, or comparing methods."""
+    from semiseg.report import write_compare_report, write_run_report
+
+    if compare:
+        path = write_compare_report(runs, out_file, threads=threads, log=console.print)
+    elif len(runs) != 1:
+        raise SemisegError("report: give one run directory, or several with --compare")
+    else:
+        path = write_run_report(runs[0], out=out_file, threads=threads, log=console.print)
+    out.print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+
+
 def main() -> None:
     try:
         app()

@@ -79,4 +79,8 @@ def run_bench(protocol: str, *, methods: list[str] | None = None, seeds: list[in
         eta = (sum(done_times) / len(done_times) * remaining) if done_times else 0.0
         log(f"    test {results.get('val_metric')}: {(results.get('test') or {}).get('headline')}; "
             f"elapsed {(time.time() - t_start) / 60:.1f} min, ETA {eta / 60:.1f} min for {remaining} more")
+    from semiseg.report import write_compare_report
+
+    run_dirs = [out_dir / run_config(protocol, m, matrix[m] or {}, s, out_dir, overrides).name for s, m in jobs]
+    write_compare_report(run_dirs, out_dir / f"{protocol}-compare.html", log=log)
     return load_entries(results_path)

@@ -21,6 +21,7 @@ from semiseg.data.classes import IGNORE_INDEX, ClassTable
 from semiseg.errors import DataError
 
 MASK_FORMATS = ("auto", "threshold", "index", "color")
+DECODER_VERSION = 1  # part of every decoder's ``cache_key``: bump when decoding output changes
 _PIL_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError, UnidentifiedImageError)
 
 
@@ -176,6 +177,11 @@ class ThresholdMask:
         total = a[..., 0].astype(np.uint16) + a[..., 1] + a[..., 2]
         return (total >= 3 * self.threshold).view(np.uint8)
 
+    @property
+    def cache_key(self) -> str:
+        """Stable identity for decoded-mask caches (same key <=> same output for the same file)."""
+        return f"ThresholdMask/v{DECODER_VERSION}(threshold={self.threshold!r})"
+
     def __repr__(self) -> str:
         return f"ThresholdMask(threshold={self.threshold})"
 
@@ -218,6 +224,12 @@ class IndexMask:
             raise DataError(f"{path}: mask values {_fmt_values(big)} outside the class table "
                             f"(0..{self.classes.num_classes - 1}, {self.classes.ignore_index} = void)")
         return check_values(path, out.astype(np.uint8), self.classes)
+
+    @property
+    def cache_key(self) -> str:
+        mapping = sorted(self.mapping.items()) if self.mapping is not None else None
+        return (f"IndexMask/v{DECODER_VERSION}(classes={self.classes.num_classes}, "
+                f"void={sorted(self.void_values)}, mapping={mapping})")
 
     def __repr__(self) -> str:
         extra = f", mapping={len(self.mapping)} values" if self.mapping is not None else ""
@@ -262,6 +274,10 @@ class ColorMask:
         values = np.array([self.table[int(u)] for u in uniq], dtype=np.uint8)
         out = values[inv].reshape(codes.shape)
         return check_values(path, out, self.classes)
+
+    @property
+    def cache_key(self) -> str:
+        return f"ColorMask/v{DECODER_VERSION}(classes={self.classes.num_classes}, table={sorted(self.table.items())})"
 
     def __repr__(self) -> str:
         return f"ColorMask({len(self.table)} colours)"

@@ -384,20 +384,20 @@ class Atso(GenerationMethod):
         a, b = self.halves()
         halves = {"A": a, "B": b}
         model = {"A": teacher.name, "B": teacher.name}  # M^A_0 = M^B_0 = M0
-        latest: dict[str, str | None] = {"A": None, "B": None}
+        latest: dict[str, str] = {}  # half -> its newest label stage (generations >= 1: always set below)
         self._row(0, {}, {"M0": teacher.name}, plan, halves)
         other = {"A": "B", "B": "A"}
         for t in range(1, self.options.generations + 1):
             for h in ("A", "B"):  # half h is labeled by the model trained on the other half
-                latest[h] = self._label(plan, f"label-{t}{h}", model[other[h]], halves[h], latest[h])
+                latest[h] = self._label(plan, f"label-{t}{h}", model[other[h]], halves[h], latest.get(h))
             for h in ("A", "B"):
-                model[h] = self._train(plan, f"student-{t}{h}", [latest[h]], None)  # type: ignore[list-item]
-            self._row(t, {h: [latest[h]] for h in halves} | {"A+B": [latest["A"], latest["B"]]},  # type: ignore
-                      {h: model[h] for h in halves}, plan, halves)
+                model[h] = self._train(plan, f"student-{t}{h}", [latest[h]], None)
+            both = [latest["A"], latest["B"]]
+            self._row(t, {"A": [latest["A"]], "B": [latest["B"]], "A+B": both}, dict(model), plan, halves)
         if self.options.final_relabel:
             for h in ("A", "B"):
                 latest[h] = self._label(plan, f"label-final{h}", model[other[h]], halves[h], latest[h])
-        final = self._train(plan, "final", [latest["A"], latest["B"]], None)  # type: ignore[list-item]
-        self._row("final", {"A+B": [latest["A"], latest["B"]]}, {"final": final}, plan,  # type: ignore
-                  halves)
+        both = [latest["A"], latest["B"]]
+        final = self._train(plan, "final", both, None)
+        self._row("final", {"A+B": both}, {"final": final}, plan, halves)
         return self._finish(plan, final)

@@ -8,7 +8,12 @@ every ``sample_stride``-th pixel), then FINE-TUNES that model (no re-initialisat
 and a restarted poly schedule (a new Trainer per round = the released optimizer reset), on batches
 ``[pseudo; labeled]`` with the dynamic loss (pseudo pixels weighted by the student's own detached
 probability of the pseudo class ** gamma). The pseudo loader defines the epoch; the labeled loader
-restarts when exhausted. The delivered model is the best so far after the last round.
+restarts when exhausted. The delivered model is the best so far after the last round. Optimizer, lr and
+its schedule are the run's ``train`` section (released: SGD momentum 0.9, lr 0.002 = the supervised lr,
+weight decay 5e-4, one lr for backbone and head, poly per round); labelling is one eval-mode forward
+at the working size, no TTA (released: a fixed resize to the crop size); each image's pixels are
+sampled separately, the released code samples the flattened batch (the same pixels when H·W is a
+multiple of ``sample_stride``).
 
 Released-code quirks (``voldemortX/DST-CBC``, branch ``dst-cbc``; official-code-notes §4) and what the
 defaults do:

@@ -61,9 +61,11 @@ class SelfTrainingOptions(MethodOptions):
         "scratch: every re-training re-initialises the student (released code and paper); "
         "teacher: start from the weights of the model that produced the pseudo labels"))
     retrain_steps: int | None = Field(None, gt=0, description=(
-        "optimizer steps of each re-training (default train.steps). The released code keeps the EPOCH "
-        "count (80 on VOC) on a set of L*ceil(U/L)+U images, i.e. roughly U/L times the supervised "
-        "stage's steps; set this to match it"))
+        "optimizer steps of each re-training (default: retrain_scale x train.steps). The released code "
+        "keeps the EPOCH count (80 on VOC) on a set of L*ceil(U/L)+U images, i.e. roughly U/L times the "
+        "supervised stage's steps; set this (or retrain_scale) to match it"))
+    retrain_scale: float = Field(1.0, gt=0, description=(
+        "re-training steps as a multiple of train.steps when retrain_steps is not given"))
     label_batch_size: int | None = Field(None, gt=0, description="images per labelling batch (default "
                                          "train.batch_size; the released code labels one at a time)")
 
@@ -181,6 +183,7 @@ class _SelfTrainingBase(Method):
         """A re-training on labeled + ``rounds`` = [(label stage dir, its key hash, stems or a callable)]."""
         o, run = self.options, self.run
         seed = run.stage_seed(name)
+        steps = o.retrain_steps or max(1, round(run.config.train.steps * o.retrain_scale))
 
         def train(stage: Path) -> None:
             parts = [(d, stems() if callable(stems) else stems) for d, _, stems in rounds]
@@ -189,7 +192,7 @@ class _SelfTrainingBase(Method):
             if o.student_init == "teacher":
                 model.load_state_dict(unwrap(load_stage_model(run, teacher[0])).state_dict())
             loader = make_loader(run, ds, run.config.train.batch_size, seed)
-            fit(run, RetrainTask(model, loader), stage, steps=o.retrain_steps)
+            fit(run, RetrainTask(model, loader), stage, steps=steps)
 
         hashes = [h for _, h, _ in rounds]
         key = None
@@ -197,7 +200,7 @@ class _SelfTrainingBase(Method):
             key = {"kind": "retrain", **base_key(run), "rounds": hashes, "strong_aug": o.strong_aug,
                    "student_init": o.student_init,
                    "teacher": teacher[1] if o.student_init == "teacher" else None,
-                   "steps": o.retrain_steps, "seed": seed}
+                   "steps": steps, "seed": seed}
         return plan.add(Stage(name, train, key=key))
 
     def final_model(self) -> nn.Module:

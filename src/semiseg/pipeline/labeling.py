@@ -156,7 +156,7 @@ def write_round(run: RunContext, stage_dir: Path, *, model: nn.Module, stems: Se
     index = unlabeled_index(run, stems)
     labeler = make_labeler(run, model, scales=tta_scales, flip=tta_flip, batch_size=batch_size)
     policy = copy.deepcopy(policy)
-    if policy.needs_fit:
+    if policy.needs_fit and index:
         policy.fit(p for _, p in labeler.iter_predictions(images, index))
     prov = make_provenance(checkpoint=checkpoint, policy=policy, labeler=labeler,
                            model_sha256=model_hash(model), stage=stage_dir.name, num_stems=len(stems))

@@ -70,9 +70,9 @@ def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
 
 
 def gap_recovered(method: float | None, supervised: float | None, oracle: float | None) -> float | None:
-    """(method − supervised) / (oracle − supervised); None when undefined (a value missing, or oracle ==
-    supervised)."""
-    if method is None or supervised is None or oracle is None or abs(oracle - supervised) < 1e-12:
+    """(method − supervised) / (oracle − supervised); None when a value is missing or when the oracle is
+    not better than supervised (there is no gap to recover, and the ratio would only mislead)."""
+    if method is None or supervised is None or oracle is None or oracle - supervised <= 1e-12:
         return None
     return (method - supervised) / (oracle - supervised)
 
@@ -111,6 +111,9 @@ def group_runs(runs: Sequence[RunInfo]) -> dict[str, tuple[str, list[MethodGroup
             index[(skey, mkey)] = MethodGroup(label, run.method)
             groups.append(index[(skey, mkey)])
         index[(skey, mkey)].runs.append(run)
+    rank = {"supervised": 0, "oracle": 2}
+    for _, groups in out.values():
+        groups.sort(key=lambda g: rank.get(g.method, 1))  # stable: other methods keep first-seen order
     return out
 
 
@@ -155,11 +158,15 @@ def metric_table(slabel: str, groups: list[MethodGroup], all_groups: list[tuple[
                      _pm(*mean_std(g.val_values()), f"{key}|val"),
                      num(gain, f"{key}|gain"), num(gap, f"{key}|gap_recovered"),
                      num(sum(secs) / len(secs) if secs else None, None, 0)])
-    head = ("method", "runs", "split seeds", f"test {metric}", *[f"test {k}" for k in extra], "val",
+    head = ("method", "runs", "split seeds", f"test {metric}", *[f"test {k}" for k in extra],
+            f"val {first.results.get('val_metric') or ''}".strip(),
             "gain over supervised", "gap recovered", "train s / run")
     note = ("mean ± sample std over runs; gain and gap recovered from the means; gap recovered = (method − "
-            "supervised) / (oracle − supervised)" + ("" if sup and ora else
-                                                      " — needs supervised and oracle runs (missing here)"))
+            "supervised) / (oracle − supervised)")
+    if not (sup and ora):
+        note += " — needs supervised and oracle runs (missing here)"
+    elif ora_m is not None and sup_m is not None and ora_m <= sup_m:
+        note += f" — undefined here: the oracle ({fmt(ora_m)}) does not beat supervised ({fmt(sup_m)})"
     return join(table(head, rows), h("p", note, cls="muted"))
 
 

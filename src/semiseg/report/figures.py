@@ -166,7 +166,7 @@ def curves_figure(records: Sequence[Mapping[str, Any]], title: str, val_metric: 
         ax = ax_l if key.startswith("train/") else ax_r
         bold = key == f"val/{val_metric}"
         ax.plot(xs, ys, marker="o" if len(xs) < 12 else None, ms=3, lw=2.2 if bold else 1.2, label=key)
-    for ax, name in ((ax_l, "training loss"), (ax_r, "validation")):
+    for ax, name in ((ax_l, "training (train/*)"), (ax_r, "validation")):
         ax.set_xlabel("step")
         ax.set_title(name, fontsize=10)
         ax.grid(alpha=0.3)

@@ -112,6 +112,7 @@ th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .muted{color:#666;font-size:.9em}.kv td:first-child{font-weight:600;white-space:nowrap}
 .grid{display:flex;flex-wrap:wrap;gap:14px;align-items:flex-start}
 .gallery td{text-align:center;font-size:.8em}.gallery img{display:block;margin:auto}
+.gallery td:first-child{max-width:190px;word-break:break-all}
 img.fig{max-width:100%;height:auto}
 .swatch{display:inline-block;width:.9em;height:.9em;border:1px solid #888;margin:0 4px -2px 10px}
 .best{color:#0a7d2c}.worst{color:#b3261e}pre{background:#f7f7f7;padding:8px;overflow:auto;font-size:.85em}

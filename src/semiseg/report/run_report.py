@@ -42,6 +42,7 @@ RUN_REPORT_BUDGET = 3 * 1024 * 1024
 THUMB_PX = 160
 MAX_GALLERY = 12
 PSEUDO_EXAMPLES = 4
+EXAMPLE_PX = 112
 MAX_ROUNDS_WITH_EXAMPLES = 4
 HEADLINE_KEYS = ("headline", "dice", "iou", "dice_pooled", "iou_pooled", "miou", "pixel_accuracy")
 log_ = logging.getLogger(__name__)
@@ -195,7 +196,9 @@ def _round_examples(rnd: Any, ctx: Any, classes: ClassTable, n: int, thumb_px: i
     picks = sorted({round(i) for i in np.linspace(0, len(rnd) - 1, min(n, len(rnd)))})
     by_stem = ctx.source.by_stem()
     benchmark = bool(ctx.config.data.benchmark_gt)
-    cells = []
+    rows = []
+    cols = ("image", "pseudo", "confidence") + (("gt",) if benchmark else ())
+    px = min(thumb_px, EXAMPLE_PX)
     for i in picks:
         stem = rnd.stems[i]
         sample = by_stem.get(stem)
@@ -203,15 +206,13 @@ def _round_examples(rnd: Any, ctx: Any, classes: ClassTable, n: int, thumb_px: i
             continue
         label, conf = rnd.labels(stem), rnd.confidence(stem)
         gt = ctx.source.decode_mask(sample.mask) if benchmark and sample.mask is not None else None
-        t = pseudo_thumbs(read_image(sample.image), label, conf, classes, thumb_px, gt=gt, quality=quality)
-        imgs = [img(t[k], f"{k} of {stem}", title=k)
-                for k in ("image", "pseudo", "confidence", "gt") if k in t]
-        cells.append(h("td", h("div", *imgs, cls="grid"), h("div", stem)))
-    if not cells:
+        t = pseudo_thumbs(read_image(sample.image), label, conf, classes, px, gt=gt, quality=quality)
+        rows.append([stem, *[h("td", img(t[k], f"{k} of {stem}")) if k in t else "—" for k in cols]])
+    if not rows:
         return Markup("")
-    head = "image · pseudo label (grey = not selected) · confidence"
-    head += " · ground truth" if benchmark else ""
-    return join(h("p", head, cls="muted"), h("table", h("tr", cells), cls="gallery"))
+    head = ("unlabeled image", "image", "pseudo label", "confidence",
+            "ground truth")[: len(cols) + 1]
+    return table(head, rows, cls="gallery")
 
 
 def pseudo_section(run: RunInfo, ctx: Any, classes: ClassTable | None, thumb_px: int, quality: int,
@@ -227,14 +228,16 @@ def pseudo_section(run: RunInfo, ctx: Any, classes: ClassTable | None, thumb_px:
         table(head, [_round_row(st, r) for st, r in rounds]),
         h("p", "coverage = share of pixels selected; flip rate = share of pixels labelled in both this "
                "and the previous round whose class changed; GT columns (benchmark mode only) score the "
-               "selected pixels against the hidden ground truth.", cls="muted")]
+               "selected pixels against the hidden ground truth; in pictures grey = not selected.",
+          cls="muted")]
     with_examples = {id(r) for _, r in rounds[-MAX_ROUNDS_WITH_EXAMPLES:]}
     for st, rnd in rounds:
         parts.append(h("h3", f"{st.path.name} / {rnd.name}"))
-        policy = (rnd.provenance.get("policy") or {})
+        policy = rnd.provenance.get("policy") or {}
         if policy:
-            parts.append(h("p", f"policy {policy.get('name')} {_compact(policy.get('params') or {})}",
-                           cls="muted"))
+            params = policy.get("params") or {}
+            parts.append(h("p", f"selection policy: {policy.get('name')}" + (f" ({_compact(params)})" if params
+                                                                             else ""), cls="muted"))
         names = classes.names if classes is not None else ()
         shares = rnd.stats.get("class_share") or []
         line = [f"{names[i] if i < len(names) else i} {fmt(v)}" for i, v in enumerate(shares)]
