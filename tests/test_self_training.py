@@ -385,7 +385,16 @@ def test_st_plus_plus_resumes_after_sigkill_in_every_stage(tmp_path: Path) -> No
     assert res_a["test"]["dice"] == res_b["test"]["dice"] and res_a["val"] == res_b["val"]
 
 
-def test_second_run_reuses_the_supervised_stage(tmp_path: Path) -> None:
+@pytest.fixture
+def one_thread():  # noqa: ANN201
+    """Training in-process on a shared 2-core machine: one thread is faster and deterministic."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_second_run_reuses_the_supervised_stage(tmp_path: Path, one_thread: None) -> None:
     data, out = tmp_path / "data", tmp_path / "runs"
     run, sup = synthetic_run(data, out, "sup", "supervised", steps=8)
     run_stages(run.run_dir, sup.stages(), out_dir=out, log=lambda m: None)

@@ -43,6 +43,16 @@ def run_config(protocol: str, method: str, options: dict[str, Any], seed: int, o
     return config_from_dict(raw, origin=f"bench {protocol}/{method}/seed {seed}")
 
 
+def record(results_path: Path, entry: dict) -> None:
+    """Merge one entry into the results file under a lock (several bench processes may share it)."""
+    import fcntl
+
+    results_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(results_path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        save_entries(results_path, merge(load_entries(results_path), [entry]))
+
+
 def run_bench(protocol: str, *, methods: list[str] | None = None, seeds: list[int] | None = None,
               out_dir: Path = Path("bench-runs"), results_path: Path | None = None,
               overrides: list[str] | None = None, log: Callable[[str], None] = print,
@@ -73,8 +83,7 @@ def run_bench(protocol: str, *, methods: list[str] | None = None, seeds: list[in
             results = (api.resume(run_dir, console=console, log=log) if (run_dir / "config.yaml").is_file()
                        else api.run(cfg, console=console, log=log))
             done_times.append(time.time() - t0)
-        entries = merge(load_entries(results_path), [entry_from_results(protocol, results)])
-        save_entries(results_path, entries)
+        record(results_path, entry_from_results(protocol, results))
         remaining = len(jobs) - k - 1
         eta = (sum(done_times) / len(done_times) * remaining) if done_times else 0.0
         log(f"    test {results.get('val_metric')}: {(results.get('test') or {}).get('headline')}; "
