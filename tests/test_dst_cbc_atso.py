@@ -194,6 +194,18 @@ def test_cbc_thresholds_and_labels_through_the_round_stages(tmp_path: Path,
         np.testing.assert_array_equal(rnd2.labels(f"u{i}"), argmax[i])
 
 
+def test_methods_without_enough_unlabeled_images_say_so(tmp_path: Path) -> None:
+    from semiseg.errors import ConfigError
+    from semiseg.methods.atso import Atso, AtsoOptions
+
+    run = fake_run(tmp_path, np.zeros((1, 32, 32, 3), np.uint8), {})
+    with pytest.raises(ConfigError, match="at least 2 unlabeled"):
+        Atso(run, AtsoOptions()).stages()
+    run.splits.unlabeled = []
+    with pytest.raises(ConfigError, match="no unlabeled images"):
+        DstCbc(run, DstCbcOptions()).stages()
+
+
 # ---------------------------------------------------------------------------- dynamic loss wiring
 class Pixel(nn.Module):
     def __init__(self) -> None:

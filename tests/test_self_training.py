@@ -410,3 +410,22 @@ def test_second_run_reuses_the_supervised_stage(tmp_path: Path, one_thread: None
     assert rnd.stems == run2.splits.unlabeled and rnd.stats["quality"] is not None
     assert rnd.provenance["checkpoint"]["path"] == str(dirs[0] / "checkpoints" / "best.pt")
     assert st.final_model() is not None and (dirs[2] / "checkpoints" / "best.pt").exists()
+
+
+def test_plans_and_key_chain(tmp_path: Path) -> None:
+    data, out = tmp_path / "data", tmp_path / "runs"
+    _, st2 = synthetic_run(data, out, "a", "self-training", iterations=2)
+    assert [s.name for s in st2.stages()] == ["supervised", "label-1", "retrain-1", "label-2", "retrain-2"]
+    run, pp = synthetic_run(data, out, "b", "st++", extra_rounds=1)
+    stages = pp.stages()
+    assert [s.name for s in stages] == [n.split("-", 1)[1] for n in STPP_STAGES] + ["label-extra-1",
+                                                                                  "retrain-extra-1"]
+    sup_key = st2.stages()[0].key
+    assert stages[0].key == {**sup_key, "snapshots": [4, 8]}  # its own key: the snapshots are extra outputs
+    _, weak = synthetic_run(data, out, "c", "st++", extra_rounds=1, strong_aug=False)
+    same = [a.key_hash() == b.key_hash() for a, b in zip(stages, weak.stages(), strict=True)]
+    # only the re-trainings (and what is labelled by their models) depend on the re-training options
+    assert same == [True, True, True, False, False, False, False, False]
+    _, tta = synthetic_run(data, out, "d", "st++", tta_flip=False)
+    assert [a.key_hash() == b.key_hash() for a, b in zip(stages, tta.stages(), strict=False)] == \
+        [True, True, False, False, False, False]

@@ -140,7 +140,7 @@ def _finish(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- binary
 def _tissue(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
     base = np.array([rng.uniform(150, 225), rng.uniform(60, 125), rng.uniform(45, 105)], np.float32)
-    shade = 1 + 0.22 * _smooth_noise(rng, h, w, 3) + 0.08 * _smooth_noise(rng, h, w, 12)
+    shade = 1 + 0.16 * _smooth_noise(rng, h, w, 3) + 0.08 * _smooth_noise(rng, h, w, 12)
     img = base * shade[..., None]
     img = img + 6 * _smooth_noise(rng, h, w, max(4, w // 4))[..., None] * np.array([1, 0.6, 0.5], np.float32)
     vessels = _streaks(rng, h, w, int(rng.integers(1, 6)), (1, 3), 0.45)
@@ -164,13 +164,13 @@ def _binary_sample(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray
         inside = rho <= rad
         if not inside.any():
             continue
-        contrast = rng.uniform(0.02, 0.3) if rng.random() < 0.7 else rng.uniform(0.0, 0.06)
+        contrast = rng.uniform(0.08, 0.35) if rng.random() < 0.8 else rng.uniform(0.02, 0.08)
         colour = base * (1 + contrast * rng.choice([-1, 1]) * rng.uniform(0.3, 1.0, 3).astype(np.float32))
         dome = np.clip(1 - (rho / np.maximum(rad, 1e-3)) ** 2, 0, 1)
         body = colour * (1 + rng.uniform(0.05, 0.3) * dome + 0.05 * _smooth_noise(rng, h, w, 16))[..., None]
         alpha = _blur((inside * 255).astype(np.uint8), float(rng.uniform(0.3, 1.5))).astype(np.float32) / 255
         img = img * (1 - alpha[..., None]) + body * alpha[..., None]
-        img = img * (1 - 0.25 * rng.random() * (alpha * (1 - alpha) * 4)[..., None])  # dark rim
+        img = img * (1 - rng.uniform(0.1, 0.3) * (alpha * (1 - alpha) * 4)[..., None])  # dark rim
         mask[inside] = 1
         spec = _speculars(rng, h, w, inside & (dome > 0.3), int(rng.integers(0, 4)))
         img = img + (255 - img) * spec[..., None]

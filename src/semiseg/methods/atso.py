@@ -36,6 +36,7 @@ from torch import nn
 
 from semiseg.engine.checkpoint import atomic_write_text, load_checkpoint, seed_everything
 from semiseg.engine.loader import EndlessLoader
+from semiseg.errors import ConfigError
 from semiseg.evaluation.evaluator import evaluate_arrays, evaluate_source, foreground_index
 from semiseg.evaluation.metrics import ConfusionMatrix, ForegroundScores
 from semiseg.methods.registry import Method, MethodOptions, register
@@ -247,6 +248,10 @@ class GenerationMethod(Method):
 
     # -- building blocks ---------------------------------------------------------------------------
     def _setup(self) -> tuple[StagePlan, Stage]:
+        need = 2 if self.name == "atso" else 1
+        if len(self.run.splits.unlabeled) < need:
+            raise ConfigError(f"method {self.name}: needs at least {need} unlabeled image(s), the split has "
+                              f"{len(self.run.splits.unlabeled)} (lower split.labeled)")
         plan = StagePlan(self.run)
         teacher = supervised_stage(self.run)
         plan.add(teacher)

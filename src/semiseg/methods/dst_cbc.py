@@ -47,6 +47,7 @@ from semiseg.data.transforms import weak_transform
 from semiseg.engine.checkpoint import load_checkpoint
 from semiseg.engine.loader import EndlessLoader
 from semiseg.engine.task import Optimized, StepContext, TrainingTask
+from semiseg.errors import ConfigError
 from semiseg.losses import dynamic_cross_entropy
 from semiseg.methods.atso import (
     StagePlan,
@@ -206,6 +207,9 @@ class DstCbc(Method):
 
     def _build(self) -> StagePlan:
         run, o = self.run, self.options
+        if not run.splits.unlabeled:
+            raise ConfigError("method dst-cbc: the split has no unlabeled images to pseudo-label (lower "
+                              "split.labeled)")
         plan = StagePlan(run)
         teacher = supervised_stage(run)
         plan.add(teacher)
