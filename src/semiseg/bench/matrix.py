@@ -70,7 +70,7 @@ def run_bench(protocol: str, *, methods: list[str] | None = None, seeds: list[in
     results_path = results_path or Path("benchmarks") / "results" / f"{protocol}.json"
     overrides = list(spec.get("overrides", [])) + list(overrides or [])
     jobs = [(s, m) for s in seeds for m in methods]
-    t_start, done_times = time.time(), []
+    t_start, done_times, failures = time.time(), [], []
     for k, (seed, method) in enumerate(jobs):
         cfg = run_config(protocol, method, matrix[method] or {}, seed, out_dir, overrides)
         run_dir = out_dir / cfg.name
@@ -80,8 +80,13 @@ def run_bench(protocol: str, *, methods: list[str] | None = None, seeds: list[in
             log(f"[{k + 1}/{len(jobs)}] {cfg.name}: finished earlier, read back")
         else:
             log(f"[{k + 1}/{len(jobs)}] {cfg.name}: {'resuming' if run_dir.exists() else 'starting'}")
-            results = (api.resume(run_dir, console=console, log=log) if (run_dir / "config.yaml").is_file()
-                       else api.run(cfg, console=console, log=log))
+            try:
+                results = (api.resume(run_dir, console=console, log=log) if (run_dir / "config.yaml").is_file()
+                           else api.run(cfg, console=console, log=log))
+            except Exception as err:  # noqa: BLE001 - one broken method must not stop the matrix
+                failures.append(f"{cfg.name}: {type(err).__name__}: {err}")
+                log(f"    FAILED {failures[-1]} (the bench goes on; `semiseg resume {run_dir}` retries it)")
+                continue
             done_times.append(time.time() - t0)
         record(results_path, entry_from_results(protocol, results))
         remaining = len(jobs) - k - 1
@@ -92,4 +97,6 @@ def run_bench(protocol: str, *, methods: list[str] | None = None, seeds: list[in
 
     run_dirs = [out_dir / run_config(protocol, m, matrix[m] or {}, s, out_dir, overrides).name for s, m in jobs]
     write_compare_report(run_dirs, out_dir / f"{protocol}-compare.html", log=log)
+    if failures:
+        log("failed runs:\n  " + "\n  ".join(failures))
     return load_entries(results_path)
