@@ -42,7 +42,8 @@ def test_tiny_bench_two_methods_two_seeds_then_resume_and_merge(tmp_path):
     entries = json.loads(results.read_text())["entries"]
     assert {(e["method"], e["split_seed"]) for e in entries} == {(m, s) for m in ("supervised", "oracle")
                                                                  for s in (0, 1)}
-    assert entries[0]["test"] == first[0]["test"]  # not re-run
+    by_key = {(e["method"], e["split_seed"]): e for e in entries}
+    assert by_key[("supervised", 0)]["test"] == first[0]["test"]  # read back, not re-run
     md = (tmp_path / "BENCHMARKS.md").read_text()
     assert "| `supervised` | 0,1 |" in md and "| `oracle` | 0,1 |" in md
     # the split seeds really differ
