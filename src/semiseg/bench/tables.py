@@ -109,11 +109,13 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = [head, "|" + "---|" * 10]
     for r in rows:
         beats = {None: "", True: "yes", False: "**no**"}[r["beats_supervised"]]
+        spread = len(r["seeds"]) > 1  # a std over one seed would read as "no variance"
         gain = "" if r["gain_mean"] is None or r["method"] == "supervised" else \
-            f"{_fmt(r['gain_mean'], signed=True)} ± {_fmt(r['gain_std'])}"
+            _fmt(r["gain_mean"], signed=True) + (f" ± {_fmt(r['gain_std'])}" if spread else "")
+        test = _fmt(r["test_mean"]) + (f" ± {_fmt(r['test_std'])}" if spread else "")
         gap = "" if r["gap_mean"] is None else f"{r['gap_mean'] * 100:.0f} %"
         lines.append(
-            f"| `{r['method']}` | {','.join(map(str, r['seeds']))} | {_fmt(r['test_mean'])} ± {_fmt(r['test_std'])} | "
+            f"| `{r['method']}` | {','.join(map(str, r['seeds']))} | {test} | "
             f"{gain} | {gap} | {beats} | {_fmt(r['pl_quality'])} | {r['wall_minutes']:.1f} min | "
             f"{r['peak_rss_mb']:.0f} MB | {', '.join(r['commits'])} |")
     return "\n".join(lines)
