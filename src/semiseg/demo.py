@@ -20,7 +20,7 @@ DEMO_METHODS: dict[str, dict[str, Any]] = {
 
 
 def demo_config(method: str, options: dict[str, Any], out_dir: Path, *, fast: bool) -> dict[str, Any]:
-    steps = 40 if fast else 400
+    steps = 40 if fast else 300
     return {
         "name": method, "out_dir": str(out_dir), "seed": 0,
         "data": {"source": "synthetic", "options": {"kind": "binary", "n": 160 if fast else 300, "seed": 0},
