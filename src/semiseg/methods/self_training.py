@@ -348,11 +348,14 @@ class STPlusPlus(_SelfTrainingBase):
     options: STPlusPlusOptions
 
     def _supervised(self) -> Stage:
-        """The shared supervised stage's training, plus ST++'s snapshots (hence its own key)."""
+        """The shared supervised stage's training, plus ST++'s snapshots (hence its own key), unless the
+        shared stage already keeps them (its key then lists ``"snapshots"``, saved as :func:`snapshot_path`)."""
         run, k = self.run, self.options.checkpoints
         base = supervised_stage(run)
         seed = run.stage_seed(base.name)
         snaps = snapshot_steps(run.config.train.steps, k)[:-1]
+        if base.key is not None and base.key.get("snapshots") == snaps:
+            return base
 
         def train(stage: Path) -> None:
             task = SnapshotTask(new_model(run, seed), labeled_loader(run, seed), stage, snaps,
