@@ -46,7 +46,7 @@ def supervised_stage(run: RunContext, name: str = "supervised", *, split: str = 
            "val": run.splits.val, "data": config.data.model_dump(mode="json", exclude={"benchmark_gt"}),
            "model": config.model.model_dump(mode="json"), "train": config.train.model_dump(mode="json",
            exclude={"progress", "num_workers", "tensorboard", "eval_every", "checkpoint_every"}),
-           "eval_every": config.train.eval_every, "seed": seed, "steps": steps}
+           "eval_every": config.train.eval_every, "val_metric": run.val_metric, "seed": seed, "steps": steps}
     return Stage(name, train, key=key)
 
 
