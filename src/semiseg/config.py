@@ -151,7 +151,7 @@ def config_from_dict(raw: dict[str, Any], origin: str = "config") -> RunConfig:
 
 def bundled_config(name: str | Path) -> Path | None:
     """A protocol config shipped with semiseg (``polyp``, ``camvid``, ``demo``) when ``name`` is not a file."""
-    if Path(name).exists() or "/" in str(name) or str(name).endswith((".yaml", ".yml")):
+    if Path(name).is_file() or "/" in str(name) or str(name).endswith((".yaml", ".yml")):
         return None
     from importlib.resources import files
 
