@@ -15,7 +15,7 @@ demo: $(STAMP)
 	$(PY) -m semiseg demo
 
 test: $(STAMP) browser
-	$(PY) -m pytest -q --timeout 600
+	$(PY) -m pytest -q --timeout 600 -n auto --durations=15
 
 # Headless Chromium for the report's browser test; installed with apt where possible, else the test skips.
 browser:

@@ -29,12 +29,12 @@ import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from semiseg.data.cache import resize_image as cache_resize_image
 from semiseg.data.transforms import normalize
 from semiseg.errors import ConfigError
 
@@ -116,12 +116,8 @@ def _check_channels(probs: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 
 def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """uint8 ``H×W×3`` to ``size`` with the decoded cache's rule: INTER_AREA when both sides shrink."""
-    h, w = size
-    if image.shape[:2] == (h, w):
-        return image
-    shrink = image.shape[0] >= h and image.shape[1] >= w
-    return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    """uint8 ``H×W×3`` to ``size`` by the decoded cache's rule, so a test image matches what training saw."""
+    return cache_resize_image(image, *size)
 
 
 def _predict_resize(model: nn.Module, image: np.ndarray, size: tuple[int, int], device: torch.device,
