@@ -44,6 +44,10 @@ def test_tiny_bench_two_methods_two_seeds_then_resume_and_merge(tmp_path):
                                                                  for s in (0, 1)}
     by_key = {(e["method"], e["split_seed"]): e for e in entries}
     assert by_key[("supervised", 0)]["test"] == first[0]["test"]  # read back, not re-run
+    # the killed invocation left no session record; the one that finished did, with what it executed
+    (session,) = json.loads(results.read_text())["sessions"]
+    assert (session["executed"], session["read_back"], session["failed"]) == (3, 1, [])
+    assert session["seeds"] == [0, 1] and session["command"].startswith("semiseg bench demo")
     md = (tmp_path / "BENCHMARKS.md").read_text()
     assert "| `supervised` | 0,1 |" in md and "| `oracle` | 0,1 |" in md
     # the split seeds really differ

@@ -4,7 +4,16 @@ import math
 
 import pytest
 
-from semiseg.bench.tables import gap_recovered, load_entries, merge, save_entries, summarize, write_benchmarks_md
+from semiseg.bench.matrix import expected_seconds, record, record_session
+from semiseg.bench.tables import (
+    gap_recovered,
+    load_entries,
+    load_sessions,
+    merge,
+    save_entries,
+    summarize,
+    write_benchmarks_md,
+)
 
 
 def entry(method, seed, test, **kw):
@@ -50,3 +59,23 @@ def test_method_worse_than_supervised_is_flagged(tmp_path):
     save_entries(tmp_path / "results" / "p.json", entries)
     md = write_benchmarks_md(tmp_path / "results", tmp_path / "B.md").read_text()
     assert "| `mt` |" in md and "**no**" in md and "-5.0" in md and "-50 %" in md
+
+
+def test_bench_sessions_survive_entry_merges_and_reach_the_tables(tmp_path):
+    path = tmp_path / "results" / "p.json"
+    record_session(path, {"seeds": [0], "methods": ["supervised", "mt"], "executed": 2, "read_back": 0,
+                          "failed": [], "elapsed_seconds": 5400.0, "cpu_cores": 2, "commit": "abc",
+                          "command": "semiseg bench p --seeds 0"})
+    record(path, entry("supervised", 0, 0.70))  # a later entry merge keeps the session
+    assert len(load_sessions(path)) == 1 and len(load_entries(path)) == 1
+    md = write_benchmarks_md(tmp_path / "results", tmp_path / "B.md").read_text()
+    assert "| 0 | 2 | 2 / 0 / 0 | 90.0 min | 2 | abc | `semiseg bench p --seeds 0` |" in md
+
+
+def test_eta_uses_the_method_time_of_other_seeds_else_the_runs_done():
+    known = [entry("st++", 0, 0.7, wall_seconds=600.0), entry("st++", 1, 0.7, wall_seconds=800.0),
+             entry("supervised", 0, 0.7, wall_seconds=100.0)]
+    assert expected_seconds("st++", known, [50.0]) == pytest.approx(700.0)
+    assert expected_seconds("gta-seg", known, [50.0, 150.0]) == pytest.approx(100.0)
+    assert expected_seconds("gta-seg", known, []) == pytest.approx(1500.0 / 3)
+    assert expected_seconds("gta-seg", [], []) == 0.0

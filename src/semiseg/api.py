@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -24,10 +26,11 @@ from semiseg.pipeline.context import RunContext
 from semiseg.pipeline.stages import run_stages
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
+    """Short commit of the code that runs, ``-dirty`` when its tree has uncommitted changes."""
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True,
+                             text=True, timeout=5, cwd=Path(__file__).resolve().parent)
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -56,14 +59,27 @@ def prepare(config: RunConfig, run_dir: Path, *, console: Any = None, fresh: boo
                               "or choose another name (--set name=...)")
         splits = _splits_for(config, source)
         if dist.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            splits.write(run_dir / "splits")
-            atomic_write_text(run_dir / "config.yaml", dump_config(config))
+            _create_run_dir(run_dir, config, splits)
         barrier()
     else:
         splits = Splits.read(run_dir / "splits")
     seed_everything(config.seed)
     return RunContext(config, run_dir, source, splits, device, dist, console)
+
+
+def _create_run_dir(run_dir: Path, config: RunConfig, splits: Splits) -> None:
+    """Splits and config appear together or not at all: a kill mid-creation leaves no half run directory."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.creating-", dir=run_dir.parent))
+    try:
+        splits.write(tmp / "splits")
+        atomic_write_text(tmp / "config.yaml", dump_config(config))
+        if run_dir.exists():
+            run_dir.rmdir()  # empty: checked by the caller
+        os.rename(tmp, run_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # (a SIGKILL leaves a hidden .NAME.creating-* behind, nothing else)
+        raise
 
 
 def _execute(ctx: RunContext, log: Any) -> dict[str, Any]:
@@ -106,7 +122,7 @@ def final_results(ctx: RunContext, model: torch.nn.Module, stage_dirs: list[Path
         "stage_seconds": round(sum(s.get("seconds", 0.0) for s in stages), 1),
         "session_seconds": round(seconds, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "stages": stages, "command": " ".join(["semiseg", *sys.argv[1:]]), "commit": _git_commit(),
+        "stages": stages, "command": " ".join(["semiseg", *sys.argv[1:]]), "commit": git_commit(),
     }
 
 

@@ -8,16 +8,19 @@ sessions combine into one table.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from semiseg.bench.tables import entry_from_results, load_entries, merge, save_entries
+from semiseg.bench.tables import entry_from_results, load_entries, load_sessions, merge, save_entries
 from semiseg.config import apply_overrides, bundled_config, config_from_dict
 from semiseg.errors import ConfigError
 
@@ -43,14 +46,36 @@ def run_config(protocol: str, method: str, options: dict[str, Any], seed: int, o
     return config_from_dict(raw, origin=f"bench {protocol}/{method}/seed {seed}")
 
 
-def record(results_path: Path, entry: dict) -> None:
-    """Merge one entry into the results file under a lock (several bench processes may share it)."""
+@contextlib.contextmanager
+def _locked(results_path: Path) -> Iterator[None]:
+    """Several bench processes (e.g. disjoint ``--methods`` on two cores) may share one results file."""
     import fcntl
 
     results_path.parent.mkdir(parents=True, exist_ok=True)
     with open(results_path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def record(results_path: Path, entry: dict) -> None:
+    """Merge one entry into the results file."""
+    with _locked(results_path):
         save_entries(results_path, merge(load_entries(results_path), [entry]))
+
+
+def record_session(results_path: Path, session: dict) -> None:
+    """Append one whole bench invocation to the results file."""
+    with _locked(results_path):
+        save_entries(results_path, load_entries(results_path), load_sessions(results_path) + [session])
+
+
+def expected_seconds(method: str, known: list[dict], done_times: list[float]) -> float:
+    """ETA of one run: this method's wall time on other split seeds, else the mean of runs done so far."""
+    same = [e["wall_seconds"] for e in known if e["method"] == method and e.get("wall_seconds")]
+    if same:
+        return sum(same) / len(same)
+    pool = done_times or [e["wall_seconds"] for e in known if e.get("wall_seconds")]
+    return sum(pool) / len(pool) if pool else 0.0
 
 
 def run_bench(protocol: str, *, methods: list[str] | None = None, seeds: list[int] | None = None,
@@ -70,7 +95,8 @@ def run_bench(protocol: str, *, methods: list[str] | None = None, seeds: list[in
     results_path = results_path or Path("benchmarks") / "results" / f"{protocol}.json"
     overrides = list(spec.get("overrides", [])) + list(overrides or [])
     jobs = [(s, m) for s in seeds for m in methods]
-    t_start, done_times, failures = time.time(), [], []
+    known = [e for e in load_entries(results_path) if e["protocol"] == protocol]
+    t_start, done_times, failures, read_back = time.time(), [], [], 0
     for k, (seed, method) in enumerate(jobs):
         cfg = run_config(protocol, method, matrix[method] or {}, seed, out_dir, overrides)
         run_dir = out_dir / cfg.name
@@ -78,6 +104,7 @@ def run_bench(protocol: str, *, methods: list[str] | None = None, seeds: list[in
         if (run_dir / "results.json").is_file():
             results = json.loads((run_dir / "results.json").read_text())
             log(f"[{k + 1}/{len(jobs)}] {cfg.name}: finished earlier, read back")
+            read_back += 1
         else:
             log(f"[{k + 1}/{len(jobs)}] {cfg.name}: {'resuming' if run_dir.exists() else 'starting'}")
             try:
@@ -89,14 +116,24 @@ def run_bench(protocol: str, *, methods: list[str] | None = None, seeds: list[in
                 continue
             done_times.append(time.time() - t0)
         record(results_path, entry_from_results(protocol, results))
-        remaining = len(jobs) - k - 1
-        eta = (sum(done_times) / len(done_times) * remaining) if done_times else 0.0
+        remaining = [m for _, m in jobs[k + 1:]]
+        eta = sum(expected_seconds(m, known, done_times) for m in remaining)
         log(f"    test {results.get('val_metric')}: {(results.get('test') or {}).get('headline')}; "
-            f"elapsed {(time.time() - t_start) / 60:.1f} min, ETA {eta / 60:.1f} min for {remaining} more")
+            f"elapsed {(time.time() - t_start) / 60:.1f} min, ETA {eta / 60:.1f} min for {len(remaining)} more")
+    elapsed = time.time() - t_start
+    record_session(results_path, {
+        "seeds": seeds, "methods": methods, "executed": len(done_times), "read_back": read_back,
+        "failed": failures, "elapsed_seconds": round(elapsed, 1), "cpu_cores": os.cpu_count(),
+        "overrides": overrides, "command": " ".join(["semiseg", *sys.argv[1:]]), "commit": api.git_commit(),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    log(f"bench {protocol}: {len(done_times)} runs executed, {read_back} read back, {len(failures)} failed "
+        f"in {elapsed / 60:.1f} min")
     from semiseg.report import write_compare_report
 
     run_dirs = [out_dir / run_config(protocol, m, matrix[m] or {}, s, out_dir, overrides).name for s, m in jobs]
-    write_compare_report(run_dirs, out_dir / f"{protocol}-compare.html", log=log)
+    finished = [d for d in run_dirs if (d / "results.json").is_file()]  # a failed run has nothing to compare
+    if finished:
+        write_compare_report(finished, out_dir / f"{protocol}-compare.html", log=log)
     if failures:
         log("failed runs:\n  " + "\n  ".join(failures))
     return load_entries(results_path)

@@ -44,8 +44,15 @@ def load_entries(path: Path) -> list[dict]:
     return json.loads(path.read_text())["entries"] if path.is_file() else []
 
 
-def save_entries(path: Path, entries: list[dict]) -> None:
-    atomic_write_text(path, json.dumps({"entries": entries}, indent=1) + "\n")
+def load_sessions(path: Path) -> list[dict]:
+    """Whole bench invocations (command, commit, runs executed, elapsed), oldest first."""
+    return json.loads(path.read_text()).get("sessions", []) if path.is_file() else []
+
+
+def save_entries(path: Path, entries: list[dict], sessions: list[dict] | None = None) -> None:
+    """Write the entries; the file's bench sessions are kept unless new ones are given."""
+    sessions = load_sessions(path) if sessions is None else sessions
+    atomic_write_text(path, json.dumps({"entries": entries, "sessions": sessions}, indent=1) + "\n")
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -121,6 +128,22 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def sessions_table(sessions: list[dict]) -> list[str]:
+    """Markdown lines: the elapsed time of whole bench invocations (the budget a user of the matrix pays)."""
+    if not sessions:
+        return []
+    lines = ["Whole bench invocations (elapsed = wall clock of the command; runs read back from an earlier "
+             "session cost nothing):", "",
+             "| split seeds | methods | runs executed / read back / failed | elapsed | CPU cores | commit | command |",
+             "|" + "---|" * 7]
+    for s in sessions:
+        lines.append(
+            f"| {','.join(map(str, s['seeds']))} | {len(s['methods'])} | {s['executed']} / {s['read_back']} / "
+            f"{len(s['failed'])} | {s['elapsed_seconds'] / 60:.1f} min | {s.get('cpu_cores', '?')} | "
+            f"{s.get('commit') or '?'} | `{s['command']}` |")
+    return lines + [""]
+
+
 PROTOCOL_NOTES = {
     "polyp": "test Dice = per-image Dice of the polyp class, mean of the Kvasir-SEG and CVC-ClinicDB test-set "
              "means (original resolution); test split fixed (semiseg/splits/polyp/test.txt).",
@@ -148,5 +171,6 @@ def write_benchmarks_md(results_dir: Path, out_path: Path) -> Path:
                   "(benchmark mode). Wall time: sum of the run's stages (a reused teacher counts for every method "
                   "that uses it).", "", "Commands:", ""]
         parts += [f"- `{c}`" for c in commands if c] + [""]
+        parts += sessions_table(load_sessions(path))
     atomic_write_text(out_path, "\n".join(parts))
     return out_path
