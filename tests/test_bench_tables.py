@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from semiseg.bench.matrix import expected_seconds, record, record_session
+from semiseg.bench.matrix import bench_spec, expected_seconds, record, record_session, run_config
 from semiseg.bench.tables import (
     gap_recovered,
     load_entries,
@@ -79,3 +79,13 @@ def test_eta_uses_the_method_time_of_other_seeds_else_the_runs_done():
     assert expected_seconds("gta-seg", known, [50.0, 150.0]) == pytest.approx(100.0)
     assert expected_seconds("gta-seg", known, []) == pytest.approx(1500.0 / 3)
     assert expected_seconds("gta-seg", [], []) == 0.0
+
+
+@pytest.mark.parametrize("protocol", ["polyp", "camvid", "demo"])
+def test_every_bundled_bench_entry_is_a_valid_run_config(protocol, tmp_path):
+    # a matrix entry the protocol's config cannot support must fail here, not hours into a bench
+    spec = bench_spec(protocol)
+    for method, options in spec["methods"].items():
+        for seed in spec.get("seeds", [0]):
+            cfg = run_config(protocol, method, options or {}, seed, tmp_path, [])
+            assert cfg.method["name"] == method and cfg.split.seed == seed

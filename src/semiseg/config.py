@@ -146,6 +146,10 @@ def config_from_dict(raw: dict[str, Any], origin: str = "config") -> RunConfig:
     except ValidationError as err:
         raise ConfigError(_format_errors(err, origin, prefix="method.")) from None
     config.method = {"name": name, **resolved.model_dump(mode="json")}
+    try:
+        method.check_config(config, resolved)
+    except ConfigError as err:
+        raise ConfigError(f"{origin}: {err}") from None
     return config
 
 

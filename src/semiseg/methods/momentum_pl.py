@@ -29,6 +29,7 @@ from typing import Any, Literal, cast
 from pydantic import Field
 from torch import Tensor, nn
 
+from semiseg.config import RunConfig
 from semiseg.data.transforms import polyp_labeled_transform, polyp_paper_transform
 from semiseg.engine.loader import EndlessLoader
 from semiseg.engine.task import Optimized, StepContext, TrainingTask
@@ -197,10 +198,6 @@ class StudentTask(_MomentumMixin, TrainingTask):
 def _transforms(run: RunContext, opt: MomentumPLOptions) -> tuple[Any, Any]:
     if opt.augment == "run":
         return weak_view(run), None
-    h, w = run.config.data.size
-    if h != w:
-        raise ConfigError(f"method.augment=polyp needs a square data.size (RandomRotate90), got {h}x{w}; "
-                          "use method.augment=run")
     return polyp_labeled_transform(), polyp_paper_transform()
 
 
@@ -210,6 +207,13 @@ class MomentumPL(Method):
     summary = "polyp paper: (momentum) teacher, then a student with online pseudo labels and a momentum copy"
     paper = "Online pseudo labeling for polyp segmentation with momentum networks (online_learning_ssl)"
     options_model = MomentumPLOptions
+
+    @classmethod
+    def check_config(cls, config: RunConfig, options: MomentumPLOptions) -> None:
+        h, w = config.data.size
+        if options.augment == "polyp" and h != w:
+            raise ConfigError(f"method.augment=polyp needs a square data.size (RandomRotate90), got {h}x{w}; "
+                              "use method.augment=run")
 
     def _teacher_stage(self, opt: MomentumPLOptions) -> Stage:
         run = self.run

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict
 if TYPE_CHECKING:
     from torch import nn
 
+    from semiseg.config import RunConfig
     from semiseg.pipeline.context import RunContext
     from semiseg.pipeline.stages import Stage
 
@@ -29,6 +30,10 @@ class Method:
 
     def __init__(self, run: RunContext, options: MethodOptions) -> None:
         self.run, self.options = run, options
+
+    @classmethod
+    def check_config(cls, config: RunConfig, options: MethodOptions) -> None:
+        """Raise ConfigError for options the rest of the config cannot support (runs before anything is written)."""
 
     def stages(self) -> list[Stage]:
         raise NotImplementedError
