@@ -6,6 +6,7 @@ import pytest
 
 from semiseg.bench.matrix import bench_spec, expected_seconds, record, record_session, run_config
 from semiseg.bench.tables import (
+    budget_of,
     gap_recovered,
     load_entries,
     load_sessions,
@@ -89,3 +90,24 @@ def test_every_bundled_bench_entry_is_a_valid_run_config(protocol, tmp_path):
         for seed in spec.get("seeds", [0]):
             cfg = run_config(protocol, method, options or {}, seed, tmp_path, [])
             assert cfg.method["name"] == method and cfg.split.seed == seed
+
+
+def test_tables_show_the_recorded_budget_and_the_hand_written_reading(tmp_path):
+    results = tmp_path / "results"
+    save_entries(results / "p.json", [entry("supervised", 0, 0.7, budget="96x96 px, Unet-resnet18, 400 steps"),
+                                      entry("oracle", 1, 0.8)])
+    md = write_benchmarks_md(results, tmp_path / "B.md").read_text()
+    assert "Budget: 96x96 px, Unet-resnet18, 400 steps; not recorded." in md
+    assert "split seeds 0, 1" in md and "Reading the" not in md
+    (results / "p-notes.md").write_text("The oracle of seed 0 collapsed.\n")
+    md = write_benchmarks_md(results, tmp_path / "B.md").read_text()
+    assert "### Reading the `p` results (hand-written" in md and "The oracle of seed 0 collapsed." in md
+
+
+def test_budget_line_from_a_run_config():
+    from semiseg.config import load_config
+
+    cfg = load_config("polyp")
+    h, w = cfg.data.size
+    assert budget_of(cfg) == (f"{h}x{w} px, Unet-resnet18 (weights none), {cfg.train.steps} steps x batch "
+                              f"{cfg.train.batch_size} per training")

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from semiseg.bench.tables import entry_from_results, load_entries, load_sessions, merge, save_entries
+from semiseg.bench.tables import budget_of, entry_from_results, load_entries, load_sessions, merge, save_entries
 from semiseg.config import apply_overrides, bundled_config, config_from_dict
 from semiseg.errors import ConfigError
 
@@ -115,7 +115,7 @@ def run_bench(protocol: str, *, methods: list[str] | None = None, seeds: list[in
                 log(f"    FAILED {failures[-1]} (the bench goes on; `semiseg resume {run_dir}` retries it)")
                 continue
             done_times.append(time.time() - t0)
-        record(results_path, entry_from_results(protocol, results))
+        record(results_path, entry_from_results(protocol, results, budget=budget_of(cfg)))
         remaining = [m for _, m in jobs[k + 1:]]
         eta = sum(expected_seconds(m, known, done_times) for m in remaining)
         log(f"    test {results.get('val_metric')}: {(results.get('test') or {}).get('headline')}; "

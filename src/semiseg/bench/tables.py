@@ -13,7 +13,15 @@ from semiseg.engine.checkpoint import atomic_write_text
 BASELINES = ("supervised", "oracle")
 
 
-def entry_from_results(protocol: str, results: dict[str, Any], *, wall_seconds: float | None = None) -> dict:
+def budget_of(config: Any) -> str:
+    """The shared budget of a run in one line: working size, model, steps per training, batch."""
+    h, w = config.data.size
+    return (f"{h}x{w} px, {config.model.arch}-{config.model.encoder} (weights {config.model.weights}), "
+            f"{config.train.steps} steps x batch {config.train.batch_size} per training")
+
+
+def entry_from_results(protocol: str, results: dict[str, Any], *, wall_seconds: float | None = None,
+                       budget: str | None = None) -> dict:
     """One row of the benchmark JSON from a run's results.json."""
     test = results.get("test") or {}
     headline = test.get("headline")
@@ -27,7 +35,7 @@ def entry_from_results(protocol: str, results: dict[str, Any], *, wall_seconds: 
         "pseudo_label_quality": results.get("pseudo_label_quality"),
         "wall_seconds": wall_seconds if wall_seconds is not None else results.get("stage_seconds"),
         "peak_rss_mb": results.get("peak_rss_mb"), "command": results.get("command"),
-        "commit": results.get("commit"), "run": results.get("name"),
+        "commit": results.get("commit"), "run": results.get("name"), "budget": budget,
     }
     return entry
 
@@ -151,6 +159,11 @@ PROTOCOL_NOTES = {
 }
 
 
+def _seed_count(entries: list[dict]) -> str:
+    seeds = sorted({e["split_seed"] for e in entries})
+    return f"split seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+
+
 def write_benchmarks_md(results_dir: Path, out_path: Path) -> Path:
     """BENCHMARKS.md from every ``<protocol>.json`` in ``results_dir`` (numbers only from those files)."""
     parts = ["# Benchmarks", "",
@@ -162,15 +175,21 @@ def write_benchmarks_md(results_dir: Path, out_path: Path) -> Path:
         entries = load_entries(path)
         rows = summarize(entries, protocol)
         commands = sorted({e.get("command") or "" for e in entries})
-        parts += [f"## `{protocol}`", "", PROTOCOL_NOTES.get(protocol, ""), "", markdown_table(rows), "",
-                  "Read with care: single split seeds and a short budget (see the protocol config) leave training "
-                  "under-converged (validation still rising), so differences of a few points are within run-to-run "
-                  "noise; gap recovered is blank where the oracle did not beat supervised.", "",
+        budgets = sorted({e.get("budget") or "not recorded" for e in entries})
+        parts += [f"## `{protocol}`", "", PROTOCOL_NOTES.get(protocol, ""), "",
+                  "Budget: " + "; ".join(budgets) + ".", "", markdown_table(rows), "",
+                  f"Read with care: {_seed_count(entries)} and one run per seed; where validation was still rising "
+                  "at the end of the budget, training is under-converged and differences of a few points are within "
+                  "run-to-run noise; gap recovered is blank where the oracle did not beat supervised.", "",
                   "Gain and gap recovered are computed per split seed against that seed's `supervised` and "
                   "`oracle` runs. Pseudo-label quality: last round against the unlabeled images' ground truth "
                   "(benchmark mode). Wall time: sum of the run's stages (a reused teacher counts for every method "
                   "that uses it).", "", "Commands:", ""]
         parts += [f"- `{c}`" for c in commands if c] + [""]
         parts += sessions_table(load_sessions(path))
+        notes = results_dir / f"{protocol}-notes.md"
+        if notes.is_file():  # the team's reading of the numbers, written by hand, kept apart from them
+            parts += [f"### Reading the `{protocol}` results (hand-written: `{notes.as_posix()}`)", "",
+                      notes.read_text().strip(), ""]
     atomic_write_text(out_path, "\n".join(parts))
     return out_path
