@@ -111,3 +111,25 @@ def test_budget_line_from_a_run_config():
     h, w = cfg.data.size
     assert budget_of(cfg) == (f"{h}x{w} px, Unet-resnet18 (weights none), {cfg.train.steps} steps x batch "
                               f"{cfg.train.batch_size} per training")
+
+
+def test_a_failing_run_does_not_stop_the_bench_but_fails_its_exit(tmp_path, monkeypatch):
+    from semiseg import api
+    from semiseg.bench.matrix import BenchError, run_bench
+
+    def fake_run(cfg, **_):
+        if cfg.name == "demo-s0-oracle":
+            raise RuntimeError("out of memory")
+        return {"method": cfg.method["name"], "split_seed": cfg.split.seed, "val_metric": "dice",
+                "test": {"headline": 0.5}, "name": cfg.name}
+
+    monkeypatch.setattr(api, "run", fake_run)
+    results = tmp_path / "r" / "demo.json"
+    with pytest.raises(BenchError, match="1 of 4 runs failed") as err:
+        run_bench("demo", methods=["oracle", "supervised"], seeds=[0, 1], out_dir=tmp_path / "b",
+                  results_path=results, log=lambda *_: None)
+    assert "demo-s0-oracle: RuntimeError: out of memory" in str(err.value)
+    assert {(e["method"], e["split_seed"]) for e in load_entries(results)} == {  # the others ran
+        ("supervised", 0), ("oracle", 1), ("supervised", 1)}
+    (session,) = load_sessions(results)
+    assert (session["executed"], session["failed"]) == (3, ["demo-s0-oracle: RuntimeError: out of memory"])

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from semiseg.errors import SemisegError
+from semiseg.errors import ConfigError, SemisegError
 
 app = typer.Typer(help="Semi-supervised semantic segmentation with teacher-student pseudo labelling.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -167,15 +167,20 @@ def bench(protocol: Annotated[str, typer.Argument(help="polyp | camvid | demo, o
         return
     from semiseg.bench.tables import write_benchmarks_md
 
-    if protocol != "tables":
-        from semiseg.bench.matrix import run_bench
+    if protocol == "tables" and not any(results.glob("*.json")):
+        raise ConfigError(f"{results}: no <protocol>.json result files to build tables from")
+    try:
+        if protocol != "tables":
+            from semiseg.bench.matrix import run_bench
 
-        run_bench(protocol, methods=methods.split(",") if methods else None,
-                  seeds=[int(s) for s in seeds.split(",")] if seeds else None, out_dir=out_dir,
-                  results_path=results / f"{protocol}.json", overrides=set_ or [], log=console.print,
-                  console=console)
-    write_benchmarks_md(results, markdown)
-    out.print(f"wrote {markdown}")
+            run_bench(protocol, methods=methods.split(",") if methods else None,
+                      seeds=[int(s) for s in seeds.split(",")] if seeds else None, out_dir=out_dir,
+                      results_path=results / f"{protocol}.json", overrides=set_ or [], log=console.print,
+                      console=console)
+    finally:  # runs that finished reach the tables even when others failed (the exit code says so)
+        if any(results.glob("*.json")):
+            write_benchmarks_md(results, markdown)
+            out.print(f"wrote {markdown}")
 
 
 @app.command()

@@ -22,7 +22,11 @@ import yaml
 
 from semiseg.bench.tables import budget_of, entry_from_results, load_entries, load_sessions, merge, save_entries
 from semiseg.config import apply_overrides, bundled_config, config_from_dict
-from semiseg.errors import ConfigError
+from semiseg.errors import ConfigError, SemisegError
+
+
+class BenchError(SemisegError):
+    """Some runs of a bench failed; every other run finished and is recorded."""
 
 
 def bench_spec(protocol: str) -> dict[str, Any]:
@@ -135,5 +139,6 @@ def run_bench(protocol: str, *, methods: list[str] | None = None, seeds: list[in
     if finished:
         write_compare_report(finished, out_dir / f"{protocol}-compare.html", log=log)
     if failures:
-        log("failed runs:\n  " + "\n  ".join(failures))
+        raise BenchError(f"{len(failures)} of {len(jobs)} runs failed (the others are recorded):\n  "
+                         + "\n  ".join(failures))
     return load_entries(results_path)
