@@ -32,3 +32,22 @@ def test_a_kill_while_creating_the_run_directory_leaves_no_half_directory(tmp_pa
     assert ctx.splits.labeled
     with pytest.raises(ConfigError, match="semiseg resume"):
         api.prepare(cfg, run_dir, fresh=True)  # a real run directory is never overwritten
+
+
+def test_oracle_is_supervised_with_every_label(tmp_path):
+    """Same seed for initialisation, order and augmentation: with nothing unlabeled the two runs coincide."""
+    import torch
+
+    from semiseg.engine.checkpoint import load_checkpoint
+
+    weights = {}
+    for method in ("supervised", "oracle"):
+        cfg = config_from_dict({"name": method, "out_dir": str(tmp_path / "runs"), "method": {"name": method},
+                                "data": {"size": [32, 32], "options": {"n": 30}, "cache_dir": str(tmp_path / "c")},
+                                "split": {"labeled": 1.0}, "model": {"decoder_channels": [16, 16, 8, 8, 8]},
+                                "train": {"steps": 3, "eval_every": 3, "batch_size": 4, "progress": False}})
+        api.run(cfg, log=lambda *_: None)
+        stage = next((tmp_path / "runs" / method / "stages").iterdir())
+        weights[method] = load_checkpoint(stage / "checkpoints" / "last.pt")["nets"]["model"]
+    for name, tensor in weights["supervised"].items():
+        torch.testing.assert_close(weights["oracle"][name], tensor, rtol=0, atol=0, msg=name)
