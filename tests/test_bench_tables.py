@@ -133,3 +133,24 @@ def test_a_failing_run_does_not_stop_the_bench_but_fails_its_exit(tmp_path, monk
         ("supervised", 0), ("oracle", 1), ("supervised", 1)}
     (session,) = load_sessions(results)
     assert (session["executed"], session["failed"]) == (3, ["demo-s0-oracle: RuntimeError: out of memory"])
+
+
+def test_a_run_made_with_another_config_is_not_read_back(tmp_path):
+    from semiseg.bench.matrix import config_drift, run_bench
+    from semiseg.config import dump_config
+    from semiseg.errors import ConfigError
+
+    cfg = run_config("demo", "supervised", {}, 0, tmp_path / "b", [])
+    run_dir = tmp_path / "b" / cfg.name
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    (run_dir / "results.json").write_text("{}")
+    assert config_drift(run_dir, cfg) == []
+    # where it ran does not matter ...
+    assert config_drift(run_dir, run_config("demo", "supervised", {}, 0, tmp_path / "b",
+                                            ["train.threads=1", "data.cache_dir=/x"])) == []
+    # ... what it computed does
+    with pytest.raises(ConfigError, match=r"demo-s0-supervised: train.steps: \d+ -> 7"):
+        run_bench("demo", methods=["supervised"], seeds=[0], out_dir=tmp_path / "b",
+                  results_path=tmp_path / "r.json", overrides=["train.steps=7"], log=lambda *_: None)
+    assert not (tmp_path / "r.json").exists()  # refused before running anything

@@ -61,6 +61,31 @@ def _locked(results_path: Path) -> Iterator[None]:
         yield
 
 
+# keys that say where or how fast a run executes, not what it computes
+_RUNTIME_KEYS = {"out_dir", "data.root", "data.cache_dir", "train.progress", "train.threads", "train.num_workers",
+                 "train.device", "train.tensorboard"}
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_drift(run_dir: Path, wanted: Any) -> list[str]:
+    """Keys where an existing run directory's config differs from the one the bench would run now."""
+    if not (run_dir / "config.yaml").is_file():
+        return []
+    have = _flat(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
+    want = _flat(wanted.model_dump(mode="json"))
+    return [f"{k}: {have.get(k)!r} -> {want.get(k)!r}" for k in sorted(set(have) | set(want))
+            if k not in _RUNTIME_KEYS and have.get(k) != want.get(k)]
+
+
 def record(results_path: Path, entry: dict) -> None:
     """Merge one entry into the results file."""
     with _locked(results_path):
@@ -99,6 +124,15 @@ def run_bench(protocol: str, *, methods: list[str] | None = None, seeds: list[in
     results_path = results_path or Path("benchmarks") / "results" / f"{protocol}.json"
     overrides = list(spec.get("overrides", [])) + list(overrides or [])
     jobs = [(s, m) for s in seeds for m in methods]
+    drift = {}
+    for seed, method in jobs:  # a finished run made with another config must not be read back as this one
+        cfg = run_config(protocol, method, matrix[method] or {}, seed, out_dir, overrides)
+        if changed := config_drift(out_dir / cfg.name, cfg):
+            drift[cfg.name] = changed
+    if drift:
+        raise ConfigError("these run directories were made with another config; move them away (or use another "
+                          "--out-dir) to run them again:\n" + "\n".join(
+                              f"  {out_dir / name}: {'; '.join(changes[:4])}" for name, changes in drift.items()))
     known = [e for e in load_entries(results_path) if e["protocol"] == protocol]
     t_start, done_times, failures, read_back = time.time(), [], [], 0
     for k, (seed, method) in enumerate(jobs):
