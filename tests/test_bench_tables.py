@@ -154,3 +154,12 @@ def test_a_run_made_with_another_config_is_not_read_back(tmp_path):
         run_bench("demo", methods=["supervised"], seeds=[0], out_dir=tmp_path / "b",
                   results_path=tmp_path / "r.json", overrides=["train.steps=7"], log=lambda *_: None)
     assert not (tmp_path / "r.json").exists()  # refused before running anything
+
+
+def test_a_matrix_entry_sets_its_own_config_and_the_command_still_wins(tmp_path):
+    entry_options = {"set": ["train.steps=1600", "train.eval_every=100"]}
+    cfg = run_config("demo", "oracle", entry_options, 0, tmp_path, [], ["train.steps=5"])
+    assert cfg.train.steps == 1600 and cfg.train.eval_every == 100  # the entry beats the spec-wide override
+    cfg = run_config("demo", "oracle", entry_options, 0, tmp_path, ["train.steps=7"], ["train.steps=5"])
+    assert cfg.train.steps == 7 and cfg.method == {"name": "oracle"}  # the command beats both
+    assert entry_options == {"set": ["train.steps=1600", "train.eval_every=100"]}  # the spec is not consumed

@@ -38,12 +38,14 @@ def bench_spec(protocol: str) -> dict[str, Any]:
 
 
 def run_config(protocol: str, method: str, options: dict[str, Any], seed: int, out_dir: Path,
-               overrides: list[str]) -> Any:
+               overrides: list[str], spec_overrides: list[str] | None = None) -> Any:
+    """One run of the matrix: protocol config < the spec's overrides < the entry's ``set`` < ``overrides``."""
     path = bundled_config(protocol)
     if path is None:
         raise ConfigError(f"unknown protocol {protocol!r}: bundled configs are polyp, camvid, demo")
     raw = yaml.safe_load(path.read_text())
-    raw = apply_overrides(raw, overrides)
+    options = dict(options)
+    raw = apply_overrides(raw, list(spec_overrides or []) + list(options.pop("set", [])) + list(overrides))
     raw.update(name=f"{protocol}-s{seed}-{method}", out_dir=str(out_dir))
     raw.setdefault("split", {})["seed"] = seed
     raw["method"] = {"name": method, **options}
@@ -122,21 +124,18 @@ def run_bench(protocol: str, *, methods: list[str] | None = None, seeds: list[in
         raise ConfigError(f"bench {protocol}: no bench options for {unknown}; known: {', '.join(matrix)}")
     seeds = seeds if seeds is not None else list(spec.get("seeds", [0]))
     results_path = results_path or Path("benchmarks") / "results" / f"{protocol}.json"
-    overrides = list(spec.get("overrides", [])) + list(overrides or [])
+    overrides, spec_overrides = list(overrides or []), list(spec.get("overrides", []))
     jobs = [(s, m) for s in seeds for m in methods]
-    drift = {}
-    for seed, method in jobs:  # a finished run made with another config must not be read back as this one
-        cfg = run_config(protocol, method, matrix[method] or {}, seed, out_dir, overrides)
-        if changed := config_drift(out_dir / cfg.name, cfg):
-            drift[cfg.name] = changed
+    configs = [run_config(protocol, m, matrix[m] or {}, s, out_dir, overrides, spec_overrides) for s, m in jobs]
+    # a finished run made with another config must not be read back as this one
+    drift = {cfg.name: changed for cfg in configs if (changed := config_drift(out_dir / cfg.name, cfg))}
     if drift:
         raise ConfigError("these run directories were made with another config; move them away (or use another "
                           "--out-dir) to run them again:\n" + "\n".join(
                               f"  {out_dir / name}: {'; '.join(changes[:4])}" for name, changes in drift.items()))
     known = [e for e in load_entries(results_path) if e["protocol"] == protocol]
     t_start, done_times, failures, read_back = time.time(), [], [], 0
-    for k, (seed, method) in enumerate(jobs):
-        cfg = run_config(protocol, method, matrix[method] or {}, seed, out_dir, overrides)
+    for k, cfg in enumerate(configs):
         run_dir = out_dir / cfg.name
         t0 = time.time()
         if (run_dir / "results.json").is_file():
@@ -162,14 +161,15 @@ def run_bench(protocol: str, *, methods: list[str] | None = None, seeds: list[in
     record_session(results_path, {
         "seeds": seeds, "methods": methods, "executed": len(done_times), "read_back": read_back,
         "failed": failures, "elapsed_seconds": round(elapsed, 1), "cpu_cores": os.cpu_count(),
-        "overrides": overrides, "command": " ".join(["semiseg", *sys.argv[1:]]), "commit": api.git_commit(),
+        "overrides": spec_overrides + overrides, "command": " ".join(["semiseg", *sys.argv[1:]]),
+        "commit": api.git_commit(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     log(f"bench {protocol}: {len(done_times)} runs executed, {read_back} read back, {len(failures)} failed "
         f"in {elapsed / 60:.1f} min")
     from semiseg.report import write_compare_report
 
-    run_dirs = [out_dir / run_config(protocol, m, matrix[m] or {}, s, out_dir, overrides).name for s, m in jobs]
-    finished = [d for d in run_dirs if (d / "results.json").is_file()]  # a failed run has nothing to compare
+    # a failed run has nothing to compare
+    finished = [out_dir / c.name for c in configs if (out_dir / c.name / "results.json").is_file()]
     if finished:
         write_compare_report(finished, out_dir / f"{protocol}-compare.html", log=log)
     if failures:
