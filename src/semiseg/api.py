@@ -27,13 +27,17 @@ from semiseg.pipeline.stages import run_stages
 
 
 def git_commit() -> str | None:
-    """Short commit of the code that runs, ``-dirty`` when its tree has uncommitted changes."""
+    """Short commit of the code that runs, ``-dirty`` when the package's own files have uncommitted changes
+    (result files a bench rewrites do not count)."""
+    here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True,
-                             text=True, timeout=5, cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None
+        head = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], capture_output=True, text=True,
+                              timeout=5, cwd=here).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."],
+                                 capture_output=True, text=True, timeout=5, cwd=here).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
+    return head + ("-dirty" if changed else "") if head else None
 
 
 def _splits_for(config: RunConfig, source: Any) -> Splits:
