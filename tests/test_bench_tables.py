@@ -163,3 +163,15 @@ def test_a_matrix_entry_sets_its_own_config_and_the_command_still_wins(tmp_path)
     cfg = run_config("demo", "oracle", entry_options, 0, tmp_path, ["train.steps=7"], ["train.steps=5"])
     assert cfg.train.steps == 7 and cfg.method == {"name": "oracle"}  # the command beats both
     assert entry_options == {"set": ["train.steps=1600", "train.eval_every=100"]}  # the spec is not consumed
+
+
+def test_gap_recovered_names_the_seeds_it_rests_on(tmp_path):
+    entries = [entry("supervised", 0, 0.70), entry("oracle", 0, 0.65),  # seed 0: the oracle lost, no gap
+               entry("supervised", 1, 0.60), entry("oracle", 1, 0.80),
+               entry("mt", 0, 0.72), entry("mt", 1, 0.70)]
+    rows = {r["method"]: r for r in summarize(entries, "p")}
+    assert rows["mt"]["gap_mean"] == pytest.approx(0.5) and rows["mt"]["gap_seeds"] == [1]
+    assert rows["oracle"]["gap_mean"] is None  # a baseline's own gap (0 % / 100 %) says nothing
+    save_entries(tmp_path / "r" / "p.json", entries)
+    md = write_benchmarks_md(tmp_path / "r", tmp_path / "B.md").read_text()
+    assert "| 50 % (seed 1) |" in md
