@@ -299,11 +299,14 @@ def test_atso_never_labels_a_half_with_a_model_trained_on_it(tmp_path: Path,
         trained_on = json.loads((plan[teacher] / "training_set.json").read_text())["pseudo_stems"]
         assert trained_on and not set(trained_on) & set(rnd.stems), (name, teacher)
         assert teacher.endswith("B" if name.endswith("A") else "A")
+    # one initialisation per run seed: the teacher and every from-scratch student start from the same weights
+    assert spy.start[str(plan["supervised"])] == state_hash(new_model(run).state_dict())
+    assert state_hash(new_model(run, run.init_seed + 1).state_dict()) != state_hash(new_model(run).state_dict())
     for s in plan.stages:  # every ATSO student starts from scratch
         if s.name.startswith("student-") or s.name == "final":
             record = json.loads((plan[s.name] / "training_set.json").read_text())
             assert record["init"] == "scratch"
-            assert spy.start[str(plan[s.name])] == state_hash(new_model(run, run.stage_seed(s.name)).state_dict())
+            assert spy.start[str(plan[s.name])] == state_hash(new_model(run).state_dict())
     final = json.loads((plan["final"] / "training_set.json").read_text())
     assert final["pseudo_stems"] == sorted(a + b) and final["rounds"] == ["label-finalA", "label-finalB"]
     # the lazy-learning table: labels of half A made by M^B_t are scored like M^B_t on A (64 px: no padding)
@@ -328,16 +331,14 @@ def test_self_learning_continues_from_the_teacher_and_stso_restarts(tmp_path: Pa
         runs[name] = (run, method.plan())
     run, plan = runs["self-learning"]
     assert "reused_from" in json.loads((runs["stso"][1]["supervised"] / "DONE").read_text())
-    assert spy.start[str(plan["student-1"])] != state_hash(
-        new_model(run, run.stage_seed("student-1")).state_dict())
+    assert spy.start[str(plan["student-1"])] != state_hash(new_model(run).state_dict())
     # continual: student t starts from teacher t-1's best checkpoint, which labeled its round
     for t, teacher in ((1, "supervised"), (2, "student-1")):
         assert spy.start[str(plan[f"student-{t}"])] == best_hash(plan[teacher])
         assert load_round(plan[f"label-{t}"]).provenance["checkpoint"]["path"].startswith(str(plan[teacher]))
     run_s, plan_s = runs["stso"]
     for t in (1, 2):
-        assert spy.start[str(plan_s[f"student-{t}"])] == state_hash(
-            new_model(run_s, run_s.stage_seed(f"student-{t}")).state_dict())
+        assert spy.start[str(plan_s[f"student-{t}"])] == state_hash(new_model(run_s).state_dict())
     # the same teacher M0 (deterministic training) labels generation 1 identically in both methods
     r_sl, r_st = load_round(plan["label-1"]), load_round(plan_s["label-1"])
     assert all(np.array_equal(r_sl.labels(s), r_st.labels(s)) for s in r_sl.stems)

@@ -298,7 +298,7 @@ class GenerationMethod(Method):
         run, seed = self.run, self.run.stage_seed(name)
 
         def task() -> SupervisedTask:
-            model = new_model(run, seed) if init is None else self._teacher(plan, init)
+            model = new_model(run) if init is None else self._teacher(plan, init)
             return SupervisedTask(model, self._loader(plan, rounds, seed))
 
         def record() -> dict[str, Any]:

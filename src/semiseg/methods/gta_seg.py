@@ -196,7 +196,7 @@ class GTASeg(Method):
             repeat = unlabeled_count(run) if opt.oversample_labeled else None
             labeled = labeled_stream(run, seed, transform=weak, repeat_to=repeat)
             unlabeled = unlabeled_stream(run, seed + 1, transform=weak)
-            fit(run, GTATask(new_model(run, seed), labeled, unlabeled, opt, seed=seed + 2), stage_dir)
+            fit(run, GTATask(new_model(run), labeled, unlabeled, opt, seed=seed + 2), stage_dir)
 
         return [Stage("gta-seg", train)]
 

@@ -99,7 +99,7 @@ class MeanTeacher(Method):
 
         def train(stage_dir: Path) -> None:
             unlabeled = unlabeled_stream(run, seed + 1, strong=opt.student_view == "strong")
-            task = MeanTeacherTask(new_model(run, seed), labeled_loader(run, seed), unlabeled, opt)
+            task = MeanTeacherTask(new_model(run), labeled_loader(run, seed), unlabeled, opt)
             fit(run, task, stage_dir)
 
         return [Stage("mean-teacher", train)]

@@ -222,7 +222,7 @@ class MomentumPL(Method):
         def train(directory: Path) -> None:
             lab_t, _ = _transforms(run, opt)
             fresh = new_model(run, seed + 1) if opt.momentum_init == "independent" else None
-            task = TeacherTask(new_model(run, seed), labeled_stream(run, seed, transform=lab_t), opt, fresh)
+            task = TeacherTask(new_model(run), labeled_stream(run, seed, transform=lab_t), opt, fresh)
             fit(run, task, directory, steps=opt.teacher_steps)
 
         teacher_opts = opt.model_dump(include={
@@ -244,7 +244,7 @@ class MomentumPL(Method):
                                     net="momentum" if momentum else "model")
             lab_t, unl_t = _transforms(run, opt)
             fresh = new_model(run, seed + 2) if opt.momentum_init == "independent" else None
-            task = StudentTask(new_model(run, seed), teacher, labeled_stream(run, seed, transform=lab_t),
+            task = StudentTask(new_model(run), teacher, labeled_stream(run, seed, transform=lab_t),
                                unlabeled_stream(run, seed + 1, transform=unl_t), opt, fresh)
             fit(run, task, directory)
 

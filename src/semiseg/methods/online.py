@@ -138,7 +138,7 @@ def stage_key(run: RunContext, kind: str, seed: int, *, steps: int, **extra: Any
             "model": cfg.model.model_dump(mode="json"),
             "train": cfg.train.model_dump(mode="json", exclude={"progress", "num_workers", "tensorboard",
                                                                 "checkpoint_every", "steps"}),
-            "seed": seed, "steps": steps, **extra}
+            "seed": seed, "init_seed": run.init_seed, "steps": steps, **extra}
 
 
 def load_selected(run: RunContext, stage_dir: Path, *, best: str = "best.pt",

@@ -161,7 +161,7 @@ class Plan:
 def base_key(run: RunContext) -> dict[str, Any]:
     """The parts of the supervised stage's key every training stage depends on (data, model, train)."""
     key = dict(supervised_stage(run).key or {})
-    return {k: key[k] for k in ("stems", "val", "data", "model", "train", "eval_every")}
+    return {k: key[k] for k in ("stems", "val", "data", "model", "train", "eval_every", "init_seed")}
 
 
 def all_unlabeled(run: RunContext) -> list[str]:
@@ -191,7 +191,7 @@ class _SelfTrainingBase(Method):
         def train(stage: Path) -> None:
             parts = [(d, stems() if callable(stems) else stems) for d, _, stems in rounds]
             ds = pseudo_dataset(run, parts, seed=seed, strong=o.strong_aug)
-            model = new_model(run, seed)
+            model = new_model(run)
             if o.student_init == "teacher":
                 model.load_state_dict(unwrap(load_stage_model(run, teacher[0])).state_dict())
             loader = make_loader(run, ds, run.config.train.batch_size, seed)
@@ -323,7 +323,7 @@ def snapshot_models(run: RunContext, sup_dir: Path, k: int) -> list[nn.Module]:
 
 
 def _snapshot_model(run: RunContext, path: Path) -> nn.Module:
-    model = new_model(run, 0)
+    model = new_model(run)
     model.load_state_dict(load_checkpoint(path)["net"])
     return model.to(run.device).eval()
 
@@ -358,7 +358,7 @@ class STPlusPlus(_SelfTrainingBase):
             return base
 
         def train(stage: Path) -> None:
-            task = SnapshotTask(new_model(run, seed), labeled_loader(run, seed), stage, snaps,
+            task = SnapshotTask(new_model(run), labeled_loader(run, seed), stage, snaps,
                                 is_main=run.dist.is_main)
             fit(run, task, stage)
 

@@ -36,22 +36,24 @@ def supervised_stage(run: RunContext, name: str = "supervised", *, split: str = 
     """A supervised training stage on ``split``; its key lets benchmarks share it across methods.
 
     The oracle is "the same pipeline with every image labeled": it shares the supervised stage's seed
-    (model initialisation, data order, augmentation), so the two differ only in their labels. (With a
-    seed of its own, one unlucky initialisation kept the polyp oracle at the class prior for 400 steps.)
+    (data order, augmentation) and, like every from-scratch network, the run's initialisation, so the two
+    differ only in their labels. (With a seed of its own, one unlucky initialisation kept the polyp oracle
+    at the class prior for 400 steps.)
     """
     config = run.config
     seed = run.stage_seed("supervised")
 
     def train(stage_dir: Path) -> None:
         loader = labeled_loader(run, seed) if split == "labeled" else _oracle_loader(run, seed)
-        fit(run, SupervisedTask(new_model(run, seed), loader), stage_dir, steps=steps)
+        fit(run, SupervisedTask(new_model(run), loader), stage_dir, steps=steps)
 
     stems = run.splits.labeled if split == "labeled" else run.splits.labeled + run.splits.unlabeled
     key = {"kind": "supervised", "split": split, "stems": stems,
            "val": run.splits.val, "data": config.data.model_dump(mode="json", exclude={"benchmark_gt"}),
            "model": config.model.model_dump(mode="json"), "train": config.train.model_dump(mode="json",
            exclude={"progress", "num_workers", "tensorboard", "eval_every", "checkpoint_every"}),
-           "eval_every": config.train.eval_every, "val_metric": run.val_metric, "seed": seed, "steps": steps}
+           "eval_every": config.train.eval_every, "val_metric": run.val_metric, "seed": seed,
+           "init_seed": run.init_seed, "steps": steps}
     return Stage(name, train, key=key)
 
 

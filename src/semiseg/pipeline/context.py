@@ -88,3 +88,12 @@ class RunContext:
     def stage_seed(self, stage: str) -> int:
         """A seed per stage derived from the run seed, so stages do not share random streams."""
         return int(np.random.SeedSequence([self.config.seed, *map(ord, stage)]).generate_state(1)[0])
+
+    @property
+    def init_seed(self) -> int:
+        """The one initialisation every from-scratch network of the run starts from.
+
+        The papers start every network from the same ImageNet encoder; with ``weights: none`` the
+        analogue is one seeded initialisation per run seed, so methods at one seed differ by their
+        algorithm and data, not by the luck of their initial weights (which dominated small budgets)."""
+        return self.stage_seed("init")

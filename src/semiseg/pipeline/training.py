@@ -20,10 +20,11 @@ from semiseg.models.factory import build_model
 from semiseg.pipeline.context import RunContext
 
 
-def new_model(ctx: RunContext, seed: int) -> nn.Module:
-    """A freshly initialised model of the run's architecture; initialisation seeded by ``seed``."""
+def new_model(ctx: RunContext, seed: int | None = None) -> nn.Module:
+    """A freshly initialised model of the run's architecture: the run's shared initialisation
+    (:attr:`RunContext.init_seed`), or one seeded by ``seed`` where a method needs a different one."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(ctx.init_seed if seed is None else seed)
         return build_model(ctx.config.model, ctx.classes.num_classes)
 
 
