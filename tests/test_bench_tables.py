@@ -1,6 +1,7 @@
 """Benchmark result arithmetic: merging partial runs, gap recovered, mean ± std, the markdown table."""
 
 import math
+from datetime import UTC, datetime
 
 import pytest
 
@@ -10,6 +11,7 @@ from semiseg.bench.tables import (
     gap_recovered,
     load_entries,
     load_sessions,
+    matrix_wall_clock,
     merge,
     save_entries,
     summarize,
@@ -71,6 +73,28 @@ def test_bench_sessions_survive_entry_merges_and_reach_the_tables(tmp_path):
     assert len(load_sessions(path)) == 1 and len(load_entries(path)) == 1
     md = write_benchmarks_md(tmp_path / "results", tmp_path / "B.md").read_text()
     assert "| 0 | 2 | 2 / 0 / 0 | 90.0 min | 2 | abc | `semiseg bench p --seeds 0` |" in md
+
+
+def session(seed, methods, start_min, minutes, **kw):
+    end = 1_800_000_000 + 60 * (start_min + minutes)
+    finished = datetime.fromtimestamp(end, UTC).strftime("%Y-%m-%dT%H:%M:%S%z")
+    return {"seeds": [seed], "methods": methods, "executed": len(methods), "read_back": 0, "failed": [],
+            "elapsed_seconds": 60.0 * minutes, "cpu_cores": 2, "commit": "abc", "finished": finished,
+            "command": "semiseg bench p", **kw}
+
+
+def test_matrix_wall_clock_spans_benches_run_side_by_side():
+    methods = {"supervised", "oracle", "mt"}
+    sessions = [session(0, ["supervised", "mt"], 0, 40), session(0, ["oracle"], 1, 30),  # side by side: 40 min
+                session(0, ["mt"], 100, 20),  # a later re-run of one method: not a whole matrix
+                session(1, ["supervised", "oracle", "mt"], 0, 50),  # one process
+                session(2, ["supervised", "oracle"], 0, 10), session(2, ["mt"], 20, 10),  # one after another
+                session(3, ["supervised", "oracle", "mt"], 0, 5, read_back=2)]  # cost paid in an earlier session
+    lines = matrix_wall_clock(sessions, methods)
+    assert lines[2] == ("- split seed 0: all 3 methods in 40.0 min wall clock (2 bench processes side by side on "
+                        "2 cores, commit abc)")
+    assert lines[3] == "- split seed 1: all 3 methods in 50.0 min wall clock (1 bench process on 2 cores, commit abc)"
+    assert len(lines) == 5 and matrix_wall_clock(sessions[2:3], methods) == []
 
 
 def test_eta_uses_the_method_time_of_other_seeds_else_the_runs_done():

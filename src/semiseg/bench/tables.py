@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +156,39 @@ def sessions_table(sessions: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def _span(session: dict) -> tuple[float, float]:
+    end = datetime.fromisoformat(session["finished"]).timestamp()
+    return end - session["elapsed_seconds"], end
+
+
+def matrix_wall_clock(sessions: list[dict], methods: set[str]) -> list[str]:
+    """Markdown lines: per split seed, the wall clock in which benches run side by side (overlapping in time,
+    every run executed, none failed) trained every method of the table for that seed: the budget of a seed."""
+    single = [s for s in sessions if len(s["seeds"]) == 1 and s.get("finished") and s["read_back"] == 0
+              and not s["failed"]]
+    lines = []
+    for seed in sorted({s["seeds"][0] for s in single}):
+        group = sorted((s for s in single if s["seeds"][0] == seed), key=lambda s: _span(s)[0])
+        clusters: list[list[dict]] = []
+        for s in group:  # sessions overlapping in time ran side by side
+            if clusters and _span(s)[0] < max(_span(c)[1] for c in clusters[-1]):
+                clusters[-1].append(s)
+            else:
+                clusters.append([s])
+        for cluster in clusters:
+            if not methods <= {m for s in cluster for m in s["methods"]}:
+                continue
+            start, end = min(_span(s)[0] for s in cluster), max(_span(s)[1] for s in cluster)
+            cores = ", ".join(sorted({str(s.get("cpu_cores", "?")) for s in cluster}))
+            commits = ", ".join(sorted({s.get("commit") or "?" for s in cluster}))
+            lines.append(f"- split seed {seed}: all {len(methods)} methods in {(end - start) / 60:.1f} min wall clock "
+                         f"({len(cluster)} bench process{'es side by side' if len(cluster) > 1 else ''} on "
+                         f"{cores} cores, commit {commits})")
+    if not lines:
+        return []
+    return ["Whole matrix per split seed (from the invocations below):", "", *lines, ""]
+
+
 PROTOCOL_NOTES = {
     "polyp": "test Dice = per-image Dice of the polyp class, mean of the Kvasir-SEG and CVC-ClinicDB test-set "
              "means (original resolution); test split fixed (semiseg/splits/polyp/test.txt).",
@@ -189,6 +223,7 @@ def write_benchmarks_md(results_dir: Path, out_path: Path) -> Path:
                   "(benchmark mode). Wall time: sum of the run's stages (a reused teacher counts for every method "
                   "that uses it).", "", "Commands:", ""]
         parts += [f"- `{c}`" for c in commands if c] + [""]
+        parts += matrix_wall_clock(load_sessions(path), {e["method"] for e in entries})
         parts += sessions_table(load_sessions(path))
         notes = results_dir / f"{protocol}-notes.md"
         if notes.is_file():  # the team's reading of the numbers, written by hand, kept apart from them
