@@ -63,6 +63,8 @@ def test_methods_lists_options(tmp_path):
     (["--set", "data.source=/definitely/not/here"], "/definitely/not/here"),
     # an option the rest of the config cannot support fails before the run directory exists
     (["--set", "method.name=momentum-pl", "--set", "data.size=[64,96]"], "method.augment=polyp"),
+    (["--set", "method.name=st++", "--set", "train.steps=2"], "method.checkpoints=3 needs train.steps >= 3"),
+    (["--set", "data.source=.", "--set", "data.options.kind=binary"], "data.options must hold folder options"),
 ])
 def test_bad_input_clear_error_nonzero_exit(tmp_path, args, needle):
     proc = semiseg(["train", *args, "--set", f"out_dir={tmp_path / 'runs'}"], tmp_path, check=False)

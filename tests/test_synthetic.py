@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from semiseg.data.presets import load_source
-from semiseg.data.synthetic import generate_synthetic, render_sample
+from semiseg.data.synthetic import generate_synthetic, render_sample, synthetic_params
 from semiseg.errors import DataError
 
 
@@ -77,7 +77,26 @@ def test_generate_writes_exact_pairs_and_reuses(tmp_path: Path) -> None:
     assert (other / "masks" / "0005.png").read_bytes() == (out / "masks" / "0005.png").read_bytes()
 
 
+def test_moderate_difficulty_keeps_the_geometry_and_makes_polyps_stand_out() -> None:
+    hard_contrast, moderate_contrast = [], []
+    for i in range(30):
+        hard_img, hard_mask = render_sample(i, size=(64, 64))
+        img, mask = render_sample(i, size=(64, 64), difficulty="moderate")
+        for im, m, out in ((hard_img, hard_mask, hard_contrast), (img, mask, moderate_contrast)):
+            if m.any() and (~m.astype(bool)).any():  # mean brightness inside the polyps over the rest
+                grey = im.astype(np.float32).mean(axis=2)
+                out.append(grey[m == 1].mean() / grey[m == 0].mean())
+    assert min(moderate_contrast) > 1.0 and np.median(moderate_contrast) > np.median(hard_contrast) + 0.1
+    assert min(hard_contrast) < 1.0  # hard: darker or camouflaged polyps too
+    # the default is the generator as it always was: same parameters (cache key) and pixels
+    assert synthetic_params(5, (64, 64), "binary", 0) == {"version": 1, "kind": "binary", "n": 5, "size": [64, 64],
+                                                          "seed": 0}
+    assert synthetic_params(5, (64, 64), "binary", 0, "moderate")["difficulty"] == "moderate"
+
+
 def test_bad_parameters() -> None:
+    with pytest.raises(DataError, match="difficulty 'easy' unknown"):
+        render_sample(0, difficulty="easy")
     with pytest.raises(DataError, match="kind"):
         render_sample(0, kind="triangles")
     with pytest.raises(DataError, match="size"):

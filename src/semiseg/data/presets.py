@@ -235,13 +235,13 @@ def cache_dir() -> Path:
 
 
 def synthetic(root: Path | None, *, kind: str = "binary", n: int = 300, size: tuple[int, int] | int = (128, 128),
-              seed: int = 0, **options: object) -> DataSource:
+              seed: int = 0, difficulty: str = "hard", **options: object) -> DataSource:
     """Generated data (``semiseg.data.synthetic``) cached in ``root`` or ``$SEMISEG_CACHE/synthetic/<hash>``."""
     _no_options("synthetic", options)
     hw = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-    params = synthetic_params(n, hw, kind, seed)
+    params = synthetic_params(n, hw, kind, seed, difficulty)
     out = Path(root) if root is not None else cache_dir() / "synthetic" / params_hash(params)
-    generate_synthetic(out, n=n, size=hw, kind=kind, seed=seed)
+    generate_synthetic(out, n=n, size=hw, kind=kind, seed=seed, difficulty=difficulty)
     classes = synthetic_classes(kind)
     return folder_source(out, classes=classes, mask_format=IndexMask(classes), name=f"synthetic-{kind}")
 
@@ -254,7 +254,8 @@ PRESETS: dict[str, Preset] = {
     "chase-db1": Preset(chase_db1, "chase_db1", "CHASE_DB1 retinal vessels, 28 pairs"),
     "pascal-voc": Preset(pascal_voc, "pascal-voc", "PASCAL VOC 2012 (+SBD aug), 21 classes"),
     "cityscapes": Preset(cityscapes, "cityscapes", "Cityscapes fine, 19 train ids"),
-    "synthetic": Preset(synthetic, "", "generated data (kind=binary|multiclass, n, size, seed)"),
+    "synthetic": Preset(synthetic, "",
+                        "generated data (kind=binary|multiclass, n, size, seed, difficulty=hard|moderate)"),
 }
 
 
@@ -290,5 +291,6 @@ def load_source(spec: str | Path, root: str | Path | None = None, **options: obj
     try:
         return folder_source(path, **options)  # type: ignore[arg-type]
     except TypeError as e:
-        raise DataError(f"{spec}: bad option for a folder source ({e})") from e
+        raise DataError(f"{spec}: bad option for a folder source ({e}); data.options must hold folder options "
+                        "(e.g. mask_format, unlabeled), not a preset's") from e
 

@@ -12,6 +12,11 @@ so that a small network trained on 10% of them is clearly worse than one trained
 - ``multiclass`` (background + blob / spotted / bar / star): object colours are drawn from the same
   distribution for every class, so classes differ by shape and texture only.
 
+``difficulty="moderate"`` keeps the shapes, sizes, shading and noise but drops what makes ``hard`` slow to
+learn from scratch: no folds, polyps always clearly lighter than their tissue (no camouflaged objects in
+``multiclass``). A from-scratch Unet trained on ``hard`` for a few hundred CPU steps stays at the class
+prior once it sees more than a few dozen labeled images, so the demo uses ``moderate``.
+
 Each image depends only on ``(seed, index, size, kind)``; the mask is exact (drawn from the same
 geometry, never thresholded from the rendered image).
 """
@@ -33,6 +38,7 @@ from semiseg.errors import DataError
 
 GENERATOR_VERSION = 1
 KINDS = ("binary", "multiclass")
+DIFFICULTIES = ("hard", "moderate")
 MULTICLASS_NAMES = ("background", "blob", "spotted", "bar", "star")
 _MARKER = "synthetic.json"
 
@@ -47,13 +53,20 @@ def synthetic_classes(kind: str) -> ClassTable:
     raise DataError(f"synthetic kind {kind!r} unknown (choose {' or '.join(KINDS)})")
 
 
-def synthetic_params(n: int, size: tuple[int, int], kind: str, seed: int) -> dict[str, object]:
+def synthetic_params(n: int, size: tuple[int, int], kind: str, seed: int,
+                     difficulty: str = "hard") -> dict[str, object]:
     """The parameters that define a synthetic set (and its cache key)."""
     h, w = (int(v) for v in size)
     if n < 1 or h < 16 or w < 16:
         raise DataError(f"synthetic data needs n >= 1 and size >= 16x16 (got n={n}, size={size})")
     synthetic_classes(kind)
-    return {"version": GENERATOR_VERSION, "kind": kind, "n": int(n), "size": [h, w], "seed": int(seed)}
+    if difficulty not in DIFFICULTIES:
+        raise DataError(f"synthetic difficulty {difficulty!r} unknown (choose {' or '.join(DIFFICULTIES)})")
+    params: dict[str, object] = {"version": GENERATOR_VERSION, "kind": kind, "n": int(n), "size": [h, w],
+                                 "seed": int(seed)}
+    if difficulty != "hard":  # sets generated before the option existed keep their key
+        params["difficulty"] = difficulty
+    return params
 
 
 def params_hash(params: dict[str, object]) -> str:
@@ -148,10 +161,10 @@ def _tissue(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, np.nd
     return img, base
 
 
-def _binary_sample(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+def _binary_sample(rng: np.random.Generator, h: int, w: int, hard: bool) -> tuple[np.ndarray, np.ndarray]:
     img, base = _tissue(rng, h, w)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    folds = _streaks(rng, h, w, int(rng.integers(0, 4)), (max(2, h // 24), max(4, h // 9)), 0.25)
+    folds = _streaks(rng, h, w, int(rng.integers(0, 4)) if hard else 0, (max(2, h // 24), max(4, h // 9)), 0.25)
     fold_tint = 1 + rng.uniform(0.05, 0.25) * np.array([0.6, 1.0, 1.0], np.float32)
     img = img * (1 + (fold_tint - 1) * _blur((folds * 255).astype(np.uint8), 2.0)[..., None] / 255.0)
     mask = np.zeros((h, w), np.uint8)
@@ -164,8 +177,12 @@ def _binary_sample(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray
         inside = rho <= rad
         if not inside.any():
             continue
-        contrast = rng.uniform(0.08, 0.35) if rng.random() < 0.8 else rng.uniform(0.02, 0.08)
-        colour = base * (1 + contrast * rng.choice([-1, 1]) * rng.uniform(0.3, 1.0, 3).astype(np.float32))
+        if hard:
+            contrast = rng.uniform(0.08, 0.35) if rng.random() < 0.8 else rng.uniform(0.02, 0.08)
+            contrast *= rng.choice([-1, 1])
+        else:
+            contrast = rng.uniform(0.25, 0.45)
+        colour = base * (1 + contrast * rng.uniform(0.3, 1.0, 3).astype(np.float32))
         dome = np.clip(1 - (rho / np.maximum(rad, 1e-3)) ** 2, 0, 1)
         body = colour * (1 + rng.uniform(0.05, 0.3) * dome + 0.05 * _smooth_noise(rng, h, w, 16))[..., None]
         alpha = _blur((inside * 255).astype(np.uint8), float(rng.uniform(0.3, 1.5))).astype(np.float32) / 255
@@ -200,7 +217,7 @@ def _object_shape(rng: np.random.Generator, cls: int, yy: np.ndarray, xx: np.nda
     return rho <= _harmonic_radius(rng, theta, r0, 0.25, (2, 4)), u, v
 
 
-def _multiclass_sample(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+def _multiclass_sample(rng: np.random.Generator, h: int, w: int, hard: bool) -> tuple[np.ndarray, np.ndarray]:
     base = rng.uniform(60, 200, 3).astype(np.float32)
     img = base * (1 + 0.25 * _smooth_noise(rng, h, w, 3))[..., None]
     img = img + 25 * np.stack([_smooth_noise(rng, h, w, 10) for _ in range(3)], axis=2)
@@ -214,7 +231,7 @@ def _multiclass_sample(rng: np.random.Generator, h: int, w: int) -> tuple[np.nda
         if not inside.any():
             continue
         colour = rng.uniform(40, 230, 3).astype(np.float32)
-        if rng.random() < 0.3:  # camouflaged: close to the local background colour
+        if hard and rng.random() < 0.3:  # camouflaged: close to the local background colour
             colour = base * rng.uniform(0.8, 1.2, 3).astype(np.float32)
         tex = np.ones((h, w), np.float32)
         period = min(h, w) * rng.uniform(0.04, 0.07)
@@ -232,12 +249,13 @@ def _multiclass_sample(rng: np.random.Generator, h: int, w: int) -> tuple[np.nda
 
 
 def render_sample(index: int, *, size: tuple[int, int] = (128, 128), kind: str = "binary",
-                  seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                  seed: int = 0, difficulty: str = "hard") -> tuple[np.ndarray, np.ndarray]:
     """Image (uint8 H×W×3) and exact mask (uint8 H×W) number ``index`` of a synthetic set."""
-    synthetic_classes(kind)
+    synthetic_params(1, size, kind, seed, difficulty)
     rng = np.random.default_rng([int(seed), int(index), 0 if kind == "binary" else 1])
     h, w = size
-    return _binary_sample(rng, h, w) if kind == "binary" else _multiclass_sample(rng, h, w)
+    sample = _binary_sample if kind == "binary" else _multiclass_sample
+    return sample(rng, h, w, difficulty == "hard")
 
 
 def _matches(out_dir: Path, params: dict[str, object]) -> bool:
@@ -248,7 +266,7 @@ def _matches(out_dir: Path, params: dict[str, object]) -> bool:
 
 
 def generate_synthetic(out_dir: str | Path, *, n: int = 300, size: tuple[int, int] = (128, 128),
-                       kind: str = "binary", seed: int = 0) -> Path:
+                       kind: str = "binary", seed: int = 0, difficulty: str = "hard") -> Path:
     """Write ``n`` pairs as ``images/NNNN.png`` + ``masks/NNNN.png`` (index PNG) into ``out_dir``.
 
     Built in a temporary folder next to ``out_dir`` and moved into place with ``os.replace``, so a
@@ -256,7 +274,7 @@ def generate_synthetic(out_dir: str | Path, *, n: int = 300, size: tuple[int, in
     ``size`` is ``(H, W)``.
     """
     out_dir = Path(out_dir)
-    params = synthetic_params(n, size, kind, seed)
+    params = synthetic_params(n, size, kind, seed, difficulty)
     if out_dir.exists():
         if _matches(out_dir, params):
             return out_dir
@@ -269,7 +287,7 @@ def generate_synthetic(out_dir: str | Path, *, n: int = 300, size: tuple[int, in
         width = max(4, len(str(n - 1)))
         h, w = params["size"]  # type: ignore[misc]
         for i in range(n):
-            img, mask = render_sample(i, size=(h, w), kind=kind, seed=seed)
+            img, mask = render_sample(i, size=(h, w), kind=kind, seed=seed, difficulty=difficulty)
             Image.fromarray(img).save(tmp / "images" / f"{i:0{width}d}.png", compress_level=1)
             Image.fromarray(mask).save(tmp / "masks" / f"{i:0{width}d}.png", compress_level=1)
         marker = {"params": params, "classes": list(synthetic_classes(kind).names)}

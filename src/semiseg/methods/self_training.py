@@ -27,8 +27,10 @@ import numpy as np
 from pydantic import Field, field_validator
 from torch import nn
 
+from semiseg.config import RunConfig
 from semiseg.engine.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
 from semiseg.engine.task import Optimized, StepContext, TrainingTask
+from semiseg.errors import ConfigError
 from semiseg.losses import cross_entropy
 from semiseg.methods.registry import Method, MethodOptions, register
 from semiseg.methods.supervised import SupervisedTask, supervised_stage
@@ -346,6 +348,13 @@ class STPlusPlus(_SelfTrainingBase):
     paper = SelfTraining.paper
     options_model = STPlusPlusOptions
     options: STPlusPlusOptions
+
+    @classmethod
+    def check_config(cls, config: RunConfig, options: STPlusPlusOptions) -> None:
+        if config.train.steps < options.checkpoints:  # a snapshot at step 0 would never be written
+            raise ConfigError(f"method.checkpoints={options.checkpoints} needs train.steps >= "
+                              f"{options.checkpoints} (ST++ saves a snapshot every train.steps / checkpoints "
+                              f"steps), got {config.train.steps}")
 
     def _supervised(self) -> Stage:
         """The shared supervised stage's training, plus ST++'s snapshots (hence its own key), unless the
