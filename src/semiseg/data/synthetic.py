@@ -17,7 +17,7 @@ learn from scratch: no folds, polyps always clearly lighter than their tissue (n
 ``multiclass``). A from-scratch Unet trained on ``hard`` for a few hundred CPU steps stays at the class
 prior once it sees more than a few dozen labeled images, so the demo uses ``moderate``.
 
-Each image depends only on ``(seed, index, size, kind)``; the mask is exact (drawn from the same
+Each image depends only on ``(seed, index, size, kind, difficulty)``; the mask is exact (drawn from the same
 geometry, never thresholded from the rendered image).
 """
 
