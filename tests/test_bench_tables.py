@@ -8,6 +8,7 @@ import pytest
 from semiseg.bench.matrix import bench_spec, expected_seconds, record, record_session, run_config
 from semiseg.bench.tables import (
     budget_of,
+    entry_from_results,
     gap_recovered,
     load_entries,
     load_sessions,
@@ -90,11 +91,26 @@ def test_matrix_wall_clock_spans_benches_run_side_by_side():
                 session(1, ["supervised", "oracle", "mt"], 0, 50),  # one process
                 session(2, ["supervised", "oracle"], 0, 10), session(2, ["mt"], 20, 10),  # one after another
                 session(3, ["supervised", "oracle", "mt"], 0, 5, read_back=2)]  # cost paid in an earlier session
-    lines = matrix_wall_clock(sessions, methods)
+    lines = matrix_wall_clock(sessions, {0: methods, 1: methods, 2: methods, 3: methods})
     assert lines[2] == ("- split seed 0: all 3 methods in 40.0 min wall clock (2 bench processes side by side on "
                         "2 cores, commit abc)")
     assert lines[3] == "- split seed 1: all 3 methods in 50.0 min wall clock (1 bench process on 2 cores, commit abc)"
-    assert len(lines) == 5 and matrix_wall_clock(sessions[2:3], methods) == []
+    assert len(lines) == 5 and matrix_wall_clock(sessions[2:3], {0: methods}) == []
+    # a row added later to seed 0 only: seed 0 has no whole-matrix time any more, seed 1 keeps its own
+    later = matrix_wall_clock(sessions, {0: methods | {"new"}, 1: methods})
+    assert [line for line in later if line.startswith("- ")] == [lines[3]]
+
+
+def test_an_entry_may_run_another_method_under_its_own_row(tmp_path):
+    # a compute-matched control: supervised, trained longer, as a row of its own
+    cfg = run_config("demo", "supervised-2x", {"method": "supervised", "set": ["train.steps=14"]}, 1, tmp_path, [])
+    assert cfg.method["name"] == "supervised" and cfg.train.steps == 14 and cfg.name == "demo-s1-supervised-2x"
+    results = {"method": "supervised", "split_seed": 1, "test": {"headline": 0.75}, "val_metric": "dice"}
+    row = entry_from_results("p", results, entry="supervised-2x")
+    assert (row["method"], row["algorithm"]) == ("supervised-2x", "supervised")
+    rows = {r["method"]: r for r in summarize([entry("supervised", 1, 0.70), entry("oracle", 1, 0.80),
+                                               {**row, "wall_seconds": 60.0, "peak_rss_mb": 1.0}], "p")}
+    assert rows["supervised-2x"]["gain_mean"] == pytest.approx(0.05)  # a row against supervised, not its baseline
 
 
 def test_eta_uses_the_method_time_of_other_seeds_else_the_runs_done():
@@ -113,7 +129,7 @@ def test_every_bundled_bench_entry_is_a_valid_run_config(protocol, tmp_path):
     for method, options in spec["methods"].items():
         for seed in spec.get("seeds", [0]):
             cfg = run_config(protocol, method, options or {}, seed, tmp_path, [])
-            assert cfg.method["name"] == method and cfg.split.seed == seed
+            assert cfg.method["name"] == (options or {}).get("method", method) and cfg.split.seed == seed
 
 
 def test_tables_show_the_recorded_budget_and_the_hand_written_reading(tmp_path):

@@ -37,19 +37,23 @@ def bench_spec(protocol: str) -> dict[str, Any]:
     return yaml.safe_load(path.read_text())
 
 
-def run_config(protocol: str, method: str, options: dict[str, Any], seed: int, out_dir: Path,
+def run_config(protocol: str, entry: str, options: dict[str, Any], seed: int, out_dir: Path,
                overrides: list[str], spec_overrides: list[str] | None = None) -> Any:
-    """One run of the matrix: protocol config < the spec's overrides < the entry's ``set`` < ``overrides``."""
+    """One run of the matrix: protocol config < the spec's overrides < the entry's ``set`` < ``overrides``.
+
+    An entry runs the method of its name, or the one its ``method`` key names (a second row of one method
+    with other settings, e.g. supervised trained for as many steps as a method that fine-tunes its teacher)."""
     path = bundled_config(protocol)
     if path is None:
         raise ConfigError(f"unknown protocol {protocol!r}: bundled configs are polyp, camvid, demo")
     raw = yaml.safe_load(path.read_text())
     options = dict(options)
+    method = options.pop("method", entry)
     raw = apply_overrides(raw, list(spec_overrides or []) + list(options.pop("set", [])) + list(overrides))
-    raw.update(name=f"{protocol}-s{seed}-{method}", out_dir=str(out_dir))
+    raw.update(name=f"{protocol}-s{seed}-{entry}", out_dir=str(out_dir))
     raw.setdefault("split", {})["seed"] = seed
     raw["method"] = {"name": method, **options}
-    return config_from_dict(raw, origin=f"bench {protocol}/{method}/seed {seed}")
+    return config_from_dict(raw, origin=f"bench {protocol}/{entry}/seed {seed}")
 
 
 @contextlib.contextmanager
@@ -135,7 +139,7 @@ def run_bench(protocol: str, *, methods: list[str] | None = None, seeds: list[in
                               f"  {out_dir / name}: {'; '.join(changes[:4])}" for name, changes in drift.items()))
     known = [e for e in load_entries(results_path) if e["protocol"] == protocol]
     t_start, done_times, failures, read_back = time.time(), [], [], 0
-    for k, cfg in enumerate(configs):
+    for k, (cfg, (_, entry)) in enumerate(zip(configs, jobs, strict=True)):
         run_dir = out_dir / cfg.name
         t0 = time.time()
         if (run_dir / "results.json").is_file():
@@ -152,7 +156,7 @@ def run_bench(protocol: str, *, methods: list[str] | None = None, seeds: list[in
                 log(f"    FAILED {failures[-1]} (the bench goes on; `semiseg resume {run_dir}` retries it)")
                 continue
             done_times.append(time.time() - t0)
-        record(results_path, entry_from_results(protocol, results, budget=budget_of(cfg)))
+        record(results_path, entry_from_results(protocol, results, budget=budget_of(cfg), entry=entry))
         remaining = [m for _, m in jobs[k + 1:]]
         eta = sum(expected_seconds(m, known, done_times) for m in remaining)
         log(f"    test {results.get('val_metric')}: {(results.get('test') or {}).get('headline')}; "

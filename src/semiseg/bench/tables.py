@@ -22,12 +22,14 @@ def budget_of(config: Any) -> str:
 
 
 def entry_from_results(protocol: str, results: dict[str, Any], *, wall_seconds: float | None = None,
-                       budget: str | None = None) -> dict:
-    """One row of the benchmark JSON from a run's results.json."""
+                       budget: str | None = None, entry: str | None = None) -> dict:
+    """One row of the benchmark JSON from a run's results.json; ``entry`` names the row when the bench entry
+    is not the method's own name (``algorithm`` keeps the method)."""
     test = results.get("test") or {}
     headline = test.get("headline")
-    entry = {
-        "protocol": protocol, "method": results["method"], "split_seed": results["split_seed"],
+    row = {
+        "protocol": protocol, "method": entry or results["method"], "algorithm": results["method"],
+        "split_seed": results["split_seed"],
         "seed": results.get("seed", 0), "headline_metric": results.get("val_metric"),
         "test": headline, "test_detail": {k: test.get(k) for k in ("dice", "iou", "dice_pooled", "miou",
                                                                    "mean_of_subsets", "per_subset",
@@ -38,7 +40,7 @@ def entry_from_results(protocol: str, results: dict[str, Any], *, wall_seconds: 
         "peak_rss_mb": results.get("peak_rss_mb"), "command": results.get("command"),
         "commit": results.get("commit"), "run": results.get("name"), "budget": budget,
     }
-    return entry
+    return row
 
 
 def merge(existing: list[dict], new: list[dict]) -> list[dict]:
@@ -161,9 +163,9 @@ def _span(session: dict) -> tuple[float, float]:
     return end - session["elapsed_seconds"], end
 
 
-def matrix_wall_clock(sessions: list[dict], methods: set[str]) -> list[str]:
+def matrix_wall_clock(sessions: list[dict], methods_by_seed: dict[int, set[str]]) -> list[str]:
     """Markdown lines: per split seed, the wall clock in which benches run side by side (overlapping in time,
-    every run executed, none failed) trained every method of the table for that seed: the budget of a seed."""
+    every run executed, none failed) trained every method the table has for that seed: the budget of a seed."""
     single = [s for s in sessions if len(s["seeds"]) == 1 and s.get("finished") and s["read_back"] == 0
               and not s["failed"]]
     lines = []
@@ -175,8 +177,9 @@ def matrix_wall_clock(sessions: list[dict], methods: set[str]) -> list[str]:
                 clusters[-1].append(s)
             else:
                 clusters.append([s])
+        methods = methods_by_seed.get(seed, set())
         for cluster in clusters:
-            if not methods <= {m for s in cluster for m in s["methods"]}:
+            if not methods or not methods <= {m for s in cluster for m in s["methods"]}:
                 continue
             start, end = min(_span(s)[0] for s in cluster), max(_span(s)[1] for s in cluster)
             cores = ", ".join(sorted({str(s.get("cpu_cores", "?")) for s in cluster}))
@@ -223,7 +226,10 @@ def write_benchmarks_md(results_dir: Path, out_path: Path) -> Path:
                   "(benchmark mode). Wall time: sum of the run's stages (a reused teacher counts for every method "
                   "that uses it).", "", "Commands:", ""]
         parts += [f"- `{c}`" for c in commands if c] + [""]
-        parts += matrix_wall_clock(load_sessions(path), {e["method"] for e in entries})
+        by_seed: dict[int, set[str]] = {}
+        for e in entries:
+            by_seed.setdefault(e["split_seed"], set()).add(e["method"])
+        parts += matrix_wall_clock(load_sessions(path), by_seed)
         parts += sessions_table(load_sessions(path))
         notes = results_dir / f"{protocol}-notes.md"
         if notes.is_file():  # the team's reading of the numbers, written by hand, kept apart from them
