@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from semiseg.demo import DEMO_RUNS, SSL_RUN
+from semiseg.demo import CONTROL_RUN, DEMO_RUNS, SSL_RUN
 from tests.cli_helpers import semiseg
 
 
@@ -19,8 +19,8 @@ def test_fast_demo_prints_what_its_runs_measured(tmp_path):
             cells[parts[0]] = parts
     assert set(cells) == {r.name for r in DEMO_RUNS}, proc.stdout
     dice, configs = {}, {}
-    for name in cells:
-        run_dir = tmp_path / "demo" / name.replace(", ", "-").replace(" ", "-")
+    for run in DEMO_RUNS:
+        name, run_dir = run.name, tmp_path / "demo" / run.dir_name
         dice[name] = json.loads((run_dir / "results.json").read_text())["test"]["dice"]
         configs[name] = yaml.safe_load((run_dir / "config.yaml").read_text())
         assert cells[name][1] == f"{dice[name]:.3f}"
@@ -28,9 +28,9 @@ def test_fast_demo_prints_what_its_runs_measured(tmp_path):
             assert cells[name][2] == f"{100 * (dice[name] - dice['supervised']):+.1f} pts"
     # the control trains supervised for the teacher's steps plus the student's
     steps = {n: c["train"]["steps"] for n, c in configs.items()}
-    assert steps["supervised, 2x steps"] == 2 * steps["supervised"] == 2 * steps[SSL_RUN.name]
+    assert steps[CONTROL_RUN.name] == 2 * steps["supervised"] == 2 * steps[SSL_RUN.name]
     assert configs[SSL_RUN.name]["method"].get("generation_steps") is None  # = train.steps
     teacher = tmp_path / "demo" / SSL_RUN.name / "stages" / "0-supervised" / "DONE"
     assert "reused_from" in json.loads(teacher.read_text())  # the same teacher as the supervised row
-    share = 100 * (dice[SSL_RUN.name] - dice["supervised, 2x steps"])
+    share = 100 * (dice[SSL_RUN.name] - dice[CONTROL_RUN.name])
     assert f"vs supervised trained for the same steps: {share:+.1f} pts" in " ".join(proc.stdout.split())
