@@ -20,7 +20,7 @@ import torch
 from semiseg.data.cache import load_arrays, resize_image, resize_mask
 from semiseg.data.datasets import SegmentationDataset
 from semiseg.data.decode import read_image
-from semiseg.data.transforms import normalize, weak_transform
+from semiseg.data.transforms import to_input, weak_transform
 from semiseg.data.types import DataSource
 
 
@@ -43,7 +43,7 @@ def decode_epoch(source: DataSource, size: tuple[int, int], seed: int) -> float:
         mask = resize_mask(source.decode_mask(s.mask), *size)  # type: ignore[arg-type]
         rng = np.random.default_rng(np.random.SeedSequence([seed, 0, k]).spawn(2)[0])
         image, mask = transform(image, mask, rng)
-        normalize(image), torch.from_numpy(np.ascontiguousarray(mask)).long()
+        to_input(image), torch.from_numpy(np.ascontiguousarray(mask)).long()
     return time.perf_counter() - start
 
 

@@ -10,7 +10,7 @@ from semiseg.models.factory import ModelConfig, build_model, param_group_of
 @pytest.fixture(scope="module")
 def pair():
     torch.manual_seed(0)
-    src = build_model(ModelConfig(encoder="resnet18", decoder_channels=[16, 16, 16, 16, 16]), 2)
+    src = build_model(ModelConfig(encoder="resnet18", weights="none", decoder_channels=[16, 16, 16, 16, 16]), 2)
     return src
 
 

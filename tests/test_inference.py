@@ -13,7 +13,7 @@ from torch import nn
 
 from semiseg.data.cache import resize_image as cache_resize_image
 from semiseg.data.classes import ClassTable
-from semiseg.data.transforms import normalize
+from semiseg.data.transforms import to_input
 from semiseg.data.types import DataSource, Sample
 from semiseg.errors import ConfigError, DataError
 from semiseg.evaluation.evaluator import EvalResult, evaluate_arrays, evaluate_source, headline_metric
@@ -56,7 +56,7 @@ def _image(h: int = 37, w: int = 53, seed: int = 0) -> np.ndarray:
 
 def _direct(model: nn.Module, image: np.ndarray) -> torch.Tensor:
     with torch.no_grad():
-        return model.conv(torch.as_tensor(normalize(image))[None]).softmax(1)[0]
+        return model.conv(torch.as_tensor(to_input(image))[None]).softmax(1)[0]
 
 
 def test_window_starts() -> None:
@@ -91,7 +91,7 @@ def test_sliding_window_averages_summed_softmax() -> None:
     pred = predict_probs(WindowMean(), image, protocol="sliding_window", window=(8, 12), stride=(6, 12),
                          num_classes=3)
     # rows start at 0, 6, 12 (= 20 - 8); row r is covered by the windows whose span holds it
-    x = torch.as_tensor(normalize(image))
+    x = torch.as_tensor(to_input(image))
     soft = [(4 * x[:, t:t + 8].mean(dim=(1, 2))).softmax(0) for t in (0, 6, 12)]
     for r, cover in ((0, [0]), (7, [0, 1]), (12, [1, 2]), (19, [2])):
         expected = sum(soft[i] for i in cover) / len(cover)
@@ -142,12 +142,12 @@ def test_resize_feeds_the_cache_resized_image(size) -> None:
     model = Keep()
     predict_probs(model, image, protocol="resize", size=size, num_classes=3)
     # the model sees exactly the image the decoded cache would have given training
-    torch.testing.assert_close(model.last[0], torch.as_tensor(normalize(cache_resize_image(image, *size))))
+    torch.testing.assert_close(model.last[0], torch.as_tensor(to_input(cache_resize_image(image, *size))))
 
 
 def test_predict_batch_and_amp() -> None:
     model = Pointwise()
-    x = torch.stack([torch.as_tensor(normalize(_image(16, 16, s))) for s in range(2)])
+    x = torch.stack([torch.as_tensor(to_input(_image(16, 16, s))) for s in range(2)])
     probs = predict_batch(model, x)
     assert probs.shape == (2, 3, 16, 16) and probs.dtype == torch.float32 and not probs.requires_grad
     torch.testing.assert_close(probs.sum(1), torch.ones(2, 16, 16), atol=1e-6, rtol=0)

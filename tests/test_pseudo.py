@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from semiseg.data.transforms import normalize
+from semiseg.data.transforms import to_input
 from semiseg.errors import DataError
 from semiseg.pseudo.labeler import Labeler
 from semiseg.pseudo.policies import (
@@ -204,7 +204,7 @@ def test_iter_predictions_streams_with_indices() -> None:
     assert [i for i, _ in got] == [4, 0, 2]
     for i, p in got:
         assert p.shape == (3, 4, 6) and p.dtype == np.float32
-        ref = lab.probs(normalize(images[i])[None])[0].numpy()
+        ref = lab.probs(to_input(images[i])[None])[0].numpy()
         assert np.allclose(p, ref, atol=1e-6)
     assert len(list(lab.iter_predictions(images))) == 5
 

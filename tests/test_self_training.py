@@ -22,7 +22,7 @@ from semiseg.data.classes import ClassTable
 from semiseg.data.sources import folder_source
 from semiseg.data.splits import Splits, make_splits
 from semiseg.data.synthetic import generate_synthetic, synthetic_classes
-from semiseg.data.transforms import normalize
+from semiseg.data.transforms import to_input
 from semiseg.data.types import DataSource
 from semiseg.engine.checkpoint import load_checkpoint, seed_everything
 from semiseg.errors import DataError
@@ -85,9 +85,7 @@ class TableNet(nn.Module):
         self.maps = [torch.as_tensor(m, dtype=torch.long) for m in maps]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-        std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-        ids = ((x * std + mean) * 255)[:, 0, 0, 0].round().long() // 10
+        ids = (x * 255)[:, 0, 0, 0].round().long() // 10  # toy nets see to_input's [0, 1] images
         out = torch.zeros(x.shape[0], 2, *x.shape[2:])
         for b, i in enumerate(ids.tolist()):
             m = self.maps[i]
@@ -151,7 +149,7 @@ def test_label_stage_flip_equivariant_and_exact(tmp_path: Path) -> None:
     flip = load_round(_label(run, tmp_path, "flip", tta_flip=True, previous=lambda: tmp_path / "plain" /
                              "stages" / "0-plain"))
     with torch.no_grad():
-        probs = pixel_net()(normalize(images)).softmax(1).numpy()
+        probs = pixel_net()(to_input(images)).softmax(1).numpy()
     assert plain.stems == [f"u{i}" for i in range(5)]
     for i, stem in enumerate(plain.stems):
         assert np.array_equal(plain.labels(stem), flip.labels(stem))
@@ -173,7 +171,7 @@ def test_label_stage_fits_a_copy_of_the_policy_and_skips_gt_outside_benchmark(tm
     rnd = load_round(_label(run, tmp_path, "cbc", policy=policy, stems=["u2", "u0"]))
     assert policy.thresholds is None  # the caller's policy is not mutated
     with torch.no_grad():
-        probs = pixel_net()(normalize(images[[2, 0]])).softmax(1).numpy()
+        probs = pixel_net()(to_input(images[[2, 0]])).softmax(1).numpy()
     ref = ClassBalanced(0.5, sample_stride=1).fit(list(probs))
     assert np.allclose(rnd.provenance["policy"]["params"]["thresholds"], ref.thresholds)
     assert rnd.stems == ["u2", "u0"]
@@ -251,7 +249,7 @@ def test_pseudo_dataset_oversamples_labeled_and_augments_pseudo_only(tmp_path: P
             item = ds[k]
             if k < 6:  # labeled: ground truth, weak view only (an identity here)
                 assert item["pseudo"] == 0 and item["index"] == k % 3
-                assert torch.equal(item["image"], normalize(lab[k % 3]))
+                assert torch.equal(item["image"], to_input(lab[k % 3]))
                 assert torch.equal(item["mask"], torch.from_numpy(lab_masks[k % 3]).long())
             else:
                 stem = ["u1", "u3", "u5", "u6", "u0"][k - 6]
@@ -260,10 +258,10 @@ def test_pseudo_dataset_oversamples_labeled_and_augments_pseudo_only(tmp_path: P
                 keep = item["mask"] != 255
                 assert torch.equal(item["mask"][keep], label[keep])
                 cut += int((~keep).any())
-                changed += int(not torch.equal(item["image"], normalize(images[int(stem[1:])])))
+                changed += int(not torch.equal(item["image"], to_input(images[int(stem[1:])])))
     assert cut > 0 and changed > 0  # cutout and colour changes reached the pseudo-labeled images
     weak = pseudo_dataset(run, [(rdir, ["u1"])], seed=0, strong=False)
-    assert len(weak) == 3 + 1 and torch.equal(weak[3]["image"], normalize(images[1]))
+    assert len(weak) == 3 + 1 and torch.equal(weak[3]["image"], to_input(images[1]))
     with pytest.raises(DataError, match="twice"):
         pseudo_dataset(run, [(rdir, ["u1"]), (rdir, ["u1"])], seed=0)
 
@@ -298,7 +296,7 @@ def synthetic_run(data: Path, out: Path, name: str, method: str, *, steps: int =
 
 # the CLI's tiny st++ run: 12 supervised steps (snapshots at 4 and 8), 8 steps per re-training
 STPP_SETS = ["data.size=[64,64]", "data.options.n=60", "data.options.size=64", "data.benchmark_gt=true",
-             f"model.encoder={TINY_ENCODER}", "model.decoder_channels=[16,8,8]", "model.options.encoder_depth=3",
+             f"model.encoder={TINY_ENCODER}", "model.weights=none", "model.decoder_channels=[16,8,8]", "model.options.encoder_depth=3",
              "train.steps=12",
              "train.eval_every=4", "train.checkpoint_every=4", "train.batch_size=4", "train.threads=1",
              "train.progress=false", "train.deterministic=true", "split.labeled=0.15", "split.val=0.15",

@@ -9,7 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from semiseg.errors import ConfigError
-from semiseg.models.factory import ModelConfig
+from semiseg.models.factory import ModelConfig, check_weights
 
 
 class _Strict(BaseModel):
@@ -52,6 +52,8 @@ class TrainConfig(_Strict):
     momentum: float = Field(0.9, ge=0, description="SGD momentum")
     head_lr_mult: float = Field(1.0, gt=0, description="LR multiplier of decoder + classifier (10 in ST++/GTA)")
     lr_schedule: Literal["poly", "constant"] = "poly"
+    warmup: float = Field(0.0, ge=0, lt=1, description=(
+        "linear LR warm-up over this fraction of a training stage's steps (0: none)"))
     poly_power: float = 0.9
     lr_scaling: Literal["linear", "none"] = Field(
         "linear", description="with N processes the global batch is N x batch_size; linear: lr x N")
@@ -65,6 +67,8 @@ class TrainConfig(_Strict):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     threads: int | None = Field(None, description="torch CPU threads (default: torch's choice)")
     sync_bn: bool = Field(False, description="SyncBatchNorm under torchrun")
+    channels_last: bool | Literal["auto"] = Field(
+        "auto", description="channels-last (NHWC) weights and inputs; auto: on (faster convolutions, measured)")
     tensorboard: bool = False
     progress: bool = True
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
@@ -146,6 +150,11 @@ def config_from_dict(raw: dict[str, Any], origin: str = "config") -> RunConfig:
     except ValidationError as err:
         raise ConfigError(_format_errors(err, origin, prefix="method.")) from None
     config.method = {"name": name, **resolved.model_dump(mode="json")}
+    try:
+        check_weights(config.model)
+    except ConfigError as err:
+        raise ConfigError(f"{origin}: {err}") from None
+    config.model = config.model.resolved()  # the input normalisation is decided once and recorded
     try:
         method.check_config(config, resolved)
     except ConfigError as err:

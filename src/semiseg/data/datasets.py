@@ -18,13 +18,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from semiseg.data.transforms import PairTransform, normalize
+from semiseg.data.transforms import PairTransform, to_input
 
 
 class SegmentationDataset(Dataset):
     """Items ``indices[k]`` of ``images`` (N×H×W×3 uint8) and ``masks`` (N×H×W uint8 or None).
 
-    ``__getitem__`` returns ``image`` (normalised weak view), ``mask`` (long H×W, when masks are given),
+    ``__getitem__`` returns ``image`` (weak view on [0, 1]), ``mask`` (long H×W, when masks are given),
     ``index`` (position in the arrays), and with ``strong``: ``image_strong`` (strong applied to the weak
     view, same geometry) and ``mask_strong`` (the weak mask with the strong view's ignore pixels, e.g.
     255 inside a cutout box). ``masks`` may be ground truth or a pseudo-label store's array.
@@ -67,12 +67,12 @@ class SegmentationDataset(Dataset):
         mask = None if self.masks is None else np.array(self.masks[idx])
         if self.transform is not None:
             image, mask = self.transform(image, mask, weak_rng)
-        item: dict[str, Any] = {"image": normalize(image), "index": idx}
+        item: dict[str, Any] = {"image": to_input(image), "index": idx}
         if mask is not None:
             item["mask"] = torch.from_numpy(np.ascontiguousarray(mask)).long()
         if self.strong is not None:
             s_image, s_mask = self.strong(image, mask, strong_rng)
-            item["image_strong"] = normalize(s_image)
+            item["image_strong"] = to_input(s_image)
             if s_mask is not None:
                 item["mask_strong"] = torch.from_numpy(np.ascontiguousarray(s_mask)).long()
         return item

@@ -25,9 +25,6 @@ import torch
 from semiseg.data.classes import IGNORE_INDEX
 from semiseg.errors import ConfigError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 class PairTransform(Protocol):
     """What datasets call: a random map of (image, mask) driven only by ``rng``."""
@@ -193,24 +190,21 @@ def polyp_labeled_transform() -> AlbuPair:
     return AlbuPair([A.VerticalFlip(p=0.5), A.RandomRotate90(p=0.5)], square_only="polyp_labeled_transform")
 
 
-_MEAN = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(3, 1, 1)
-_STD = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(3, 1, 1)
+def to_input(image: np.ndarray) -> torch.Tensor:
+    """uint8 H×W×3 (or N×H×W×3) RGB -> float32 3×H×W (N×3×H×W) on [0, 1]: the model input.
 
-
-def normalize(image: np.ndarray) -> torch.Tensor:
-    """uint8 H×W×3 (or N×H×W×3) RGB -> float32 3×H×W (N×3×H×W), ImageNet mean/std: the model input."""
+    The mean/std normalisation belongs to the model (its encoder's pretraining decides it), which applies it
+    itself: see :mod:`semiseg.data.normalization`."""
     # np.array copies: cached images are read-only memmaps, which torch cannot wrap without a warning
     t = torch.from_numpy(np.array(image, copy=True))
     if t.dtype != torch.uint8 or t.shape[-1] != 3:
-        raise ValueError(f"normalize expects uint8 ...×H×W×3, got {t.dtype} {tuple(t.shape)}")
-    t = t.movedim(-1, -3).to(torch.float32).div_(255.0)
-    return t.sub_(_MEAN).div_(_STD).contiguous()
+        raise ValueError(f"to_input expects uint8 ...×H×W×3, got {t.dtype} {tuple(t.shape)}")
+    return t.movedim(-1, -3).to(torch.float32).div_(255.0).contiguous()
 
 
-def denormalize(tensor: torch.Tensor) -> np.ndarray:
-    """Inverse of :func:`normalize` for display: 3×H×W (or N×3×H×W) float -> uint8 H×W×3 (N×H×W×3)."""
-    t = tensor.detach().to("cpu", torch.float32)
-    t = (t * _STD + _MEAN).mul_(255.0).round_().clamp_(0, 255)
+def from_input(tensor: torch.Tensor) -> np.ndarray:
+    """Inverse of :func:`to_input` for display: 3×H×W (or N×3×H×W) float -> uint8 H×W×3 (N×H×W×3)."""
+    t = tensor.detach().to("cpu", torch.float32).mul(255.0).round_().clamp_(0, 255)
     return t.to(torch.uint8).movedim(-3, -1).contiguous().numpy()
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from semiseg.config import TrainConfig
+from semiseg.data.normalization import set_channels_last
 from semiseg.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from semiseg.engine.distributed import DistInfo, all_reduce_mean, broadcast_object
 from semiseg.engine.task import Optimized, StepContext, TrainingTask
@@ -47,6 +48,19 @@ def build_optimizer(net: nn.Module, spec: Optimized, train: TrainConfig, lr: flo
 
 def poly_factor(step: int, total: int, power: float) -> float:
     return max(0.0, 1.0 - step / total) ** power
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """Linear warm-up: step 0 trains at ``1/warmup_steps`` of the rate, step ``warmup_steps - 1`` at all of it
+    (a pretrained encoder is not shaken by the large early gradients of a random decoder)."""
+    return 1.0 if step >= warmup_steps else (step + 1) / warmup_steps
+
+
+def resolve_channels_last(setting: bool | str, device: torch.device) -> bool:
+    """``auto``: channels-last everywhere. Measured on this project's 2-core CPU (Lite0 Unet, 128 px, batch 8,
+    fwd + bwd + AdamW) and the layout PyTorch recommends for convolutions under AMP on CUDA;
+    ``semiseg bench throughput`` measures both layouts on the device at hand."""
+    return True if setting == "auto" else bool(setting)
 
 
 class Trainer:
@@ -86,8 +100,9 @@ class Trainer:
         return {"none": None, "fp16": torch.float16, "bf16": torch.bfloat16}[amp]
 
     def _wrap_for_ddp(self) -> None:
+        channels_last = resolve_channels_last(self.train.channels_last, self.device)
         for name, net in self.task.nets.items():
-            self.task.nets[name] = net.to(self.device)
+            self.task.nets[name] = set_channels_last(net.to(self.device), channels_last)
         if not self.dist.enabled:
             return
         if self.train.sync_bn and self.device.type != "cuda":
@@ -117,8 +132,10 @@ class Trainer:
 
     def _set_lr(self) -> float:
         lr0 = 0.0
+        warm = warmup_factor(self.step, round(self.train.warmup * self.total))
         for name, opt in self.optimizers.items():
             f = poly_factor(self.step, self.total, self.train.poly_power) if self.schedules[name] == "poly" else 1.0
+            f *= warm
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * f
             lr0 = lr0 or opt.param_groups[0]["lr"]

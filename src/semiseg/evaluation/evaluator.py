@@ -22,7 +22,7 @@ from torch import nn
 
 from semiseg.data.classes import ClassTable
 from semiseg.data.decode import read_image
-from semiseg.data.transforms import normalize
+from semiseg.data.transforms import to_input
 from semiseg.data.types import DataSource
 from semiseg.errors import DataError
 from semiseg.evaluation.inference import SizeArg, predict_batch, predict_probs
@@ -229,7 +229,7 @@ def evaluate_arrays(
     acc = _Accumulator(classes, absent)
     for i in range(0, n, max(1, batch_size)):
         j = min(n, i + max(1, batch_size))
-        x = normalize(np.asarray(images[i:j])).to(dev)
+        x = to_input(np.asarray(images[i:j])).to(dev)
         probs = predict_batch(model, x, amp=amp)
         if probs.shape[1] != classes.num_classes:
             raise ValueError(f"the model returns {probs.shape[1]} channels but the task has "

@@ -15,7 +15,7 @@ Protocols (``PROTOCOLS``), chosen per benchmark / method (see the official-code 
   the per-pixel window count. The image is padded when smaller than the window.
 
 Padding (``pad_mode``): ``"reflect"`` (default; falls back to ``"replicate"`` when the padding is as
-large as the image) or ``"zero"`` (0 in normalised space, i.e. the ImageNet mean colour, as UniMatch).
+large as the image) or ``"zero"`` (0 in normalised space, i.e. the model's mean colour, as UniMatch).
 
 The caller puts the model in ``eval()`` mode (a teacher may deliberately run in train mode); these
 functions run under ``torch.inference_mode()``, so returned tensors are inference tensors: ``clone()``
@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from semiseg.data.cache import resize_image as cache_resize_image
-from semiseg.data.transforms import normalize
+from semiseg.data.normalization import pad_with_mean
+from semiseg.data.transforms import to_input
 from semiseg.errors import ConfigError
 
 PROTOCOLS = ("resize", "whole", "center_crop", "sliding_window")
@@ -98,13 +99,13 @@ def predict_batch(model: nn.Module, images: torch.Tensor, *, amp: bool = False) 
         return logits.float().softmax(1)
 
 
-def _pad(x: torch.Tensor, ph: int, pw: int, mode: str) -> torch.Tensor:
+def _pad(model: nn.Module, x: torch.Tensor, ph: int, pw: int, mode: str) -> torch.Tensor:
     """Pad ``N×3×H×W`` by ``ph`` rows at the bottom and ``pw`` columns at the right."""
     if ph <= 0 and pw <= 0:
         return x
     pad = (0, max(pw, 0), 0, max(ph, 0))
     if mode == "zero":
-        return F.pad(x, pad, mode="constant", value=0.0)
+        return pad_with_mean(model, x, pad)
     fits = ph < x.shape[-2] and pw < x.shape[-1]
     return F.pad(x, pad, mode="reflect" if fits else "replicate")
 
@@ -123,7 +124,7 @@ def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def _predict_resize(model: nn.Module, image: np.ndarray, size: tuple[int, int], device: torch.device,
                     amp: bool) -> torch.Tensor:
     h0, w0 = image.shape[:2]
-    x = normalize(resize_image(image, size)).unsqueeze(0).to(device, torch.float32)
+    x = to_input(resize_image(image, size)).unsqueeze(0).to(device, torch.float32)
     probs = predict_batch(model, x, amp=amp)
     if (h0, w0) == size:
         return probs
@@ -135,7 +136,7 @@ def _predict_whole(model: nn.Module, x: torch.Tensor, divisor: int, pad_mode: st
     h0, w0 = x.shape[-2:]
     ph = -h0 % divisor if divisor > 1 else 0
     pw = -w0 % divisor if divisor > 1 else 0
-    return predict_batch(model, _pad(x, ph, pw, pad_mode), amp=amp)[..., :h0, :w0]
+    return predict_batch(model, _pad(model, x, ph, pw, pad_mode), amp=amp)[..., :h0, :w0]
 
 
 def _predict_center(model: nn.Module, x: torch.Tensor, size: tuple[int, int], pad_mode: str, amp: bool,
@@ -143,7 +144,7 @@ def _predict_center(model: nn.Module, x: torch.Tensor, size: tuple[int, int], pa
     h0, w0 = x.shape[-2:]
     ch, cw = min(size[0], h0), min(size[1], w0)
     top, left = (h0 - ch) // 2, (w0 - cw) // 2
-    crop = _pad(x[..., top:top + ch, left:left + cw], size[0] - ch, size[1] - cw, pad_mode)
+    crop = _pad(model, x[..., top:top + ch, left:left + cw], size[0] - ch, size[1] - cw, pad_mode)
     probs = _check_channels(predict_batch(model, crop, amp=amp), num_classes)
     with torch.inference_mode():
         out = torch.zeros((1, num_classes, h0, w0), device=x.device)
@@ -170,7 +171,7 @@ def _windows(h: int, w: int, window: tuple[int, int], stride: tuple[int, int]) -
 def _predict_sliding(model: nn.Module, x: torch.Tensor, window: tuple[int, int], stride: tuple[int, int],
                      pad_mode: str, amp: bool, num_classes: int, batch_size: int) -> torch.Tensor:
     h0, w0 = x.shape[-2:]
-    xp = _pad(x, window[0] - h0, window[1] - w0, pad_mode)
+    xp = _pad(model, x, window[0] - h0, window[1] - w0, pad_mode)
     h, w = xp.shape[-2:]
     with torch.inference_mode():
         total = torch.zeros((1, num_classes, h, w), device=x.device)
@@ -220,7 +221,7 @@ def predict_probs(
     dev = torch.device(device)
     size_hw = _pair(size, "size")
     valid = None
-    x = normalize(image).unsqueeze(0).to(dev, torch.float32) if protocol != "resize" else None
+    x = to_input(image).unsqueeze(0).to(dev, torch.float32) if protocol != "resize" else None
     if protocol == "whole":
         probs = _predict_whole(model, x, size_divisor, pad_mode, amp)
     elif size_hw is None and not (protocol == "sliding_window" and window is not None):

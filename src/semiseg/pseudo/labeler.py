@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from semiseg.data.normalization import pad_with_mean
+
 
 class Labeler:
     """Turns a segmentation model into probabilities ``B×C×H×W`` for pseudo labelling.
@@ -26,7 +28,7 @@ class Labeler:
     ``train_mode=False`` (default) runs the model in eval mode; ``True`` reproduces the polyp repo,
     whose teacher labels in train mode (batch-statistics BN, active dropout, BN running stats
     updated). The model's own mode is restored after every call. ``size_divisor`` pads each scaled
-    view (bottom/right, zeros = the normalised mean colour) to a multiple of it for models that need
+    view (bottom/right, the model's mean colour, zero once normalised) to a multiple of it for models that need
     it (most smp encoders need 32) and crops the logits back; ``None`` feeds the view as is (ST++).
     """
 
@@ -71,7 +73,7 @@ class Labeler:
         h, w = x.shape[-2:]
         if self.size_divisor and self.size_divisor > 1:
             d = self.size_divisor
-            x = F.pad(x, (0, (-w) % d, 0, (-h) % d))
+            x = pad_with_mean(self.model, x, (0, (-w) % d, 0, (-h) % d))
         autocast = torch.autocast(self.device.type, enabled=True) if self.amp else nullcontext()
         with autocast:
             logits = self.model(x)
@@ -115,10 +117,10 @@ class Labeler:
         """Yield ``(index, probs C×H×W float32)`` for uint8 RGB images ``N×H×W×3`` (e.g. a memmap).
 
         Streams ``batch_size`` images at a time, so memory stays bounded by one batch whatever N is;
-        images are normalised with ``semiseg.data.transforms.normalize``. A batch whose images differ in
+        images go to the model as ``semiseg.data.transforms.to_input`` makes them. A batch whose images differ in
         size is predicted one image at a time.
         """
-        from semiseg.data.transforms import normalize
+        from semiseg.data.transforms import to_input
 
         order = list(range(len(images))) if indices is None else [int(i) for i in indices]
         for start in range(0, len(order), self.batch_size):
@@ -128,7 +130,7 @@ class Labeler:
             if len({a.shape for a in arrays}) > 1:
                 groups = [[(i, a)] for i, a in zip(chunk, arrays, strict=True)]
             for group in groups:
-                batch = normalize(np.stack([a for _, a in group]))
+                batch = to_input(np.stack([a for _, a in group]))
                 out = self.probs(batch).cpu().numpy().astype(np.float32, copy=False)
                 for k, (i, _) in enumerate(group):
                     yield i, out[k]
