@@ -10,6 +10,7 @@ from semiseg.bench.tables import (
     budget_of,
     entry_from_results,
     gap_recovered,
+    invalid_seeds,
     load_entries,
     load_sessions,
     matrix_wall_clock,
@@ -31,6 +32,24 @@ def test_gap_recovered_hand_values():
     assert gap_recovered(0.65, 0.70, 0.80) == pytest.approx(-0.5)
     assert gap_recovered(0.75, 0.70, 0.70) is None  # no gap to recover
     assert gap_recovered(0.75, 0.80, 0.70) is None
+
+
+def test_validity_gate_drops_seeds_whose_oracle_is_within_three_points(tmp_path):
+    # seed 0: oracle +10 pts (valid); seed 1: oracle +2.9 pts (invalid); seed 2: oracle below supervised
+    entries = [entry("supervised", 0, 0.60), entry("oracle", 0, 0.70), entry("st++", 0, 0.65),
+               entry("supervised", 1, 0.60), entry("oracle", 1, 0.629), entry("st++", 1, 0.62),
+               entry("supervised", 2, 0.60), entry("oracle", 2, 0.59), entry("st++", 2, 0.70)]
+    assert set(invalid_seeds(entries, "p")) == {1, 2}
+    st = {r["method"]: r for r in summarize(entries, "p")}["st++"]
+    assert st["gap_mean"] == pytest.approx(0.5) and st["gap_seeds"] == [0]  # seed 0 only
+    assert st["gain_mean"] == pytest.approx((0.05 + 0.02 + 0.10) / 3)  # gains still use every seed
+    results = tmp_path / "results"
+    results.mkdir()
+    save_entries(results / "p.json", entries)
+    md = write_benchmarks_md(results, tmp_path / "B.md").read_text()
+    assert "**split seed 1 invalid**: oracle 62.9 vs supervised 60.0: +2.9 pts, below the 3-point validity gate" in md
+    assert "**split seed 2 invalid**" in md and "split seed 0 invalid" not in md
+    assert "| 50 % (seed 0) |" in md
 
 
 def test_merge_combines_sessions_and_newer_wins(tmp_path):
@@ -149,8 +168,8 @@ def test_budget_line_from_a_run_config():
 
     cfg = load_config("polyp")
     h, w = cfg.data.size
-    assert budget_of(cfg) == (f"{h}x{w} px, Unet-resnet18 (weights none), {cfg.train.steps} steps x batch "
-                              f"{cfg.train.batch_size} per training")
+    assert budget_of(cfg) == (f"{h}x{w} px, Unet-efficientnet-lite0 (weights imagenet), {cfg.train.steps} steps "
+                              f"x batch {cfg.train.batch_size} per training")
 
 
 def test_a_failing_run_does_not_stop_the_bench_but_fails_its_exit(tmp_path, monkeypatch):

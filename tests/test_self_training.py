@@ -296,7 +296,8 @@ def synthetic_run(data: Path, out: Path, name: str, method: str, *, steps: int =
 
 # the CLI's tiny st++ run: 12 supervised steps (snapshots at 4 and 8), 8 steps per re-training
 STPP_SETS = ["data.size=[64,64]", "data.options.n=60", "data.options.size=64", "data.benchmark_gt=true",
-             f"model.encoder={TINY_ENCODER}", "model.weights=none", "model.decoder_channels=[16,8,8]", "model.options.encoder_depth=3",
+             f"model.encoder={TINY_ENCODER}", "model.weights=none", "model.decoder_channels=[16,8,8]",
+             "model.options.encoder_depth=3",
              "train.steps=12",
              "train.eval_every=4", "train.checkpoint_every=4", "train.batch_size=4", "train.threads=1",
              "train.progress=false", "train.deterministic=true", "split.labeled=0.15", "split.val=0.15",

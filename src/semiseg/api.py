@@ -102,10 +102,12 @@ def _execute(ctx: RunContext, log: Any) -> dict[str, Any]:
 def final_results(ctx: RunContext, model: torch.nn.Module, stage_dirs: list[Path], seconds: float) -> dict:
     """Val metrics at working size, test metrics at original resolution, timings, provenance."""
     from semiseg.evaluation.evaluator import evaluate_source
-    from semiseg.pipeline.training import validation_fn
+    from semiseg.pipeline.training import barely_moved_warning, moved_from_init, validation_fn
 
     cfg = ctx.config
     val = validation_fn(ctx)(model)
+    moved = moved_from_init(ctx, model)
+    warnings = [w for w in [barely_moved_warning(moved)] if w]
     test = None
     if ctx.splits.test:
         res = evaluate_source(model, ctx.source, ctx.splits.test, protocol=cfg.eval.protocol,
@@ -122,7 +124,7 @@ def final_results(ctx: RunContext, model: torch.nn.Module, stage_dirs: list[Path
         "pseudo_label_quality": last_pseudo_label_quality(stage_dirs, ctx.classes.is_binary),
         "diagnostics": json.loads(diagnostics.read_text()) if diagnostics.is_file() else None,
         "name": cfg.name, "method": cfg.method["name"], "split_seed": cfg.split.seed, "seed": cfg.seed,
-        "val_metric": ctx.val_metric, "val": val, "test": test,
+        "val_metric": ctx.val_metric, "val": val, "test": test, "moved_from_init": moved, "warnings": warnings,
         "stage_seconds": round(sum(s.get("seconds", 0.0) for s in stages), 1),
         "session_seconds": round(seconds, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

@@ -47,6 +47,8 @@ def _print_results(results: dict) -> None:
             if isinstance(values.get(key), int | float):
                 table.add_row(f"test/{subset}", key, f"{values[key]:.4f}")
     out.print(table)
+    for warning in results.get("warnings") or []:
+        out.print(f"[bold yellow]warning:[/] {warning}")
 
 
 @app.command()

@@ -52,7 +52,7 @@ class TrainConfig(_Strict):
     momentum: float = Field(0.9, ge=0, description="SGD momentum")
     head_lr_mult: float = Field(1.0, gt=0, description="LR multiplier of decoder + classifier (10 in ST++/GTA)")
     lr_schedule: Literal["poly", "constant"] = "poly"
-    warmup: float = Field(0.0, ge=0, lt=1, description=(
+    warmup: float = Field(0.05, ge=0, lt=1, description=(
         "linear LR warm-up over this fraction of a training stage's steps (0: none)"))
     poly_power: float = 0.9
     lr_scaling: Literal["linear", "none"] = Field(

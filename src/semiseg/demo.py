@@ -45,15 +45,15 @@ DEMO_RUNS: tuple[DemoRun, ...] = (
 
 
 def demo_config(run: DemoRun, out_dir: Path, *, fast: bool) -> dict[str, Any]:
-    """The run's config: moderate synthetic polyps, 10 % labeled, Unet-resnet18 from scratch."""
+    """The run's config: moderate synthetic polyps, 10 % labeled, the product's default model (Unet with the
+    ImageNet-pretrained EfficientNet-Lite0 encoder)."""
     steps = (20 if fast else 300) * run.step_factor
     return {
         "name": run.dir_name, "out_dir": str(out_dir), "seed": 0,
         "data": {"source": "synthetic", "size": [96, 96], "benchmark_gt": True,
                  "options": {"kind": "binary", "n": 120 if fast else 300, "seed": 0, "difficulty": "moderate"}},
         "split": {"seed": 0, "labeled": 0.1, "val": 0.15, "test": 0.2},
-        "model": {"arch": "Unet", "encoder": "resnet18", "weights": "none",
-                  "decoder_channels": [128, 64, 32, 16, 8]},
+        "model": {},  # the default a user gets
         "train": {"steps": steps, "batch_size": 8, "lr": 1e-3, "optimizer": "adamw",
                   "eval_every": max(steps // 4, 10), "checkpoint_every": max(steps // 4, 10),
                   "augment": {"scale": [0.75, 1.25], "hflip": True, "vflip": True}},

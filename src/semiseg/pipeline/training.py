@@ -16,7 +16,7 @@ from semiseg.engine.loader import EndlessLoader
 from semiseg.engine.task import TrainingTask
 from semiseg.engine.trainer import FitResult, Trainer
 from semiseg.evaluation.evaluator import evaluate_arrays
-from semiseg.models.factory import build_model
+from semiseg.models.factory import build_model, param_group_of, unwrap
 from semiseg.pipeline.context import RunContext
 
 
@@ -76,3 +76,33 @@ def load_stage_model(ctx: RunContext, stage_dir: Path, which: str = "best") -> n
         state = load_checkpoint(stage_dir / "checkpoints" / "last.pt")
         model.load_state_dict(state["nets"][which if which != "best" else next(iter(state["nets"]))])
     return model.to(ctx.device).eval()
+
+
+# a delivered network whose decoder + classifier moved less than this (relative L2) from the run's shared
+# initialisation has barely trained (e.g. an EMA copy updated a handful of times); its results say so
+MOVED_WARNING = 0.05
+
+
+@torch.no_grad()
+def moved_from_init(ctx: RunContext, model: nn.Module) -> dict[str, float]:
+    """Relative L2 distance ``||θ − θ₀|| / ||θ₀||`` of each parameter group (encoder / decoder / classifier)
+    of ``model`` from the run's shared initialisation (:func:`new_model`)."""
+    init = dict(new_model(ctx).named_parameters())
+    sq_diff: dict[str, float] = {}
+    sq_init: dict[str, float] = {}
+    for name, p in unwrap(model).named_parameters():
+        group = param_group_of(name)
+        p0 = init[name].to(p.device, torch.float32)
+        sq_diff[group] = sq_diff.get(group, 0.0) + float((p.float() - p0).pow(2).sum())
+        sq_init[group] = sq_init.get(group, 0.0) + float(p0.pow(2).sum())
+    return {g: round((sq_diff[g] / sq_init[g]) ** 0.5, 6) if sq_init[g] > 0 else float("nan") for g in sq_diff}
+
+
+def barely_moved_warning(moved: dict[str, float]) -> str | None:
+    """A warning when the delivered decoder + classifier barely left their initialisation."""
+    head = [moved[g] for g in ("decoder", "classifier") if g in moved]
+    if head and max(head) < MOVED_WARNING:
+        return (f"the delivered network barely moved from its initialisation (decoder/classifier relative change "
+                f"{max(head):.3f} < {MOVED_WARNING}): it is close to untrained; check the method's schedules "
+                "(EMA cadence and momentum, warm-ups) against train.steps")
+    return None
