@@ -21,6 +21,11 @@ app.add_typer(data_app, name="data")
 console = Console(stderr=True)
 out = Console()
 
+def log_line(message: str) -> None:
+    """Progress and warnings on stderr, one unwrapped line each (paths stay whole, ``[...]`` stays text)."""
+    console.print(message, markup=False, highlight=False, soft_wrap=True)
+
+
 SetOption = Annotated[list[str] | None, typer.Option("--set", help="override a config key: a.b=c (repeatable)")]
 
 
@@ -59,7 +64,7 @@ def train(config: Annotated[str | None, typer.Argument(
     from semiseg.config import load_config
 
     cfg = load_config(config, set_ or [])
-    results = api.run(cfg, console=console, log=console.print)
+    results = api.run(cfg, console=console, log=log_line)
     if results:
         _print_results(results)
 
@@ -83,7 +88,7 @@ def resume(run: Annotated[Path, typer.Argument(help="run directory")],
     """Continue a killed run: finished stages are skipped, the current one resumes from its checkpoint."""
     from semiseg import api
 
-    results = api.resume(run, console=console, log=console.print, accept_changed_data=accept_changed_data)
+    results = api.resume(run, console=console, log=log_line, accept_changed_data=accept_changed_data)
     if results:
         _print_results(results)
 
@@ -107,7 +112,7 @@ def evaluate(run: Annotated[Path, typer.Argument(help="finished run directory")]
     if json_out:
         check_writable_file(json_out, "--json")  # before the work, not after it
     res = api.evaluate(run, data=data, root=root, split=split, protocol=protocol, window=_pair(window),
-                       stride=_pair(stride), accept_changed_data=accept_changed_data, log=console.print)
+                       stride=_pair(stride), accept_changed_data=accept_changed_data, log=log_line)
     if json_out:
         atomic_write_text(json_out, json.dumps(res, indent=1))
     _print_results({"name": str(run), "method": "evaluate", "test": res})
@@ -122,7 +127,7 @@ def predict(run: Annotated[Path, typer.Argument(help="finished run directory")],
     and make the exit status 1."""
     from semiseg import api
 
-    done = api.predict(run, images, out_dir, protocol=protocol, log=console.print)
+    done = api.predict(run, images, out_dir, protocol=protocol, log=log_line)
     out.print(f"wrote {len(done.written)} masks to {out_dir / 'masks'} and overlays to {out_dir / 'overlays'}")
     if done.skipped:
         console.print(f"[bold red]error:[/bold red] skipped {len(done.skipped)} unreadable image(s): "
@@ -192,7 +197,7 @@ def bench(protocol: Annotated[str, typer.Argument(help="polyp | camvid | demo, o
 
             run_bench(protocol, methods=methods.split(",") if methods else None,
                       seeds=[int(s) for s in seeds.split(",")] if seeds else None, out_dir=out_dir,
-                      results_path=results / f"{protocol}.json", overrides=set_ or [], log=console.print,
+                      results_path=results / f"{protocol}.json", overrides=set_ or [], log=log_line,
                       console=console)
     finally:  # runs that finished reach the tables even when others failed (the exit code says so)
         if any(results.glob("*.json")):
@@ -210,11 +215,11 @@ def report(runs: Annotated[list[Path], typer.Argument(help="run directory (sever
     from semiseg.report import write_compare_report, write_run_report
 
     if compare:
-        path = write_compare_report(runs, out_file, threads=threads, log=console.print)
+        path = write_compare_report(runs, out_file, threads=threads, log=log_line)
     elif len(runs) != 1:
         raise SemisegError("report: give one run directory, or several with --compare")
     else:
-        path = write_run_report(runs[0], out=out_file, threads=threads, log=console.print)
+        path = write_run_report(runs[0], out=out_file, threads=threads, log=log_line)
     out.print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
 
 

@@ -11,6 +11,8 @@ import hashlib
 import os
 import pickle
 import random
+import re
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -67,14 +69,23 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException as err:
+        # torch's zip writer reports a full disk as a RuntimeError without the errno: look at the disk
+        # while the partial temporary file still fills it
+        full = isinstance(err, RuntimeError) and _nearly_full(path.parent)
         Path(tmp).unlink(missing_ok=True)
+        if full:
+            err = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         if isinstance(err, OSError) and err.errno in OUTPUT_ERRNOS:
             kept = " (the previous file is intact)" if path.exists() else ""
             raise OutputError(f"{output_error(path, err)}{kept}") from None
-        # torch.save wraps the OSError of a full disk in a RuntimeError ("file write failed")
-        if isinstance(err, RuntimeError) and "write" in str(err).lower():
-            raise OutputError(f"{path}: cannot write ({err})") from None
         raise
+
+
+def _nearly_full(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -86,10 +97,11 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
         raise CheckpointError(
-            f"{path}: refused: the file holds Python objects other than tensors and plain values (a checkpoint "
-            f"that could run code when loaded; semiseg never writes such files). Do not use it "
-            f"({str(err).splitlines()[0][:160]})") from None
+            f"{path}: refused: the file holds Python objects other than tensors and plain values"
+            f"{f' ({found.group(1)})' if found else ''}, so loading it could run code; semiseg never writes such "
+            "files. Do not use it; delete it and train (or resume) again") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as err:
         raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({type(err).__name__}: "
                               f"{str(err).splitlines()[0][:160] if str(err) else 'no detail'}); delete it "
