@@ -108,8 +108,10 @@ def _format_errors(err: ValidationError, origin: str, prefix: str = "") -> str:
     lines = []
     for e in err.errors():
         key = prefix + ".".join(str(p) for p in e["loc"])
-        kind = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        kind = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
         lines.append(f"  {key}: {kind}" + ("" if e["type"] == "extra_forbidden" else f" (got {e.get('input')!r})"))
+    if len(lines) == 1:  # the usual case: one line, like every other error
+        return f"{origin}: invalid configuration: {lines[0].strip()}"
     return f"{origin}: invalid configuration\n" + "\n".join(lines)
 
 
