@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,22 @@ import torch
 
 from semiseg.config import RunConfig, dump_config, load_config
 from semiseg.data.presets import load_source
-from semiseg.data.splits import Splits, make_splits
-from semiseg.engine.checkpoint import atomic_write_text, seed_everything
+from semiseg.data.splits import SPLIT_NAMES, Splits, make_splits
+from semiseg.engine.checkpoint import OUTPUT_ERRNOS, atomic_write_text, output_error, seed_everything
 from semiseg.engine.distributed import barrier, init_distributed, resolve_device
-from semiseg.errors import ConfigError
+from semiseg.errors import (
+    CheckpointError,
+    ConfigError,
+    DataError,
+    OutputError,
+    RunChangedError,
+    RunInterrupted,
+    SemisegError,
+)
 from semiseg.methods.registry import get_method
 from semiseg.pipeline.context import RunContext
+from semiseg.pipeline.integrity import check_run, make_fingerprint, write_fingerprint
+from semiseg.pipeline.preflight import check_output_dir, check_split_masks, checkpoint_bytes
 from semiseg.pipeline.stages import run_stages
 
 
@@ -42,13 +53,33 @@ def git_commit() -> str | None:
 
 def _splits_for(config: RunConfig, source: Any) -> Splits:
     if config.split.files:
-        return Splits.read(Path(config.split.files))
+        splits = Splits.read(Path(config.split.files), known=source.by_stem())
+        check_split_masks(source, splits, config.split.files)
+        return splits
     return make_splits(source, seed=config.split.seed, labeled=config.split.labeled, val=config.split.val,
                        test=config.split.test, fixed=source.fixed_splits, group_aware=config.split.group_aware)
 
 
-def prepare(config: RunConfig, run_dir: Path, *, console: Any = None, fresh: bool) -> RunContext:
-    """Load data and splits, create (or reopen) the run directory, set seeds and the device."""
+def _preflight(ctx: RunContext) -> None:
+    """Everything a fresh run can fail on before it trains, checked before its directory appears: every
+    mask with a label is decoded (values outside the class table name their files), the model is built
+    (architecture, encoder, ``model.weights``) and ``out_dir`` is writable with room for a checkpoint."""
+    from semiseg.models.factory import build_model
+
+    for split in ("labeled", "val", "test"):
+        if getattr(ctx.splits, split):
+            ctx.arrays(split)
+    model = build_model(ctx.config.model, ctx.classes.num_classes)
+    check_output_dir(ctx.run_dir.parent, checkpoint_bytes(model))
+
+
+def prepare(config: RunConfig, run_dir: Path, *, console: Any = None, fresh: bool,
+            check: tuple[str, ...] = SPLIT_NAMES, accept_changed_data: bool = False, command: str = "resume",
+            log: Any = print) -> RunContext:
+    """Load data and splits, create (or reopen and check) the run directory, set seeds and the device.
+
+    A fresh run is validated completely before its directory appears (:func:`_preflight`); a reopened one
+    is compared with its fingerprint (config, and the data of the splits in ``check``)."""
     device = resolve_device(config.train.device, int(os.environ.get("LOCAL_RANK", "0")))
     dist = init_distributed(device)
     if config.train.threads:
@@ -62,27 +93,75 @@ def prepare(config: RunConfig, run_dir: Path, *, console: Any = None, fresh: boo
             raise ConfigError(f"run directory {run_dir} already exists: continue it with `semiseg resume {run_dir}` "
                               "or choose another name (--set name=...)")
         splits = _splits_for(config, source)
+        ctx = RunContext(config, run_dir, source, splits, device, dist, console)
         if dist.is_main:
-            _create_run_dir(run_dir, config, splits)
+            _preflight(ctx)
+            _create_run_dir(run_dir, config, splits, make_fingerprint(config, source, splits))
         barrier()
     else:
-        splits = Splits.read(run_dir / "splits")
+        try:
+            splits = Splits.read(run_dir / "splits")
+        except DataError as err:
+            raise RunChangedError(f"{run_dir}: the run's split lists are unusable ({err})") from None
+        ctx = RunContext(config, run_dir, source, splits, device, dist, console)
+        check_run(run_dir, config, source, splits, names=check, accept_changed_data=accept_changed_data,
+                  command=command, log=log, record_acceptance=command == "resume" and dist.is_main)
     seed_everything(config.seed)
-    return RunContext(config, run_dir, source, splits, device, dist, console)
+    return ctx
 
 
-def _create_run_dir(run_dir: Path, config: RunConfig, splits: Splits) -> None:
-    """Splits and config appear together or not at all: a kill mid-creation leaves no half run directory."""
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.creating-", dir=run_dir.parent))
+def _create_run_dir(run_dir: Path, config: RunConfig, splits: Splits, fingerprint: dict[str, Any]) -> None:
+    """Splits, config and fingerprint appear together or not at all: a kill mid-creation leaves no half run
+    directory."""
+    try:
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.creating-", dir=run_dir.parent))
+    except OSError as err:
+        raise output_error(run_dir, err) from None
     try:
         splits.write(tmp / "splits")
         atomic_write_text(tmp / "config.yaml", dump_config(config))
+        write_fingerprint(tmp, fingerprint)
         if run_dir.exists():
             run_dir.rmdir()  # empty: checked by the caller
         os.rename(tmp, run_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # (a SIGKILL leaves a hidden .NAME.creating-* behind, nothing else)
+        raise
+
+
+def _has_progress(run_dir: Path) -> bool:
+    """True once any stage saved a checkpoint or finished: only then is a run worth resuming."""
+    stages = run_dir / "stages"
+    return stages.is_dir() and any(p.name == "DONE" or p.suffix == ".pt" for p in stages.rglob("*"))
+
+
+def _last_checkpoint(run_dir: Path) -> Path | None:
+    found = sorted((run_dir / "stages").glob("*/**/last.pt"), key=lambda p: p.stat().st_mtime_ns)
+    return found[-1] if found else None
+
+
+def _guarded(run_dir: Path, work: Any, *, fresh: bool) -> dict[str, Any]:
+    """Run ``work()``; turn Ctrl-C, a full disk and other write failures into one-line errors that say how to
+    go on. A fresh run that fails before its first checkpoint is removed, so the same name can be retried."""
+    try:
+        return work()
+    except BaseException as err:
+        kept = not fresh or _has_progress(run_dir)
+        if not kept:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        last = _last_checkpoint(run_dir) if kept else None
+        where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+        how = (f"`semiseg resume {run_dir}` continues ({where})" if kept
+               else f"nothing was kept ({run_dir} removed): run the same command again")
+        if isinstance(err, KeyboardInterrupt):
+            raise RunInterrupted(f"interrupted: {how}") from None
+        if isinstance(err, OSError) and err.errno in OUTPUT_ERRNOS:
+            err = output_error(Path(err.filename) if err.filename else run_dir, err)
+        if isinstance(err, OutputError):
+            raise OutputError(f"{err}; after freeing space (or fixing the folder) {how}") from None
+        if isinstance(err, SemisegError) and not kept:
+            raise type(err)(f"{err} ({run_dir} removed: nothing had been trained yet)") from None
         raise
 
 
@@ -145,42 +224,62 @@ def last_pseudo_label_quality(stage_dirs: list[Path], binary: bool) -> float | N
 def run(config: RunConfig, *, console: Any = None, log: Any = print) -> dict[str, Any]:
     """Train ``config``'s method from scratch in ``out_dir/name``; returns ``results.json``'s content."""
     run_dir = Path(config.out_dir) / config.name
-    return _execute(prepare(config, run_dir, console=console, fresh=True), log)
+    ctx = prepare(config, run_dir, console=console, fresh=True, log=log)
+    return _guarded(run_dir, lambda: _execute(ctx, log), fresh=True)
 
 
-def resume(run_dir: Path, *, console: Any = None, log: Any = print) -> dict[str, Any]:
-    """Continue a killed or unfinished run: finished stages are skipped, the current one resumes."""
-    run_dir = Path(run_dir)
+def _read_run_config(run_dir: Path) -> RunConfig:
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
-    config = load_config(run_dir / "config.yaml")
-    return _execute(prepare(config, run_dir, console=console, fresh=False), log)
+    return load_config(run_dir / "config.yaml")
 
 
-def load_run(run_dir: Path, *, console: Any = None) -> tuple[RunContext, torch.nn.Module]:
-    """The context and delivered model of a finished run."""
+def resume(run_dir: Path, *, console: Any = None, log: Any = print,
+           accept_changed_data: bool = False) -> dict[str, Any]:
+    """Continue a killed or unfinished run: finished stages are skipped, the current one resumes. A run whose
+    config or data changed is refused (:mod:`semiseg.pipeline.integrity`)."""
+    run_dir = Path(run_dir)
+    config = _read_run_config(run_dir)
+    ctx = prepare(config, run_dir, console=console, fresh=False, accept_changed_data=accept_changed_data,
+                  command="resume", log=log)
+    return _guarded(run_dir, lambda: _execute(ctx, log), fresh=False)
+
+
+def load_run(run_dir: Path, *, console: Any = None, check: tuple[str, ...] = (), accept_changed_data: bool = False,
+             log: Any = print) -> tuple[RunContext, torch.nn.Module]:
+    """The context and delivered model of a finished run (its config checked against its fingerprint, and
+    the data of the splits in ``check``). A model with non-finite weights is refused."""
     run_dir = Path(run_dir)
     if not (run_dir / "results.json").is_file():
         raise ConfigError(f"{run_dir}: no finished run here (no results.json); train or resume it first")
-    config = load_config(run_dir / "config.yaml")
-    config.train.device = "cpu" if not torch.cuda.is_available() else config.train.device
-    ctx = prepare(config, run_dir, console=console, fresh=False)
+    config = _read_run_config(run_dir)
+    if not torch.cuda.is_available():  # a run trained on a GPU is still usable here (a runtime key)
+        config.train.device = "cpu"
+    ctx = prepare(config, run_dir, console=console, fresh=False, check=check,
+                  accept_changed_data=accept_changed_data, command="evaluate", log=log)
     model = get_method(config.method["name"])(ctx, config.method_options()).final_model()
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{run_dir}: the delivered model holds non-finite weights ({', '.join(bad[:3])}): "
+                              "its training diverged and any score of it would be meaningless; train it again "
+                              "(lower train.lr, set train.grad_clip)")
     return ctx, model.eval()
 
 
 def evaluate(run_dir: Path, *, data: str | None = None, root: str | None = None, split: str = "test",
              protocol: str | None = None, window: tuple[int, int] | None = None,
-             stride: tuple[int, int] | None = None) -> dict[str, Any]:
+             stride: tuple[int, int] | None = None, accept_changed_data: bool = False,
+             log: Any = print) -> dict[str, Any]:
     """Evaluate a run's model on a split of its own data, or on every labeled image of another source."""
     from semiseg.evaluation.evaluator import evaluate_source
 
-    ctx, model = load_run(run_dir)
+    if split not in ("labeled", "val", "test", "unlabeled"):
+        raise ConfigError(f"--split {split!r}: choose labeled, val, test or unlabeled")
+    ctx, model = load_run(run_dir, check=(split,) if data is None else (), accept_changed_data=accept_changed_data,
+                          log=log)
     cfg = ctx.config
     if data is None:
         source = ctx.source
-        if split not in ("labeled", "val", "test", "unlabeled"):
-            raise ConfigError(f"--split {split!r}: choose labeled, val, test or unlabeled")
         stems = getattr(ctx.splits, split)
     else:
         source = load_source(data, root)
@@ -196,8 +295,19 @@ def evaluate(run_dir: Path, *, data: str | None = None, root: str | None = None,
     return out
 
 
-def predict(run_dir: Path, images: Path, out_dir: Path, *, protocol: str | None = None) -> int:
-    """Write a PNG mask (class indices, palette) and an overlay for every image in ``images``."""
+@dataclass
+class Predicted:
+    """What ``predict`` did: the images it wrote a mask and overlay for, and the files it skipped (why)."""
+
+    written: list[Path] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def predict(run_dir: Path, images: Path, out_dir: Path, *, protocol: str | None = None,
+            log: Any = print) -> Predicted:
+    """Write a PNG mask (class indices, palette) and an overlay for every image in ``images``.
+
+    An image that cannot be read is skipped (and listed in the result); the others are still predicted."""
     import numpy as np
     from PIL import Image
 
@@ -205,30 +315,47 @@ def predict(run_dir: Path, images: Path, out_dir: Path, *, protocol: str | None 
     from semiseg.data.sources import list_images
     from semiseg.evaluation.inference import predict_probs
 
-    ctx, model = load_run(run_dir)
-    cfg = ctx.config
-    files = list(list_images(Path(images)).values())
+    files = list(list_images(Path(images)).values())  # before loading the model: a wrong folder fails fast
     out_dir = Path(out_dir)
-    (out_dir / "masks").mkdir(parents=True, exist_ok=True)
-    (out_dir / "overlays").mkdir(parents=True, exist_ok=True)
+    check_output_dir(out_dir, 0)
+    ctx, model = load_run(run_dir, log=log)
+    cfg = ctx.config
+    done = Predicted()
+    try:
+        (out_dir / "masks").mkdir(parents=True, exist_ok=True)
+        (out_dir / "overlays").mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise output_error(out_dir, err) from None
     palette = np.array(ctx.classes.palette(), dtype=np.uint8)
     flat_palette = palette.flatten().tolist() + [0] * (768 - palette.size)
     for path in files:
-        image = read_image(path)
+        try:
+            image = read_image(path)
+        except DataError as err:
+            done.skipped.append((path, str(err).removeprefix(f"{path}: ")))
+            continue
         pred = predict_probs(model, image, protocol=protocol or cfg.eval.protocol, size=tuple(cfg.data.size),
                              window=cfg.eval.window, stride=cfg.eval.stride,
                              num_classes=ctx.classes.num_classes, device=ctx.device)
         label = pred.probs.argmax(0).cpu().numpy().astype(np.uint8)
         mask = Image.fromarray(label, mode="P")
         mask.putpalette(flat_palette)
-        _save_atomic(mask, out_dir / "masks" / f"{path.stem}.png")
         overlay = (0.55 * image + 0.45 * palette[label]).astype(np.uint8)
         overlay[label == 0] = image[label == 0]
-        _save_atomic(Image.fromarray(overlay), out_dir / "overlays" / f"{path.stem}.jpg")
-    return len(files)
+        try:
+            _save_atomic(mask, out_dir / "masks" / f"{path.stem}.png")
+            _save_atomic(Image.fromarray(overlay), out_dir / "overlays" / f"{path.stem}.jpg")
+        except OSError as err:
+            raise OutputError(f"{output_error(out_dir / 'masks' / f'{path.stem}.png', err)}; "
+                              f"{len(done.written)} of {len(files)} images were written before") from None
+        done.written.append(path)
+    return done
 
 
 def _save_atomic(image: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    image.save(tmp)
-    os.replace(tmp, path)
+    try:
+        image.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from semiseg.errors import ConfigError, SemisegError
@@ -19,6 +20,11 @@ data_app = typer.Typer(help="Look at data before training on it.", no_args_is_he
 app.add_typer(data_app, name="data")
 console = Console(stderr=True)
 out = Console()
+
+def log_line(message: str) -> None:
+    """Progress and warnings on stderr, one unwrapped line each (paths stay whole, ``[...]`` stays text)."""
+    console.print(message, markup=False, highlight=False, soft_wrap=True)
+
 
 SetOption = Annotated[list[str] | None, typer.Option("--set", help="override a config key: a.b=c (repeatable)")]
 
@@ -60,7 +66,7 @@ def train(config: Annotated[str | None, typer.Argument(
     from semiseg.config import load_config
 
     cfg = load_config(config, set_ or [])
-    results = api.run(cfg, console=console, log=console.print)
+    results = api.run(cfg, console=console, log=log_line)
     if results:
         _print_results(results)
 
@@ -74,12 +80,17 @@ def show_config(config: Annotated[str | None, typer.Argument(help="YAML file or 
     out.print(dump_config(load_config(config, set_ or [])), highlight=False, markup=False)
 
 
+AcceptOption = Annotated[bool, typer.Option(
+    "--accept-changed-data", help="go on although image or mask files of the run's splits changed since it was made")]
+
+
 @app.command()
-def resume(run: Annotated[Path, typer.Argument(help="run directory")]) -> None:
+def resume(run: Annotated[Path, typer.Argument(help="run directory")],
+           accept_changed_data: AcceptOption = False) -> None:
     """Continue a killed run: finished stages are skipped, the current one resumes from its checkpoint."""
     from semiseg import api
 
-    results = api.resume(run, console=console, log=console.print)
+    results = api.resume(run, console=console, log=log_line, accept_changed_data=accept_changed_data)
     if results:
         _print_results(results)
 
@@ -93,14 +104,19 @@ def evaluate(run: Annotated[Path, typer.Argument(help="finished run directory")]
              window: Annotated[str | None, typer.Option(help="sliding window H,W")] = None,
              stride: Annotated[str | None, typer.Option(help="sliding stride H,W")] = None,
              json_out: Annotated[Path | None, typer.Option("--json", help="also write metrics here")] = None,
+             accept_changed_data: AcceptOption = False,
              ) -> None:
     """Evaluate a run's model at original resolution."""
     from semiseg import api
+    from semiseg.engine.checkpoint import atomic_write_text
+    from semiseg.pipeline.preflight import check_writable_file
 
-    res = api.evaluate(run, data=data, root=root, split=split, protocol=protocol, window=_pair(window),
-                       stride=_pair(stride))
     if json_out:
-        json_out.write_text(json.dumps(res, indent=1))
+        check_writable_file(json_out, "--json")  # before the work, not after it
+    res = api.evaluate(run, data=data, root=root, split=split, protocol=protocol, window=_pair(window),
+                       stride=_pair(stride), accept_changed_data=accept_changed_data, log=log_line)
+    if json_out:
+        atomic_write_text(json_out, json.dumps(res, indent=1))
     _print_results({"name": str(run), "method": "evaluate", "test": res})
 
 
@@ -109,11 +125,17 @@ def predict(run: Annotated[Path, typer.Argument(help="finished run directory")],
             images: Annotated[Path, typer.Argument(help="folder of images")],
             out_dir: Annotated[Path, typer.Argument(help="where masks/ and overlays/ go")],
             protocol: Annotated[str | None, typer.Option(help="inference protocol")] = None) -> None:
-    """Segment every image of a folder: PNG masks and overlay images."""
+    """Segment every image of a folder: PNG masks and overlay images. Unreadable images are skipped, listed,
+    and make the exit status 1."""
     from semiseg import api
 
-    n = api.predict(run, images, out_dir, protocol=protocol)
-    out.print(f"wrote {n} masks to {out_dir / 'masks'} and overlays to {out_dir / 'overlays'}")
+    done = api.predict(run, images, out_dir, protocol=protocol, log=log_line)
+    out.print(f"wrote {len(done.written)} masks to {out_dir / 'masks'} and overlays to {out_dir / 'overlays'}")
+    if done.skipped:
+        console.print(f"[bold red]error:[/bold red] skipped {len(done.skipped)} unreadable image(s): "
+                      + escape("; ".join(f"{p.name} ({why})" for p, why in done.skipped)), highlight=False,
+                      soft_wrap=True)
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -177,7 +199,7 @@ def bench(protocol: Annotated[str, typer.Argument(help="polyp | camvid | demo, o
 
             run_bench(protocol, methods=methods.split(",") if methods else None,
                       seeds=[int(s) for s in seeds.split(",")] if seeds else None, out_dir=out_dir,
-                      results_path=results / f"{protocol}.json", overrides=set_ or [], log=console.print,
+                      results_path=results / f"{protocol}.json", overrides=set_ or [], log=log_line,
                       console=console)
     finally:  # runs that finished reach the tables even when others failed (the exit code says so)
         if any(results.glob("*.json")):
@@ -195,20 +217,28 @@ def report(runs: Annotated[list[Path], typer.Argument(help="run directory (sever
     from semiseg.report import write_compare_report, write_run_report
 
     if compare:
-        path = write_compare_report(runs, out_file, threads=threads, log=console.print)
+        path = write_compare_report(runs, out_file, threads=threads, log=log_line)
     elif len(runs) != 1:
         raise SemisegError("report: give one run directory, or several with --compare")
     else:
-        path = write_run_report(runs[0], out=out_file, threads=threads, log=console.print)
+        path = write_run_report(runs[0], out=out_file, threads=threads, log=log_line)
     out.print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: every error a user can cause ends in one line on stderr and a non-zero exit status."""
+    import click
+
     try:
-        app()
+        code = app(args=argv, standalone_mode=False)
     except SemisegError as err:
-        console.print(f"[bold red]error:[/bold red] {err}", highlight=False)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        console.print("interrupted: `semiseg resume RUN_DIR` continues from the last checkpoint")
+        # soft_wrap: one line however long, so that the message can be grepped and read in a log
+        console.print(f"[bold red]error:[/bold red] {escape(str(err))}", highlight=False, soft_wrap=True)
+        sys.exit(err.exit_code)
+    except (KeyboardInterrupt, click.exceptions.Abort):
+        console.print("interrupted", soft_wrap=True)
         sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)

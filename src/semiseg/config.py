@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from semiseg.errors import ConfigError
 from semiseg.models.factory import ModelConfig, check_weights
@@ -82,7 +82,7 @@ class EvalConfig(_Strict):
 
 
 class RunConfig(_Strict):
-    name: str = "run"
+    name: str = Field("run", description="run directory name under out_dir (one folder name, no path)")
     out_dir: str = Field("runs", description="run directories are created under it")
     seed: int = Field(0, description="training seed (initialisation, augmentation, sampling)")
     data: DataConfig = Field(default_factory=DataConfig)
@@ -91,6 +91,15 @@ class RunConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     method: dict[str, Any] = Field(default_factory=lambda: {"name": "supervised"})
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        # the run directory is out_dir/name: a path in the name would write outside out_dir
+        if not name or name in (".", "..") or any(c in name for c in "/\\\0") or name.startswith("."):
+            raise ValueError("a run name is one folder name: not empty, no '/' or '\\', not starting with '.' "
+                             "(choose the parent folder with out_dir)")
+        return name
 
     def method_options(self) -> BaseModel:
         from semiseg.methods.registry import get_method
@@ -103,8 +112,10 @@ def _format_errors(err: ValidationError, origin: str, prefix: str = "") -> str:
     lines = []
     for e in err.errors():
         key = prefix + ".".join(str(p) for p in e["loc"])
-        kind = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        kind = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
         lines.append(f"  {key}: {kind}" + ("" if e["type"] == "extra_forbidden" else f" (got {e.get('input')!r})"))
+    if len(lines) == 1:  # the usual case: one line, like every other error
+        return f"{origin}: invalid configuration: {lines[0].strip()}"
     return f"{origin}: invalid configuration\n" + "\n".join(lines)
 
 
@@ -162,6 +173,24 @@ def config_from_dict(raw: dict[str, Any], origin: str = "config") -> RunConfig:
     return config
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe loader that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ConfigError(f"key {key!r} appears twice in one section (lines {seen[key]} and "
+                              f"{key_node.start_mark.line + 1}); keep one")
+        seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 def bundled_config(name: str | Path) -> Path | None:
     """A protocol config shipped with semiseg (``polyp``, ``camvid``, ``demo``) when ``name`` is not a file."""
     if Path(name).is_file() or "/" in str(name) or str(name).endswith((".yaml", ".yml")):
@@ -182,9 +211,16 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}  # noqa: S506 - a safe loader
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path}: cannot read the config ({err})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return config_from_dict(apply_overrides(raw, overrides or []), origin)

@@ -2,7 +2,9 @@
 
 
 class SemisegError(Exception):
-    """Base of every error that is the user's input, not a bug."""
+    """Base of every error that is the user's input, not a bug. ``exit_code`` is the CLI's exit status."""
+
+    exit_code = 2
 
 
 class DataError(SemisegError, ValueError):
@@ -11,3 +13,25 @@ class DataError(SemisegError, ValueError):
 
 class ConfigError(SemisegError, ValueError):
     """A config key or value is wrong; the message names the key."""
+
+
+class CheckpointError(SemisegError):
+    """A checkpoint or weight file is unreadable, unsafe (carries code) or holds unusable weights."""
+
+
+class RunChangedError(SemisegError):
+    """A run directory's config or data changed since the run was made; the message names what changed."""
+
+
+class OutputError(SemisegError):
+    """A file could not be written (disk full, read-only folder, no permission); names the file."""
+
+
+class TrainingDiverged(SemisegError):
+    """The loss or gradients became non-finite; names the stage, the step and the remedies."""
+
+
+class RunInterrupted(SemisegError):
+    """Ctrl-C (SIGINT) during a run; the message says how to continue it."""
+
+    exit_code = 130

@@ -359,6 +359,24 @@ def _build(entry: Path, key: str, samples: Sequence[Sample], digests: list[tuple
         raise
 
 
+def file_digests(samples: Sequence[Sample], *, with_masks: bool = True, cache_dir: Path | None = None,
+                 workers: int | None = None, verify: bool = False) -> list[tuple[str, str | None]]:
+    """Content digests ``(image, mask or None)`` of every sample: the cache's per-file keys (memoised, see
+    the module docstring). Run directories record them to notice data that changed under a run."""
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    verify = verify or os.environ.get("SEMISEG_CACHE_VERIFY", "") not in ("", "0")
+    memo = _HashMemo(cache_dir / _MEMO_NAME, enabled=not verify and cache_dir.is_dir())
+
+    def digest_pair(s: Sample) -> tuple[str, str | None]:
+        mask = memo.digest(s.mask) if with_masks and s.mask is not None else None
+        return memo.digest(s.image), mask
+
+    with ThreadPoolExecutor(max_workers=workers or min(4, os.cpu_count() or 1)) as ex:
+        digests = list(ex.map(digest_pair, samples))
+    memo.save()
+    return digests
+
+
 def load_arrays(samples: Sequence[Sample], decode_mask: MaskDecoder | None, size: tuple[int, int],
                 cache_dir: Path | None = None, *, with_masks: bool = True,
                 progress: Callable[[int, int], None] | None = None, workers: int | None = None,
@@ -390,16 +408,8 @@ def load_arrays(samples: Sequence[Sample], decode_mask: MaskDecoder | None, size
         raise DataError(f"{cache_dir}: cannot create the decoded cache here ({e.strerror}); "
                         "set SEMISEG_CACHE to a writable folder") from e
     workers = workers or min(4, os.cpu_count() or 1)
-    verify = verify or os.environ.get("SEMISEG_CACHE_VERIFY", "") not in ("", "0")
-    memo = _HashMemo(cache_dir / _MEMO_NAME, enabled=not verify)
-
-    def digest_pair(s: Sample) -> tuple[str, str | None]:
-        mask = memo.digest(s.mask) if decoder is not None and s.mask is not None else None
-        return memo.digest(s.image), mask
-
-    with ThreadPoolExecutor(max_workers=workers) as ex:
-        digests = list(ex.map(digest_pair, samples))
-    memo.save()
+    digests = file_digests(samples, with_masks=decoder is not None, cache_dir=cache_dir, workers=workers,
+                           verify=verify)
     ids = (callable_identity(read_image), callable_identity(decoder) if decoder is not None else None)
     key = _digest(json.dumps({"version": CACHE_VERSION, "size": [h, w], "reader": ids[0], "decoder": ids[1],
                               "items": [[s, *d] for s, d in zip(stems, digests, strict=True)]}).encode())

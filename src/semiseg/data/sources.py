@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
-
-from semiseg.data.classes import IGNORE_INDEX, ClassTable
-from semiseg.data.decode import IndexMask, choose_mask_format, make_mask_decoder
+from semiseg.data.classes import ClassTable
+from semiseg.data.decode import choose_mask_format, make_mask_decoder
+from semiseg.data.mask_values import mask_values, table_from_values
 from semiseg.data.types import DataSource, MaskDecoder, Sample
 from semiseg.errors import DataError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp"})
-_INFER_SAMPLE = 32  # masks looked at to infer a class table (see ``infer_classes``)
 
 
 def _show(items: list[str], limit: int = 5) -> str:
@@ -117,28 +115,31 @@ def write_stem_list(path: Path, stems: Iterable[str], known: Iterable[str] | Non
 def infer_classes(fmt: str, decoder_masks: list[Path]) -> ClassTable:
     """Class table for a folder given without one.
 
-    ``threshold`` masks -> binary ``background/object``. ``index`` masks: the values found in up to
-    32 masks spread evenly over the set (255 = void); values within {0, 1} -> binary
-    ``background/object``, otherwise classes ``class_0 .. class_<max>``. A later mask with a larger
-    value is reported by the decoder (and by ``semiseg data inspect``); pass ``classes`` to be exact.
+    ``threshold`` masks -> binary ``background/object``. ``index`` masks: the values found in *every*
+    mask (read once, remembered by content in the decoded cache; 255 = void): values within {0, 1} ->
+    binary ``background/object``, ``0..K`` -> classes ``class_0 .. class_K``; values with a gap (0, 1, 7)
+    are a DataError naming the files with the stray values. Pass ``classes`` to be explicit.
     """
     if fmt == "threshold":
         return ClassTable.binary("object")
     if fmt != "index":
         raise DataError(f"{decoder_masks[0].parent}: {fmt} masks need an explicit class table "
                         "(pass classes=... with names and colours)")
-    n = len(decoder_masks)
-    picks = sorted({int(i) for i in np.linspace(0, n - 1, min(n, _INFER_SAMPLE))})
-    probe = IndexMask(ClassTable(tuple(f"class_{i}" for i in range(255))))
-    found: set[int] = set()
-    for i in picks:
-        m = probe(decoder_masks[i])
-        found |= {int(v) for v in np.flatnonzero(np.bincount(m.ravel(), minlength=256))}
-    found.discard(IGNORE_INDEX)
-    top = max(found, default=0)
-    if top <= 1:
-        return ClassTable.binary("object")
-    return ClassTable(tuple(f"class_{i}" for i in range(top + 1)))
+    table = table_from_values(decoder_masks[0].parent, decoder_masks, mask_values(decoder_masks))
+    if isinstance(table, str):
+        raise DataError(table)
+    return table
+
+
+def class_table(names: ClassTable | Sequence[str]) -> ClassTable:
+    """A class table from a list of names (``data.options.classes`` in a config); two names are binary."""
+    if isinstance(names, ClassTable):
+        return names
+    if isinstance(names, str) or not all(isinstance(n, str) for n in names) or len(names) < 2:
+        raise DataError(f"classes: expected a list of at least two class names, got {names!r}")
+    if len(names) == 2:
+        return ClassTable(tuple(names), ((0, 0, 0), (255, 255, 255)), foreground=1)
+    return ClassTable(tuple(names))
 
 
 def _resolve(root: Path, sub: str | Path) -> Path:
@@ -147,14 +148,16 @@ def _resolve(root: Path, sub: str | Path) -> Path:
 
 
 def folder_source(root: str | Path, *, images: str | Path = "images", masks: str | Path = "masks",
-                  unlabeled: str | Path | None = None, classes: ClassTable | None = None,
+                  unlabeled: str | Path | None = None, classes: ClassTable | Sequence[str] | None = None,
                   mask_format: str | MaskDecoder = "auto", name: str | None = None,
                   splits: Mapping[str, str | Path] | None = None,
                   group_of: Callable[[str], str | None] | None = None,
                   subset: str | None = None) -> DataSource:
     """A source from ``root/images`` + ``root/masks`` paired by stem, and optional unlabeled images.
 
-    ``mask_format`` is ``auto`` (decided from the first mask, see ``choose_mask_format``),
+    ``unlabeled`` defaults to ``root/unlabeled`` when that folder exists (the documented layout).
+    ``classes`` is a ClassTable or a list of names (from a config). ``mask_format`` is ``auto`` (decided
+    from the first mask, see ``choose_mask_format``),
     ``threshold``, ``index``, ``color`` or a ready decoder. ``splits`` maps a split name to a stem-list
     file (relative to ``root``) that becomes ``fixed_splits``; ``group_of(stem)`` sets sample groups.
     """
@@ -173,6 +176,7 @@ def folder_source(root: str | Path, *, images: str | Path = "images", masks: str
         raise DataError(f"{img_dir}: no image for {len(no_img)} masks of {mask_dir}: {_show(no_img)}")
 
     mask_paths = list(msks.values())
+    classes = class_table(classes) if classes is not None else None
     if callable(mask_format):
         if classes is None:
             raise DataError(f"{root}: a custom mask decoder needs an explicit class table")
@@ -188,6 +192,8 @@ def folder_source(root: str | Path, *, images: str | Path = "images", masks: str
 
     samples = [Sample(s, imgs[s], msks[s], group(s), subset) for s in imgs]
     unl: list[Sample] = []
+    if unlabeled is None and (root / "unlabeled").is_dir():
+        unlabeled = "unlabeled"
     if unlabeled is not None:
         unl_dir = _resolve(root, unlabeled)
         found = list_images(unl_dir, what="unlabeled images")

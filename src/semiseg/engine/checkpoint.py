@@ -1,16 +1,36 @@
-"""Atomic checkpoint files and the RNG state that makes a resumed run equal an uninterrupted one."""
+"""Atomic checkpoint files and the RNG state that makes a resumed run equal an uninterrupted one.
+
+Checkpoints hold only tensors and plain Python values (dicts, lists, numbers, strings) so that they load
+with ``torch.load(weights_only=True)``: a crafted ``.pt`` file in a run directory cannot run code.
+"""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import pickle
 import random
+import re
+import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from semiseg.errors import CheckpointError, OutputError
+
+# errno values that mean "the output location cannot take this file" (not a bug in semiseg)
+OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG})
+
+
+def output_error(path: Path, err: OSError) -> OutputError:
+    """A one-line error for a write to ``path`` that failed (disk full, read-only, no permission)."""
+    what = "no space left on the device" if err.errno in (errno.ENOSPC, errno.EDQUOT) else (err.strerror or str(err))
+    return OutputError(f"{path}: cannot write ({what})")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -23,8 +43,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.errno in OUTPUT_ERRNOS:
+            raise output_error(path, err) from None
         raise
 
 
@@ -33,35 +55,84 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """``torch.save`` through a temporary file: a kill mid-write never leaves a broken checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """``torch.save`` through a temporary file: a kill mid-write (or a full disk) never leaves a broken
+    checkpoint; the previous file stays intact. A failed write is an :class:`OutputError` naming ``path``."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise output_error(path, err) from None
     try:
         with os.fdopen(fd, "wb") as fh:
             torch.save(state, fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
+        # torch's zip writer reports a full disk as a RuntimeError without the errno: look at the disk
+        # while the partial temporary file still fills it
+        full = isinstance(err, RuntimeError) and _nearly_full(path.parent)
         Path(tmp).unlink(missing_ok=True)
+        if full:
+            err = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if isinstance(err, OSError) and err.errno in OUTPUT_ERRNOS:
+            kept = " (the previous file is intact)" if path.exists() else ""
+            raise OutputError(f"{output_error(path, err)}{kept}") from None
         raise
 
 
+def _nearly_full(folder: Path) -> bool:
+    try:
+        return shutil.disk_usage(folder).free < 1 << 20
+    except OSError:
+        return False
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    return torch.load(path, map_location=map_location, weights_only=False)
+    """A checkpoint, loaded with ``weights_only=True``: a file holding anything but tensors and plain
+    values (a pickle that would run code) is refused, as is a truncated or corrupt file, with its path."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        raise CheckpointError(
+            f"{path}: refused: the file holds Python objects other than tensors and plain values"
+            f"{f' ({found.group(1)})' if found else ''}, so loading it could run code; semiseg never writes such "
+            "files. Do not use it; delete it and train (or resume) again") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as err:
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0][:160] if str(err) else 'no detail'}); delete it "
+                              "to restart from the one before, or train again") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a semiseg checkpoint (holds a {type(state).__name__}, not a dict)")
+    return state
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python, numpy and torch RNG states as plain lists and tensors (loadable with ``weights_only``)."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "numpy": [str(name), torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss),
+                  float(cached)],
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys.cpu().numpy() if torch.is_tensor(keys) else keys, dtype=np.uint32),
+                         pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 

@@ -19,7 +19,7 @@ from semiseg.data.normalization import set_channels_last
 from semiseg.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from semiseg.engine.distributed import DistInfo, all_reduce_mean, broadcast_object
 from semiseg.engine.task import Optimized, StepContext, TrainingTask
-from semiseg.errors import ConfigError
+from semiseg.errors import ConfigError, TrainingDiverged
 from semiseg.models.factory import param_group_of, unwrap
 
 Evaluate = Callable[[nn.Module], dict[str, float]]
@@ -90,6 +90,7 @@ class Trainer:
         self.step = 0
         self.best: dict[str, Any] = {"metric": None, "step": None}
         self.best_extra: dict[str, dict[str, Any]] = {}  # per extra eval net (TrainingTask.extra_eval_nets)
+        self._saved_step: int | None = None  # step of the last.pt on disk (named when training diverges)
         self._tb = None
 
     # -- setup -------------------------------------------------------------------------------------
@@ -123,12 +124,39 @@ class Trainer:
     def optimize(self, name: str, loss: torch.Tensor) -> None:
         opt, scaler = self.optimizers[name], self.scalers[name]
         opt.zero_grad(set_to_none=True)
+        if not bool(torch.isfinite(loss.detach()).all()):  # never step on a NaN/inf loss: the weights would follow
+            self._diverged(f"the loss of {name!r} is {float(loss.detach().float().mean())}", name)
         scaler.scale(loss).backward()
+        params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
         if self.train.grad_clip is not None:
             scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], self.train.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(params, self.train.grad_clip)
+        elif not scaler.is_enabled():
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        else:
+            norm = None
+        # with an fp16 GradScaler, non-finite gradients are expected now and then: the scaler skips the step
+        # and lowers its scale. Without one they mean the run has diverged.
+        if norm is not None and not scaler.is_enabled() and not math.isfinite(float(norm)):
+            self._diverged(f"the gradient norm of {name!r} is {float(norm)}", name)
         scaler.step(opt)
         scaler.update()
+
+    def _diverged(self, what: str, name: str) -> None:
+        lr = self.optimizers[name].param_groups[0]["lr"]
+        last = (f"; the last good checkpoint is {self.ckpt_dir / 'last.pt'} (step {self._saved_step}), but a run's "
+                "config is fixed: train a new run (--set name=...) with the changed setting"
+                if self._saved_step is not None else "")
+        raise TrainingDiverged(
+            f"stage {self.stage_dir.name}: training diverged at step {self.step + 1}: {what}. Remedies: a lower "
+            f"train.lr (now {lr:g}), train.grad_clip (e.g. 1.0), mixed precision off (train.amp=none){last}")
+
+    def _check_finite_weights(self, net: nn.Module, what: str) -> None:
+        bad = [k for k, v in unwrap(net).state_dict().items()
+               if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            self._diverged(f"{what} has non-finite weights ({', '.join(bad[:3])}"
+                           f"{', ...' if len(bad) > 3 else ''})", next(iter(self.optimizers)))
 
     def _set_lr(self) -> float:
         lr0 = 0.0
@@ -206,6 +234,7 @@ class Trainer:
         best = self.best if extra is None else self.best_extra.get(extra, {"metric": None, "step": None})
         metric = scores.get(self.val_metric)  # type: ignore[union-attr]
         if metric is not None and math.isfinite(metric) and (best["metric"] is None or metric > best["metric"]):
+            self._check_finite_weights(net, "the validated network")  # NaN weights are never 'best'
             if extra is None:
                 self.best = {"metric": metric, "step": self.step}
             else:
@@ -220,6 +249,7 @@ class Trainer:
         last = self.ckpt_dir / "last.pt"
         if last.exists():
             self.load_state_dict(load_checkpoint(last, self.device))
+            self._saved_step = self.step
             self._truncate_metrics()
         elif self.dist.is_main:
             self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
@@ -252,7 +282,10 @@ class Trainer:
                 if record:
                     self._log({"step": self.step, **record})
                 if self.step % self.train.checkpoint_every == 0 or self.step == self.total:
+                    for net_name, net in self.task.nets.items():  # a diverged state must not replace a good one
+                        self._check_finite_weights(net, f"network {net_name!r}")
                     self._save("last.pt", self.state_dict())
+                    self._saved_step = self.step
                 if progress is not None:
                     progress.update(bar, completed=self.step)
         if self._tb is not None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
@@ -82,24 +81,11 @@ def build_model(config: ModelConfig, num_classes: int, in_channels: int = 3) -> 
 
 
 def load_weights(model: nn.Module, path: Path) -> None:
-    """Load a full-model or encoder-only state dict (keys with or without an ``encoder.`` prefix)."""
-    if not path.is_file():
-        raise ConfigError(f"model.weights: file not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file for the user
-        raise ConfigError(f"model.weights: {path} is not a readable PyTorch state dict ({err})") from err
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
-    own = model.state_dict()
-    if all(k in own for k in state):
-        model.load_state_dict(state, strict=False)
-        return
-    encoder = model.encoder  # type: ignore[attr-defined]
-    missing, unexpected = encoder.load_state_dict(
-        {k.removeprefix("encoder."): v for k, v in state.items()}, strict=False
-    )
-    if unexpected and len(unexpected) == len(state):
-        raise ConfigError(f"model.weights: no key of {path} matches the model or its encoder")
+    """Load a full-model or encoder-only state dict (keys with or without an ``encoder.`` prefix), or a
+    semiseg checkpoint; a partial or mismatched load is an error naming the keys (``models.weights``)."""
+    from semiseg.models.weights import load_weight_file
+
+    load_weight_file(model, path)
 
 
 def param_group_of(name: str) -> ParamGroup:

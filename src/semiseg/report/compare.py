@@ -191,6 +191,7 @@ def _side_by_side(slabel: str, groups: list[MethodGroup], n_images: int, thumb_p
         try:
             ctx, model = load_run(rep.path)
         except SemisegError as e:
+            log(f"report: {rep.path}: pictures unavailable: {e}")
             for s in stems:
                 cells[s][g.label] = h("td", f"unavailable: {e}")
             continue

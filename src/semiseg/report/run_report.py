@@ -376,6 +376,7 @@ def write_run_report(run_dir: Path, *, out: Path | None = None, max_gallery: int
             preds, note, metric = _rank_and_predict(ctx, model, run, max_gallery, max_ranked, thumb_px, log)
     except SemisegError as e:
         ctx, note = None, f"pictures unavailable: {e}"
+        log(f"report: {note}")  # the page still has every number; the user must still hear why
     html = render_run_report(run, ctx, preds, gallery_note=note, metric=metric, thumb_px=thumb_px)
     if len(html.encode()) > RUN_REPORT_BUDGET:
         log(f"report: {len(html.encode()) / 1e6:.1f} MB is over the budget; halving the gallery")

@@ -1,0 +1,90 @@
+"""The class values present in every mask of a folder, read once and remembered by file content.
+
+A folder given without a class table gets its table from the values its masks hold. Reading *every*
+mask (not a sample of them) is what makes ``semiseg data inspect`` and ``train`` agree, and what finds a
+stray value before training instead of at the final test. The values of each mask are memoised in the
+decoded cache folder (``mask-values.json``, keyed by the file's content digest), so later runs read
+only masks that changed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from semiseg.data.cache import _atomic_write, _HashMemo, default_cache_dir
+from semiseg.data.classes import IGNORE_INDEX, ClassTable
+from semiseg.data.decode import IndexMask
+
+_MEMO_NAME = "mask-values.json"
+_PROBE = IndexMask(ClassTable(tuple(f"class_{i}" for i in range(255))))  # raw indices, 255 = void
+
+
+def mask_values(paths: Sequence[Path], cache_dir: Path | None = None) -> list[frozenset[int]]:
+    """The set of raw index values (255 included) of every mask in ``paths``, in order."""
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    usable = cache_dir.is_dir() or _try_mkdir(cache_dir)
+    hashes = _HashMemo(cache_dir / "file-hashes.json", enabled=usable)
+    memo_path = cache_dir / _MEMO_NAME
+    memo: dict[str, list[int]] = {}
+    if usable:
+        try:
+            loaded = json.loads(memo_path.read_text(encoding="utf-8"))
+            memo = loaded if isinstance(loaded, dict) else {}
+        except (OSError, ValueError):
+            memo = {}
+
+    def values(path: Path) -> tuple[str, frozenset[int]]:
+        digest = hashes.digest(path)
+        if isinstance(memo.get(digest), list):
+            return digest, frozenset(int(v) for v in memo[digest])
+        m = _PROBE(path)
+        return digest, frozenset(int(v) for v in np.flatnonzero(np.bincount(m.ravel(), minlength=256)))
+
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as ex:
+        found = list(ex.map(values, paths))
+    hashes.save()
+    fresh = {d: sorted(v) for d, v in found if d not in memo}
+    if usable and fresh:
+        try:
+            _atomic_write(memo_path, json.dumps({**memo, **fresh}).encode())
+        except OSError:
+            pass  # an optimisation only: a read-only cache folder reads the masks again next time
+    return [v for _, v in found]
+
+
+def _try_mkdir(path: Path) -> bool:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        return True
+    except OSError:
+        return False
+
+
+def table_from_values(folder: Path, paths: Sequence[Path], values: Sequence[frozenset[int]]) -> ClassTable | str:
+    """The class table the values imply, or a message naming the files when they look wrong.
+
+    Values within {0, 1} -> binary ``background/object``; ``0..K`` without gaps -> ``class_0 .. class_K``.
+    A gap (values 0, 1 and 7, say) means a stray value far more often than a class that never occurs:
+    that is reported with the files holding the values above the gap.
+    """
+    found = set().union(*values) - {IGNORE_INDEX} if values else set()
+    top = max(found, default=0)
+    if top <= 1:
+        return ClassTable.binary("object")
+    missing = sorted(set(range(top + 1)) - found)
+    if not missing:
+        return ClassTable(tuple(f"class_{i}" for i in range(top + 1)))
+    above = sorted(v for v in found if v > missing[0])
+    files = [p.name for p, v in zip(paths, values, strict=True) if v & set(above)]
+    shown = ", ".join(files[:5]) + (f", ... ({len(files)} files)" if len(files) > 5 else "")
+    gap = f"{missing[0]}" if len(missing) == 1 else f"{missing[0]}..{missing[-1]}" if \
+        missing == list(range(missing[0], missing[-1] + 1)) else ", ".join(map(str, missing[:8]))
+    return (f"{folder}: the masks hold values {', '.join(map(str, sorted(found)))} but {gap} in none, so "
+            f"{', '.join(map(str, above))} look stray: in {shown}. Fix those masks, or name every class with "
+            f"data.options.classes=[name0, name1, ...] ({top + 1} names for values 0..{top})")

@@ -1,0 +1,85 @@
+"""Checks that run before a run directory appears: everything a user can get wrong fails here, with the
+culprit named, instead of after minutes of training or halfway through writing a run directory."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from semiseg.data.splits import Splits
+from semiseg.data.types import DataSource
+from semiseg.errors import ConfigError, DataError, OutputError
+
+MB = 1 << 20
+
+
+def check_split_masks(source: DataSource, splits: Splits, where: str) -> None:
+    """Every stem of a split exists, and labeled / val / test stems have masks (unlabeled need none)."""
+    by_stem = source.by_stem()
+    for name in ("labeled", "unlabeled", "val", "test"):
+        stems = getattr(splits, name)
+        unknown = [s for s in stems if s not in by_stem]
+        if unknown:
+            with_ext = [s for s in unknown if Path(s).stem in by_stem]
+            hint = f" ({', '.join(with_ext[:3])}: list stems without the file extension)" if with_ext else ""
+            raise DataError(f"{where}/{name}.txt: {len(unknown)} stem(s) not in the data: "
+                            f"{', '.join(map(repr, unknown[:5]))}{hint}")
+        if name != "unlabeled":
+            no_mask = [s for s in stems if by_stem[s].mask is None]
+            if no_mask:
+                raise DataError(f"{where}/{name}.txt: {len(no_mask)} stem(s) have no mask ("
+                                f"{', '.join(map(repr, no_mask[:5]))}); only unlabeled.txt may list them")
+    if not splits.labeled:
+        raise DataError(f"{where}/labeled.txt: no labeled images")
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_output_dir(out_dir: Path, need_bytes: int) -> None:
+    """``out_dir`` can be created and written, and has room for about ``need_bytes`` (one checkpoint)."""
+    base = _existing_ancestor(Path(out_dir))
+    if not base.is_dir():
+        raise OutputError(f"out_dir={out_dir}: {base} is a file, not a folder")
+    try:  # a real write, not os.access: root passes access() on read-only bind mounts too
+        fd, probe = tempfile.mkstemp(prefix=".semiseg-write-test-", dir=base)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise OutputError(f"out_dir={out_dir}: cannot write in {base} ({err.strerror}); choose another "
+                          "folder with --set out_dir=...") from None
+    free = shutil.disk_usage(base).free
+    if free < need_bytes:
+        raise OutputError(f"out_dir={out_dir}: {free / MB:.0f} MB free on its disk, a checkpoint of this model "
+                          f"needs about {need_bytes / MB:.0f} MB; free space or choose another out_dir")
+
+
+def checkpoint_bytes(model: object) -> int:
+    """Rough size of one full-state checkpoint: weights plus two optimizer moments (Adam), plus the best
+    weights, plus a margin."""
+    params = sum(t.numel() * t.element_size() for t in model.state_dict().values())  # type: ignore[attr-defined]
+    return 4 * params + 4 * MB
+
+
+def check_writable_file(path: Path, option: str) -> None:
+    """``path`` can be written (its folder exists and takes files), checked before any long work."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise ConfigError(f"{option} {path}: is a folder; give a file name")
+    if not parent.is_dir():
+        raise ConfigError(f"{option} {path}: folder {parent} does not exist")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+        if path.exists() and not os.access(path, os.W_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as err:
+        raise OutputError(f"{option} {path}: cannot write there ({err.strerror})") from None
