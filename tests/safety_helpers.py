@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 # a 0.3M-parameter network and 32x32 images: a run takes about two seconds on one core
-TINY = ["data.size=[32,32]", "model.encoder=tu-mobilenetv3_small_050", "model.decoder_channels=[16,16,16,8,8]",
+TINY = ["data.size=[32,32]", "model.encoder=tu-mobilenetv3_small_050", "model.weights=none",
+        "model.decoder_channels=[16,16,16,8,8]",
         "train.steps=6", "train.eval_every=3", "train.checkpoint_every=3", "train.batch_size=4",
         "train.progress=false", "train.threads=1", "split.labeled=0.4", "split.val=0.2", "split.test=0.2"]
 

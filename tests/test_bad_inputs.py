@@ -73,7 +73,8 @@ def _config(env: Env, text: str) -> list[str]:
 
 
 def _other_encoder(env: Env) -> str:
-    net = build_model(ModelConfig(encoder="tu-mobilenetv3_small_075", decoder_channels=[16, 16, 16, 8, 8]), 2)
+    net = build_model(ModelConfig(encoder="tu-mobilenetv3_small_075", weights="none",
+                                    decoder_channels=[16, 16, 16, 8, 8]), 2)
     return env.weights(net.state_dict())
 
 

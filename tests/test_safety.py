@@ -240,7 +240,8 @@ def test_model_weights_from_a_run_another_encoder_and_partial(finished, tmp_path
     assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())  # our own checkpoint loads
     last = finished / "stages" / "0-supervised" / "checkpoints" / "last.pt"
     build_model(cfg.model.model_copy(update={"weights": str(last)}), 2)  # one network: loads too
-    other = build_model(ModelConfig(encoder="tu-mobilenetv3_small_075", decoder_channels=[16, 16, 16, 8, 8]), 2)
+    other = build_model(ModelConfig(encoder="tu-mobilenetv3_small_075", weights="none",
+                                    decoder_channels=[16, 16, 16, 8, 8]), 2)
     torch.save(other.encoder.state_dict(), tmp_path / "other.pt")
     with pytest.raises(Exception, match=r"another shape .*encoder"):
         build_model(cfg.model.model_copy(update={"weights": str(tmp_path / "other.pt")}), 2)
