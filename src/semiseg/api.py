@@ -169,9 +169,12 @@ def load_run(run_dir: Path, *, console: Any = None) -> tuple[RunContext, torch.n
 
 def evaluate(run_dir: Path, *, data: str | None = None, root: str | None = None, split: str = "test",
              protocol: str | None = None, window: tuple[int, int] | None = None,
-             stride: tuple[int, int] | None = None) -> dict[str, Any]:
-    """Evaluate a run's model on a split of its own data, or on every labeled image of another source."""
+             stride: tuple[int, int] | None = None, progress: bool = True, console: Any = None,
+             batch_size: int = 8) -> dict[str, Any]:
+    """Evaluate a run's model on a split of its own data, or on every labeled image of another source.
+    ``progress``: a bar with images/s and ETA (also off when the run's ``train.progress`` is false)."""
     from semiseg.evaluation.evaluator import evaluate_source
+    from semiseg.progress import progress_bar
 
     ctx, model = load_run(run_dir)
     cfg = ctx.config
@@ -186,47 +189,50 @@ def evaluate(run_dir: Path, *, data: str | None = None, root: str | None = None,
     if source.classes.num_classes != ctx.classes.num_classes:
         raise ConfigError(f"--data {data}: {source.classes.num_classes} classes, the model has "
                           f"{ctx.classes.num_classes}")
-    res = evaluate_source(model, source, stems, protocol=protocol or cfg.eval.protocol,
-                          size=tuple(cfg.data.size), window=window or cfg.eval.window,
-                          stride=stride or cfg.eval.stride, device=ctx.device)
+    with progress_bar("evaluate", len(stems), enabled=progress and cfg.train.progress, console=console) as update:
+        res = evaluate_source(model, source, stems, protocol=protocol or cfg.eval.protocol,
+                              size=tuple(cfg.data.size), window=window or cfg.eval.window,
+                              stride=stride or cfg.eval.stride, device=ctx.device, progress=update,
+                              batch_size=batch_size)
     out = res.to_dict()
     out["headline"] = res.headline()
     return out
 
 
-def predict(run_dir: Path, images: Path, out_dir: Path, *, protocol: str | None = None) -> int:
-    """Write a PNG mask (class indices, palette) and an overlay for every image in ``images``."""
+def predict(run_dir: Path, images: Path, out_dir: Path, *, protocol: str | None = None, progress: bool = True,
+            console: Any = None, batch_size: int = 8) -> int:
+    """Write a PNG mask (class indices, palette) and an overlay for every image in ``images``.
+
+    ``run_dir`` is a finished run directory or a model exported by ``semiseg export`` (``.onnx``: predicted by
+    onnxruntime through :mod:`semiseg.deploy.onnx_predict`, the same files)."""
     import numpy as np
-    from PIL import Image
 
     from semiseg.data.decode import read_image
+    from semiseg.data.prefetch import prefetch
     from semiseg.data.sources import list_images
-    from semiseg.evaluation.inference import predict_probs
+    from semiseg.deploy.outputs import MaskWriter
+    from semiseg.evaluation.batched import BatchPredictor
+    from semiseg.progress import progress_bar
 
+    if Path(run_dir).suffix == ".onnx":
+        from semiseg.deploy.onnx_predict import predict_folder
+
+        return predict_folder(Path(run_dir), images, out_dir, protocol=protocol, batch_size=batch_size,
+                              progress=progress, console=console)
     ctx, model = load_run(run_dir)
     cfg = ctx.config
     files = list(list_images(Path(images)).values())
-    out_dir = Path(out_dir)
-    (out_dir / "masks").mkdir(parents=True, exist_ok=True)
-    (out_dir / "overlays").mkdir(parents=True, exist_ok=True)
-    palette = np.array(ctx.classes.palette(), dtype=np.uint8)
-    flat_palette = palette.flatten().tolist() + [0] * (768 - palette.size)
-    for path in files:
+    predictor = BatchPredictor(model, protocol=protocol or cfg.eval.protocol, size=tuple(cfg.data.size),
+                               window=cfg.eval.window, stride=cfg.eval.stride, num_classes=ctx.classes.num_classes,
+                               device=ctx.device, batch_size=batch_size)
+
+    def load(path: Path) -> tuple[np.ndarray, np.ndarray | None, tuple[Path, np.ndarray]]:
         image = read_image(path)
-        pred = predict_probs(model, image, protocol=protocol or cfg.eval.protocol, size=tuple(cfg.data.size),
-                             window=cfg.eval.window, stride=cfg.eval.stride,
-                             num_classes=ctx.classes.num_classes, device=ctx.device)
-        label = pred.probs.argmax(0).cpu().numpy().astype(np.uint8)
-        mask = Image.fromarray(label, mode="P")
-        mask.putpalette(flat_palette)
-        _save_atomic(mask, out_dir / "masks" / f"{path.stem}.png")
-        overlay = (0.55 * image + 0.45 * palette[label]).astype(np.uint8)
-        overlay[label == 0] = image[label == 0]
-        _save_atomic(Image.fromarray(overlay), out_dir / "overlays" / f"{path.stem}.jpg")
+        return image, predictor.prepare(image), (path, image)
+
+    with MaskWriter(Path(out_dir), ctx.classes.palette()) as writer, \
+            progress_bar("predict", len(files), enabled=progress and cfg.train.progress, console=console) as update:
+        for k, ((path, image), pred) in enumerate(predictor.run(prefetch(load, files, depth=2 * batch_size))):
+            writer.write(path.stem, image, pred.labels().cpu().numpy().astype(np.uint8))
+            update(k + 1, len(files))
     return len(files)
-
-
-def _save_atomic(image: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    image.save(tmp)
-    os.replace(tmp, path)

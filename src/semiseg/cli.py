@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from semiseg.errors import ConfigError, SemisegError
@@ -21,6 +22,7 @@ console = Console(stderr=True)
 out = Console()
 
 SetOption = Annotated[list[str] | None, typer.Option("--set", help="override a config key: a.b=c (repeatable)")]
+NoProgress = Annotated[bool, typer.Option("--no-progress", help="no progress bar (also off when not a terminal)")]
 
 
 def _pair(value: str | None) -> tuple[int, int] | None:
@@ -91,27 +93,48 @@ def evaluate(run: Annotated[Path, typer.Argument(help="finished run directory")]
              window: Annotated[str | None, typer.Option(help="sliding window H,W")] = None,
              stride: Annotated[str | None, typer.Option(help="sliding stride H,W")] = None,
              json_out: Annotated[Path | None, typer.Option("--json", help="also write metrics here")] = None,
-             ) -> None:
+             no_progress: NoProgress = False) -> None:
     """Evaluate a run's model at original resolution."""
     from semiseg import api
 
     res = api.evaluate(run, data=data, root=root, split=split, protocol=protocol, window=_pair(window),
-                       stride=_pair(stride))
+                       stride=_pair(stride), progress=not no_progress, console=console)
     if json_out:
         json_out.write_text(json.dumps(res, indent=1))
     _print_results({"name": str(run), "method": "evaluate", "test": res})
 
 
 @app.command()
-def predict(run: Annotated[Path, typer.Argument(help="finished run directory")],
+def predict(run: Annotated[Path, typer.Argument(help="finished run directory, or a model.onnx from `export`")],
             images: Annotated[Path, typer.Argument(help="folder of images")],
             out_dir: Annotated[Path, typer.Argument(help="where masks/ and overlays/ go")],
-            protocol: Annotated[str | None, typer.Option(help="inference protocol")] = None) -> None:
+            protocol: Annotated[str | None, typer.Option(help="inference protocol")] = None,
+            no_progress: NoProgress = False) -> None:
     """Segment every image of a folder: PNG masks and overlay images."""
-    from semiseg import api
+    if run.suffix == ".onnx":  # the deploy path: onnxruntime only, torch is never imported
+        from semiseg.deploy.onnx_predict import predict_folder
 
-    n = api.predict(run, images, out_dir, protocol=protocol)
+        n = predict_folder(run, images, out_dir, protocol=protocol, progress=not no_progress, console=console)
+    else:
+        from semiseg import api
+
+        n = api.predict(run, images, out_dir, protocol=protocol, progress=not no_progress, console=console)
     out.print(f"wrote {n} masks to {out_dir / 'masks'} and overlays to {out_dir / 'overlays'}")
+
+
+@app.command()
+def export(run: Annotated[Path, typer.Argument(help="finished run directory")],
+           format_: Annotated[str, typer.Option("--format", help="onnx")] = "onnx",
+           out_file: Annotated[Path | None, typer.Option("--out", help="model file (default RUN/model.onnx); "
+                                                         "its preprocessing goes beside it as .json")] = None) -> None:
+    """The run's delivered model as ONNX (dynamic batch and size, normalisation inside), parity-checked
+    against PyTorch on the run's test images; fails and writes nothing if they differ."""
+    from semiseg.export import export_run
+
+    meta = export_run(run, out_file, fmt=format_, log=console.print)
+    pre = meta["preprocessing"]
+    out.print(f"wrote {meta['path']} (opset {meta['opset']}, input [0,1] RGB NCHW, {pre['protocol']} "
+              f"{pre['size'][0]}x{pre['size'][1]}) and {Path(meta['path']).with_suffix('.json')}")
 
 
 @app.command()
@@ -188,7 +211,8 @@ def report(runs: Annotated[list[Path], typer.Argument(help="run directory (sever
            compare: Annotated[bool, typer.Option("--compare", help="one page comparing the runs' methods")] = False,
            out_file: Annotated[Path | None, typer.Option("--out", help="HTML file (default RUN/report.html; "
                                                          "with --compare, compare.html next to the runs)")] = None,
-           threads: Annotated[int | None, typer.Option(help="torch CPU threads while predicting")] = None) -> None:
+           threads: Annotated[int | None, typer.Option(help="torch CPU threads while predicting")] = None,
+           no_progress: NoProgress = False) -> None:
     """A self-contained HTML page (images embedded, opens offline) about a run, or comparing methods."""
     from semiseg.report import write_compare_report, write_run_report
 
@@ -197,7 +221,8 @@ def report(runs: Annotated[list[Path], typer.Argument(help="run directory (sever
     elif len(runs) != 1:
         raise SemisegError("report: give one run directory, or several with --compare")
     else:
-        path = write_run_report(runs[0], out=out_file, threads=threads, log=console.print)
+        path = write_run_report(runs[0], out=out_file, threads=threads, log=console.print,
+                                progress=not no_progress, console=console)
     out.print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
 
 
@@ -205,7 +230,8 @@ def main() -> None:
     try:
         app()
     except SemisegError as err:
-        console.print(f"[bold red]error:[/bold red] {err}", highlight=False)
+        # escaped: a message may hold brackets (pip install 'semiseg[export]') that rich would eat as markup
+        console.print(f"[bold red]error:[/bold red] {escape(str(err))}", highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("interrupted: `semiseg resume RUN_DIR` continues from the last checkpoint")
