@@ -97,7 +97,7 @@ def main() -> None:
 
         def torch_image() -> object:
             return predict_probs(model, frame, protocol="resize", size=(h, w), num_classes=classes.num_classes
-                                 ).probs.argmax(0)
+                                 ).labels()
 
         results = {
             "torch graph": median_ms(torch_graph, args.iters),

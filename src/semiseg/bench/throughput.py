@@ -120,7 +120,8 @@ def bare_inference(model: torch.nn.Module, files: list[Path], batch: int, size: 
         with torch.inference_mode():
             probs = model(x).softmax(1)
             for k, im in enumerate(images):
-                F.interpolate(probs[k:k + 1], size=im.shape[:2], mode="bilinear", align_corners=False).argmax(1)
+                up = F.interpolate(probs[k:k + 1], size=im.shape[:2], mode="bilinear", align_corners=False)
+                up.max(1).indices  # noqa: B018 - the labels (max, not argmax: same result, see Prediction.labels)
     return time.perf_counter() - t0
 
 
