@@ -95,6 +95,18 @@ def test_every_method_family_exports_its_delivered_model(runs, family) -> None:
                                                                                        "img2.jpg"]
 
 
+@pytest.mark.parametrize("protocol", ["whole", "sliding_window", "center_crop"])
+def test_onnx_predict_follows_every_protocol(runs, tmp_path, protocol) -> None:
+    tmp, run_dirs = runs
+    run = run_dirs["sup"]
+    if not (run / "model.onnx").exists():
+        semiseg(["export", str(run)], tmp)
+    images = _images(tmp_path / "images")
+    for model, out in ((run / "model.onnx", "onnx"), (run, "torch")):
+        semiseg(["predict", str(model), str(images), str(tmp_path / out), "--protocol", protocol], tmp)
+    _assert_same_masks(tmp_path / "onnx", tmp_path / "torch")
+
+
 def test_onnx_masks_equal_run_masks_on_real_images(runs, tmp_path) -> None:
     data = _shared_data()
     if data is None:
