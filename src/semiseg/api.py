@@ -10,7 +10,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import torch
 from semiseg.config import RunConfig, dump_config, load_config
 from semiseg.data.presets import load_source
 from semiseg.data.splits import SPLIT_NAMES, Splits, make_splits
+from semiseg.deploy.outputs import Predicted
 from semiseg.engine.checkpoint import OUTPUT_ERRNOS, atomic_write_text, output_error, seed_everything
 from semiseg.engine.distributed import barrier, init_distributed, resolve_device
 from semiseg.errors import (
@@ -269,9 +269,11 @@ def load_run(run_dir: Path, *, console: Any = None, check: tuple[str, ...] = (),
 def evaluate(run_dir: Path, *, data: str | None = None, root: str | None = None, split: str = "test",
              protocol: str | None = None, window: tuple[int, int] | None = None,
              stride: tuple[int, int] | None = None, accept_changed_data: bool = False,
-             log: Any = print) -> dict[str, Any]:
-    """Evaluate a run's model on a split of its own data, or on every labeled image of another source."""
+             log: Any = print, progress: bool = True, console: Any = None, batch_size: int = 8) -> dict[str, Any]:
+    """Evaluate a run's model on a split of its own data, or on every labeled image of another source.
+    ``progress``: a bar with images/s and ETA (also off when the run's ``train.progress`` is false)."""
     from semiseg.evaluation.evaluator import evaluate_source
+    from semiseg.progress import progress_bar
 
     if split not in ("labeled", "val", "test", "unlabeled"):
         raise ConfigError(f"--split {split!r}: choose labeled, val, test or unlabeled")
@@ -287,75 +289,62 @@ def evaluate(run_dir: Path, *, data: str | None = None, root: str | None = None,
     if source.classes.num_classes != ctx.classes.num_classes:
         raise ConfigError(f"--data {data}: {source.classes.num_classes} classes, the model has "
                           f"{ctx.classes.num_classes}")
-    res = evaluate_source(model, source, stems, protocol=protocol or cfg.eval.protocol,
-                          size=tuple(cfg.data.size), window=window or cfg.eval.window,
-                          stride=stride or cfg.eval.stride, device=ctx.device)
+    with progress_bar("evaluate", len(stems), enabled=progress and cfg.train.progress, console=console) as update:
+        res = evaluate_source(model, source, stems, protocol=protocol or cfg.eval.protocol,
+                              size=tuple(cfg.data.size), window=window or cfg.eval.window,
+                              stride=stride or cfg.eval.stride, device=ctx.device, progress=update,
+                              batch_size=batch_size)
     out = res.to_dict()
     out["headline"] = res.headline()
     return out
 
 
-@dataclass
-class Predicted:
-    """What ``predict`` did: the images it wrote a mask and overlay for, and the files it skipped (why)."""
-
-    written: list[Path] = field(default_factory=list)
-    skipped: list[tuple[Path, str]] = field(default_factory=list)
-
-
-def predict(run_dir: Path, images: Path, out_dir: Path, *, protocol: str | None = None,
-            log: Any = print) -> Predicted:
+def predict(run_dir: Path, images: Path, out_dir: Path, *, protocol: str | None = None, log: Any = print,
+            progress: bool = True, console: Any = None, batch_size: int = 8) -> Predicted:
     """Write a PNG mask (class indices, palette) and an overlay for every image in ``images``.
 
-    An image that cannot be read is skipped (and listed in the result); the others are still predicted."""
+    An image that cannot be read is skipped (and listed in the result); the others are still predicted.
+    ``run_dir`` may also be a model exported by ``semiseg export`` (``.onnx``: predicted by onnxruntime through
+    :mod:`semiseg.deploy.onnx_predict`, the same files)."""
     import numpy as np
-    from PIL import Image
 
-    from semiseg.data.decode import read_image
+    from semiseg.data.prefetch import prefetch
     from semiseg.data.sources import list_images
-    from semiseg.evaluation.inference import predict_probs
+    from semiseg.deploy.outputs import MaskWriter, read_or_skip, readable
+    from semiseg.evaluation.batched import BatchPredictor
+    from semiseg.progress import progress_bar
 
     files = list(list_images(Path(images)).values())  # before loading the model: a wrong folder fails fast
     out_dir = Path(out_dir)
     check_output_dir(out_dir, 0)
+    if Path(run_dir).suffix == ".onnx":
+        from semiseg.deploy.onnx_predict import predict_folder
+
+        return predict_folder(Path(run_dir), images, out_dir, protocol=protocol, batch_size=batch_size,
+                              progress=progress, console=console, log=log)
     ctx, model = load_run(run_dir, log=log)
     cfg = ctx.config
+    predictor = BatchPredictor(model, protocol=protocol or cfg.eval.protocol, size=tuple(cfg.data.size),
+                               window=cfg.eval.window, stride=cfg.eval.stride, num_classes=ctx.classes.num_classes,
+                               device=ctx.device, batch_size=batch_size)
     done = Predicted()
+
+    def load(path: Path) -> tuple[np.ndarray | None, np.ndarray | None, tuple[Path, Any]]:
+        image, why = read_or_skip(path)
+        if image is None:
+            return None, None, (path, why)
+        return image, predictor.prepare(image), (path, image)
+
     try:
-        (out_dir / "masks").mkdir(parents=True, exist_ok=True)
-        (out_dir / "overlays").mkdir(parents=True, exist_ok=True)
+        with MaskWriter(out_dir, ctx.classes.palette()) as writer, \
+                progress_bar("predict", len(files), enabled=progress and cfg.train.progress, console=console) as update:
+            for (path, image), pred in predictor.run(readable(prefetch(load, files, depth=2 * batch_size), done)):
+                writer.write(path.stem, image, pred.labels().cpu().numpy().astype(np.uint8))
+                done.written.append(path)
+                update(len(done.written) + len(done.skipped), len(files))
     except OSError as err:
-        raise output_error(out_dir, err) from None
-    palette = np.array(ctx.classes.palette(), dtype=np.uint8)
-    flat_palette = palette.flatten().tolist() + [0] * (768 - palette.size)
-    for path in files:
-        try:
-            image = read_image(path)
-        except DataError as err:
-            done.skipped.append((path, str(err).removeprefix(f"{path}: ")))
-            continue
-        pred = predict_probs(model, image, protocol=protocol or cfg.eval.protocol, size=tuple(cfg.data.size),
-                             window=cfg.eval.window, stride=cfg.eval.stride,
-                             num_classes=ctx.classes.num_classes, device=ctx.device)
-        label = pred.probs.argmax(0).cpu().numpy().astype(np.uint8)
-        mask = Image.fromarray(label, mode="P")
-        mask.putpalette(flat_palette)
-        overlay = (0.55 * image + 0.45 * palette[label]).astype(np.uint8)
-        overlay[label == 0] = image[label == 0]
-        try:
-            _save_atomic(mask, out_dir / "masks" / f"{path.stem}.png")
-            _save_atomic(Image.fromarray(overlay), out_dir / "overlays" / f"{path.stem}.jpg")
-        except OSError as err:
-            raise OutputError(f"{output_error(out_dir / 'masks' / f'{path.stem}.png', err)}; "
-                              f"{len(done.written)} of {len(files)} images were written before") from None
-        done.written.append(path)
+        if err.errno not in OUTPUT_ERRNOS:
+            raise
+        raise OutputError(f"{output_error(out_dir / 'masks', err)}; at most {len(done.written)} of {len(files)} "
+                          "images were written before") from None
     return done
-
-
-def _save_atomic(image: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    try:
-        image.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

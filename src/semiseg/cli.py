@@ -27,6 +27,7 @@ def log_line(message: str) -> None:
 
 
 SetOption = Annotated[list[str] | None, typer.Option("--set", help="override a config key: a.b=c (repeatable)")]
+NoProgress = Annotated[bool, typer.Option("--no-progress", help="no progress bar (also off when not a terminal)")]
 
 
 def _pair(value: str | None) -> tuple[int, int] | None:
@@ -105,7 +106,7 @@ def evaluate(run: Annotated[Path, typer.Argument(help="finished run directory")]
              stride: Annotated[str | None, typer.Option(help="sliding stride H,W")] = None,
              json_out: Annotated[Path | None, typer.Option("--json", help="also write metrics here")] = None,
              accept_changed_data: AcceptOption = False,
-             ) -> None:
+             no_progress: NoProgress = False) -> None:
     """Evaluate a run's model at original resolution."""
     from semiseg import api
     from semiseg.engine.checkpoint import atomic_write_text
@@ -114,28 +115,52 @@ def evaluate(run: Annotated[Path, typer.Argument(help="finished run directory")]
     if json_out:
         check_writable_file(json_out, "--json")  # before the work, not after it
     res = api.evaluate(run, data=data, root=root, split=split, protocol=protocol, window=_pair(window),
-                       stride=_pair(stride), accept_changed_data=accept_changed_data, log=log_line)
+                       stride=_pair(stride), accept_changed_data=accept_changed_data, log=log_line,
+                       progress=not no_progress, console=console)
     if json_out:
         atomic_write_text(json_out, json.dumps(res, indent=1))
     _print_results({"name": str(run), "method": "evaluate", "test": res})
 
 
 @app.command()
-def predict(run: Annotated[Path, typer.Argument(help="finished run directory")],
+def predict(run: Annotated[Path, typer.Argument(help="finished run directory, or a model.onnx from `export`")],
             images: Annotated[Path, typer.Argument(help="folder of images")],
             out_dir: Annotated[Path, typer.Argument(help="where masks/ and overlays/ go")],
-            protocol: Annotated[str | None, typer.Option(help="inference protocol")] = None) -> None:
+            protocol: Annotated[str | None, typer.Option(help="inference protocol")] = None,
+            no_progress: NoProgress = False) -> None:
     """Segment every image of a folder: PNG masks and overlay images. Unreadable images are skipped, listed,
     and make the exit status 1."""
-    from semiseg import api
+    if run.suffix == ".onnx":  # the deploy path: onnxruntime only, torch is never imported
+        from semiseg.deploy.onnx_predict import predict_folder
 
-    done = api.predict(run, images, out_dir, protocol=protocol, log=log_line)
+        done = predict_folder(run, images, out_dir, protocol=protocol, progress=not no_progress, console=console,
+                              log=log_line)
+    else:
+        from semiseg import api
+
+        done = api.predict(run, images, out_dir, protocol=protocol, log=log_line, progress=not no_progress,
+                           console=console)
     out.print(f"wrote {len(done.written)} masks to {out_dir / 'masks'} and overlays to {out_dir / 'overlays'}")
     if done.skipped:
         console.print(f"[bold red]error:[/bold red] skipped {len(done.skipped)} unreadable image(s): "
                       + escape("; ".join(f"{p.name} ({why})" for p, why in done.skipped)), highlight=False,
                       soft_wrap=True)
         raise typer.Exit(1)
+
+
+@app.command()
+def export(run: Annotated[Path, typer.Argument(help="finished run directory")],
+           format_: Annotated[str, typer.Option("--format", help="onnx")] = "onnx",
+           out_file: Annotated[Path | None, typer.Option("--out", help="model file (default RUN/model.onnx); "
+                                                         "its preprocessing goes beside it as .json")] = None) -> None:
+    """The run's delivered model as ONNX (dynamic batch and size, normalisation inside), parity-checked
+    against PyTorch on the run's test images; fails and writes nothing if they differ."""
+    from semiseg.export import export_run
+
+    meta = export_run(run, out_file, fmt=format_, log=log_line)
+    pre = meta["preprocessing"]
+    out.print(f"wrote {meta['path']} (opset {meta['opset']}, input [0,1] RGB NCHW, {pre['protocol']} "
+              f"{pre['size'][0]}x{pre['size'][1]}) and {Path(meta['path']).with_suffix('.json')}")
 
 
 @app.command()
@@ -212,7 +237,8 @@ def report(runs: Annotated[list[Path], typer.Argument(help="run directory (sever
            compare: Annotated[bool, typer.Option("--compare", help="one page comparing the runs' methods")] = False,
            out_file: Annotated[Path | None, typer.Option("--out", help="HTML file (default RUN/report.html; "
                                                          "with --compare, compare.html next to the runs)")] = None,
-           threads: Annotated[int | None, typer.Option(help="torch CPU threads while predicting")] = None) -> None:
+           threads: Annotated[int | None, typer.Option(help="torch CPU threads while predicting")] = None,
+           no_progress: NoProgress = False) -> None:
     """A self-contained HTML page (images embedded, opens offline) about a run, or comparing methods."""
     from semiseg.report import write_compare_report, write_run_report
 
@@ -221,7 +247,8 @@ def report(runs: Annotated[list[Path], typer.Argument(help="run directory (sever
     elif len(runs) != 1:
         raise SemisegError("report: give one run directory, or several with --compare")
     else:
-        path = write_run_report(runs[0], out=out_file, threads=threads, log=log_line)
+        path = write_run_report(runs[0], out=out_file, threads=threads, log=log_line,
+                                progress=not no_progress, console=console)
     out.print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
 
 

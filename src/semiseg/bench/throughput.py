@@ -1,8 +1,8 @@
-"""Training-step throughput of the engine vs a bare PyTorch loop on the same model, batch and tensors.
-
-The model is the product's default (the pretrained Lite0 Unet); the bare loop runs in both memory layouts
-(contiguous NCHW and channels-last NHWC), so the layout ``train.channels_last: auto`` picks is measured on the
-device at hand, and the engine is compared with the faster one."""
+"""Throughput of semiseg vs a bare PyTorch loop on the same model (the product's default, the pretrained Lite0
+Unet): training steps (engine vs bare loop, same batch and tensors; the bare loop in both memory layouts, NCHW
+and channels-last, so the layout ``train.channels_last: auto`` picks is measured on the device at hand) and
+inference (the batched, prefetching predictor of evaluate/predict vs a plain batched loop over the same image
+files: decode, resize, forward, upsample, argmax)."""
 
 from __future__ import annotations
 
@@ -93,7 +93,80 @@ def measure(*, steps: int = 30, batch: int = 8, size: int = 128, threads: int | 
             "steps": steps, "batch": batch, "size": size}
 
 
-def run_throughput(*, steps: int, batch: int, size: int, threads: int | None, out: Any) -> dict[str, float]:
+def _image_files(folder: Path, n: int, hw: tuple[int, int]) -> list[Path]:
+    """``n`` JPEG files of ``hw`` pixels (camera-like frames: decoding them is part of the work)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (hw[0] // 8, hw[1] // 8, 3), dtype=np.uint8)
+    paths = []
+    for i in range(n):
+        img = Image.fromarray(np.roll(base, i, axis=1)).resize((hw[1], hw[0]), Image.BILINEAR)
+        paths.append(folder / f"frame{i:04d}.jpg")
+        img.save(paths[-1], quality=90)
+    return paths
+
+
+def bare_inference(model: torch.nn.Module, files: list[Path], batch: int, size: int) -> float:
+    """Seconds of the plainest batched loop: decode + resize a batch, forward, upsample, argmax."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    from semiseg.data.cache import resize_image
+    from semiseg.data.decode import read_image
+    from semiseg.data.transforms import to_input
+
+    t0 = time.perf_counter()
+    for i in range(0, len(files), batch):
+        images = [read_image(p) for p in files[i:i + batch]]
+        x = to_input(np.stack([resize_image(im, size, size) for im in images]))
+        with torch.inference_mode():
+            probs = model(x).softmax(1)
+            for k, im in enumerate(images):
+                up = F.interpolate(probs[k:k + 1], size=im.shape[:2], mode="bilinear", align_corners=False)
+                up.max(1).indices  # noqa: B018 - the labels (max, not argmax: same result, see Prediction.labels)
+    return time.perf_counter() - t0
+
+
+def engine_inference(model: torch.nn.Module, files: list[Path], batch: int, size: int) -> float:
+    """Seconds of the same work through evaluate/predict's BatchPredictor with decode prefetching."""
+    from semiseg.data.decode import read_image
+    from semiseg.data.prefetch import prefetch
+    from semiseg.evaluation.batched import BatchPredictor
+
+    predictor = BatchPredictor(model, protocol="resize", size=size, num_classes=2, batch_size=batch)
+
+    def load(path: Path) -> tuple[Any, Any, None]:
+        image = read_image(path)
+        return image, predictor.prepare(image), None
+
+    t0 = time.perf_counter()
+    for _, pred in predictor.run(prefetch(load, files, depth=2 * batch)):
+        pred.labels()
+    return time.perf_counter() - t0
+
+
+def measure_inference(*, images: int = 32, batch: int = 8, size: int = 128, frame: tuple[int, int] = (540, 960),
+                      threads: int | None = None, repeats: int = 2) -> dict[str, float]:
+    """Images/s of the inference pipeline vs the bare batched loop, same model, files and batch (best of
+    ``repeats``, interleaved)."""
+    if threads:
+        torch.set_num_threads(threads)
+    model = _model(0).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        files = _image_files(Path(tmp), images, frame)
+        bare_inference(model, files[:batch], batch, size)  # warm-up
+        bare, ours = [], []
+        for _ in range(repeats):
+            bare.append(len(files) / bare_inference(model, files, batch, size))
+            ours.append(len(files) / engine_inference(model, files, batch, size))
+    b, e = max(bare), max(ours)
+    return {"bare_img_per_s": b, "engine_img_per_s": e, "ratio": e / b, "threads": torch.get_num_threads(),
+            "images": images, "batch": batch, "size": size, "frame": list(frame)}
+
+
+def run_throughput(*, steps: int, batch: int, size: int, threads: int | None, out: Any) -> dict[str, Any]:
     r = measure(steps=steps, batch=batch, size=size, threads=threads)
     out.print("model: the default (Unet, pretrained efficientnet-lite0)")
     out.print(f"bare PyTorch loop, NCHW:          {r['bare_nchw_img_per_s']:.1f} img/s")
@@ -102,4 +175,9 @@ def run_throughput(*, steps: int, batch: int, size: int, threads: int | None, ou
     out.print(f"semiseg engine (train.channels_last=auto): {r['engine_img_per_s']:.1f} img/s")
     out.print(f"ratio engine/faster bare loop: {r['ratio']:.3f} (target >= 0.95; {r['threads']} threads, "
               f"batch {batch}, {size} px, {steps} steps)")
-    return r
+    inf = measure_inference(batch=batch, size=size, threads=threads)
+    out.print(f"inference, bare batched loop:   {inf['bare_img_per_s']:.1f} img/s")
+    out.print(f"inference, semiseg (evaluate/predict): {inf['engine_img_per_s']:.1f} img/s")
+    out.print(f"ratio semiseg/bare inference: {inf['ratio']:.3f} (target >= 0.9; {inf['threads']} threads, batch "
+              f"{batch}, {inf['images']} JPEG frames {inf['frame'][1]}x{inf['frame'][0]} -> {size} px)")
+    return {**r, "inference": inf}

@@ -22,10 +22,12 @@ from torch import nn
 
 from semiseg.data.classes import ClassTable
 from semiseg.data.decode import read_image
+from semiseg.data.prefetch import prefetch
 from semiseg.data.transforms import to_input
 from semiseg.data.types import DataSource
 from semiseg.errors import DataError
-from semiseg.evaluation.inference import SizeArg, predict_batch, predict_probs
+from semiseg.evaluation.batched import BatchPredictor
+from semiseg.evaluation.inference import SizeArg, predict_batch
 from semiseg.evaluation.metrics import (
     ConfusionMatrix,
     ForegroundScores,
@@ -254,12 +256,14 @@ def evaluate_source(
     pad_mode: str = "reflect",
     size_divisor: int = 32,
     amp: bool = False,
+    batch_size: int = 8,
 ) -> EvalResult:
     """Test evaluation at ORIGINAL resolution: files read with ``read_image`` / ``source.decode_mask``.
 
     Per-subset scores and their mean are reported when the samples carry ``subset`` (e.g. kvasir-seg /
     cvc-clinicdb). Pixels a protocol does not predict (outside a centre crop) are not scored.
-    ``progress(done, total)`` is called after each image.
+    ``progress(done, total)`` is called after each image. ``batch_size`` images go through the model
+    together (:class:`~semiseg.evaluation.batched.BatchPredictor`; 1 gives the one-at-a-time loop).
     """
     by_stem = source.by_stem()
     samples = []
@@ -273,15 +277,20 @@ def evaluate_source(
     dev = torch.device(device)
     classes = source.classes
     acc = _Accumulator(classes, absent)
-    for k, sample in enumerate(samples):
+    predictor = BatchPredictor(model, protocol=protocol, size=size, window=window, stride=stride,
+                               num_classes=classes.num_classes, device=dev, batch_size=batch_size,
+                               size_divisor=size_divisor, pad_mode=pad_mode, amp=amp)
+
+    def load(sample: Any) -> tuple[np.ndarray, np.ndarray | None, tuple[Any, np.ndarray]]:
         image = read_image(sample.image)
         mask = source.decode_mask(sample.mask)
         if mask.shape != image.shape[:2]:
             raise DataError(f"{sample.mask}: mask is {mask.shape[1]}×{mask.shape[0]} but image "
                             f"{sample.image} is {image.shape[1]}×{image.shape[0]}")
-        pred = predict_probs(model, image, protocol=protocol, size=size, window=window, stride=stride,
-                             num_classes=classes.num_classes, device=dev, size_divisor=size_divisor,
-                             pad_mode=pad_mode, amp=amp)
+        return image, predictor.prepare(image), (sample, mask)
+
+    # decoding runs ahead on threads while the model works on the previous batch
+    for k, ((sample, mask), pred) in enumerate(predictor.run(prefetch(load, samples, depth=2 * batch_size))):
         target = torch.from_numpy(np.array(mask, dtype=np.uint8)).to(dev)
         if pred.valid is not None:
             target[~pred.valid] = classes.ignore_index

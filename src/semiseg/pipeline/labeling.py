@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ from semiseg.errors import ConfigError, DataError
 from semiseg.pipeline.context import RunContext
 from semiseg.pipeline.stages import Stage
 from semiseg.pipeline.training import make_dataset
+from semiseg.progress import progress_bar
 from semiseg.pseudo.labeler import Labeler
 from semiseg.pseudo.policies import Policy
 from semiseg.pseudo.store import PseudoLabelStore, PseudoRound, make_provenance, state_dict_hash
@@ -156,14 +157,22 @@ def write_round(run: RunContext, stage_dir: Path, *, model: nn.Module, stems: Se
     index = unlabeled_index(run, stems)
     labeler = make_labeler(run, model, scales=tta_scales, flip=tta_flip, batch_size=batch_size)
     policy = copy.deepcopy(policy)
+    show = run.config.train.progress and run.dist.is_main
+
+    def tracked(what: str) -> Iterator[tuple[int, np.ndarray]]:  # predictions with a bar (images/s, ETA)
+        with progress_bar(f"{stage_dir.name}: {what}", len(index), enabled=show, console=run.console) as update:
+            for k, item in enumerate(labeler.iter_predictions(images, index)):
+                yield item
+                update(k + 1, len(index))
+
     if policy.needs_fit and index:
-        policy.fit(p for _, p in labeler.iter_predictions(images, index))
+        policy.fit(p for _, p in tracked("fit policy"))
     prov = make_provenance(checkpoint=checkpoint, policy=policy, labeler=labeler,
                            model_sha256=model_hash(model), stage=stage_dir.name, num_stems=len(stems))
     stem_of = dict(zip(index, stems, strict=True))
     with store.writer(ROUND, prov, previous=_previous(previous), ground_truth=ground_truth_fn(run, stems),
                       num_classes=run.classes.num_classes, overwrite=True) as w:
-        for i, probs in labeler.iter_predictions(images, index):
+        for i, probs in tracked("pseudo labels"):
             label, conf = policy(probs)
             w.add(stem_of[i], label, conf)
     return store.load(ROUND)

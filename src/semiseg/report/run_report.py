@@ -24,6 +24,7 @@ import numpy as np
 from semiseg.data.classes import ClassTable
 from semiseg.engine.checkpoint import atomic_write_text
 from semiseg.errors import SemisegError
+from semiseg.progress import progress_bar
 from semiseg.report import figures
 from semiseg.report.gallery import (
     ImagePrediction,
@@ -306,7 +307,8 @@ Gallery = list[tuple[Any, ImagePrediction]]
 
 
 def _rank_and_predict(ctx: Any, model: Any, run: RunInfo, max_gallery: int, max_ranked: int | None,
-                      thumb_px: int, log: Callable[[str], None]) -> tuple[Gallery, str | None, str]:
+                      thumb_px: int, log: Callable[[str], None], progress: bool = False,
+                      console: Any = None) -> tuple[Gallery, str | None, str]:
     """One pass over the test images: score each (as the evaluator does), keep a thumbnail-sized copy."""
     stems = list(ctx.splits.test)
     note = None
@@ -320,12 +322,14 @@ def _rank_and_predict(ctx: Any, model: Any, run: RunInfo, max_gallery: int, max_
     t0 = time.time()
     by_stem = ctx.source.by_stem()
     small: dict[str, ImagePrediction] = {}
-    for stem in stems:
-        p = predict_stem(model, ctx.source, stem, ctx.config, ctx.device)
-        if p.gt is None:
-            continue
-        scorer.add(stem, by_stem[stem].subset, p.pred, p.gt)
-        small[stem] = shrink(p, thumb_px)
+    with progress_bar("report: test images", len(stems), enabled=progress, console=console) as update:
+        for k, stem in enumerate(stems):
+            p = predict_stem(model, ctx.source, stem, ctx.config, ctx.device)
+            update(k + 1, len(stems))
+            if p.gt is None:
+                continue
+            scorer.add(stem, by_stem[stem].subset, p.pred, p.gt)
+            small[stem] = shrink(p, thumb_px)
     metric = scorer.metric
     if note is None and run.headline is not None and abs(scorer.headline() - run.headline) > 1e-6:
         note = (f"re-evaluation gives {metric} {fmt(scorer.headline())}, results.json says "
@@ -356,13 +360,15 @@ def render_run_report(run: RunInfo, ctx: Any = None, preds: list[tuple[Any, Imag
 
 def write_run_report(run_dir: Path, *, out: Path | None = None, max_gallery: int = MAX_GALLERY,
                      thumb_px: int = THUMB_PX, max_ranked: int | None = 200, threads: int | None = None,
-                     log: Callable[[str], None] | None = None) -> Path:
+                     log: Callable[[str], None] | None = None, progress: bool = False,
+                     console: Any = None) -> Path:
     """Write ``RUN/report.html`` (or ``out``) and return its path.
 
     ``max_gallery`` test images are shown (a third best, a third median, a third worst), ranked among at
     most ``max_ranked`` test images. When the run's data or model cannot be loaded, the page still has
     every number and curve, and says why the pictures are missing. ``threads``: torch CPU threads while
-    predicting (restored afterwards; 1 is fastest on a busy machine).
+    predicting (restored afterwards; 1 is fastest on a busy machine). ``progress``: a bar over the test images
+    (also off when the run's ``train.progress`` is false).
     """
     log = log or log_.info
     run_dir = Path(run_dir)
@@ -373,7 +379,8 @@ def write_run_report(run_dir: Path, *, out: Path | None = None, max_gallery: int
 
         with torch_threads(threads):
             ctx, model = load_run(run_dir)
-            preds, note, metric = _rank_and_predict(ctx, model, run, max_gallery, max_ranked, thumb_px, log)
+            preds, note, metric = _rank_and_predict(ctx, model, run, max_gallery, max_ranked, thumb_px, log,
+                                                    progress and ctx.config.train.progress, console)
     except SemisegError as e:
         ctx, note = None, f"pictures unavailable: {e}"
         log(f"report: {note}")  # the page still has every number; the user must still hear why

@@ -1,0 +1,98 @@
+"""What ``predict`` writes per image — a palette PNG of class indices and a JPEG overlay — for both the run
+directory (PyTorch) and the ONNX (onnxruntime) path, so the two produce the same files. numpy + PIL only.
+
+Encoding a full-HD PNG and JPEG costs about as much as a small model's forward pass, so :class:`MaskWriter`
+writes on a background thread while the next batch is predicted.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+
+def save_atomic(image: Image.Image, path: Path) -> None:
+    """Write to a hidden temporary name in the same folder, then rename: no half-written file at ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    image.save(tmp)
+    os.replace(tmp, path)
+
+
+class MaskWriter:
+    """``out_dir/masks/<stem>.png`` (mode P, the class table's palette) and ``out_dir/overlays/<stem>.jpg``."""
+
+    def __init__(self, out_dir: Path, palette: Sequence[Sequence[int]], *, max_pending: int = 8) -> None:
+        self.out_dir = Path(out_dir)
+        (self.out_dir / "masks").mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "overlays").mkdir(parents=True, exist_ok=True)
+        self.palette = np.array(palette, dtype=np.uint8).reshape(-1, 3)
+        self.flat_palette = self.palette.flatten().tolist() + [0] * (768 - self.palette.size)
+        self.max_pending = max_pending
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="semiseg-write")
+        self._pending: deque[Future[None]] = deque()
+
+    def write(self, stem: str, image: np.ndarray, label: np.ndarray) -> None:
+        """Queue the mask and overlay of one image (``label``: ``uint8 H×W`` class indices)."""
+        while len(self._pending) >= self.max_pending:
+            self._pending.popleft().result()  # bounded memory; a failed write raises here
+        self._pending.append(self._pool.submit(self._write, stem, image, label))
+
+    def _write(self, stem: str, image: np.ndarray, label: np.ndarray) -> None:
+        mask = Image.fromarray(label, mode="P")
+        mask.putpalette(self.flat_palette)
+        save_atomic(mask, self.out_dir / "masks" / f"{stem}.png")
+        overlay = (0.55 * image + 0.45 * self.palette[label]).astype(np.uint8)
+        overlay[label == 0] = image[label == 0]
+        save_atomic(Image.fromarray(overlay), self.out_dir / "overlays" / f"{stem}.jpg")
+
+    def close(self) -> None:
+        """Wait for every queued write (raising the first failure)."""
+        try:
+            while self._pending:
+                self._pending.popleft().result()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> MaskWriter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+@dataclass
+class Predicted:
+    """What ``predict`` did: the images it wrote a mask and overlay for, and the files it skipped (why)."""
+
+    written: list[Path] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def read_or_skip(path: Path) -> tuple[np.ndarray | None, str | None]:
+    """``(image, None)``, or ``(None, why)`` for a file that cannot be decoded: ``predict`` goes on without it."""
+    from semiseg.data.decode import read_image
+    from semiseg.errors import DataError
+
+    try:
+        return read_image(path), None
+    except DataError as err:
+        return None, str(err).removeprefix(f"{path}: ")
+
+
+def readable(items: Iterable[tuple[np.ndarray | None, Any, tuple[Path, Any]]], done: Predicted
+             ) -> Iterator[tuple[np.ndarray, Any, tuple[Path, Any]]]:
+    """The decoded items of a prefetch stream; unreadable ones (image None, payload ``(path, why)``) are recorded
+    in ``done.skipped`` instead."""
+    for image, prepared, payload in items:
+        if image is None:
+            done.skipped.append(payload)
+        else:
+            yield image, prepared, payload
