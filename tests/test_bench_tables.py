@@ -4,6 +4,7 @@ import math
 from datetime import UTC, datetime
 
 import pytest
+import torch
 
 from semiseg.bench.matrix import bench_spec, expected_seconds, record, record_session, run_config
 from semiseg.bench.tables import (
@@ -234,3 +235,68 @@ def test_gap_recovered_names_the_seeds_it_rests_on(tmp_path):
     save_entries(tmp_path / "r" / "p.json", entries)
     md = write_benchmarks_md(tmp_path / "r", tmp_path / "B.md").read_text()
     assert "| 50 % (seed 1) |" in md
+
+
+def test_each_method_gains_over_its_own_compute_matched_control(tmp_path):
+    # controls: supervised (1000 steps), supervised-2x (2000); dst-cbc's net trained 2000 steps, self-learning's
+    # 1500 (no such control), mean-teacher's 1000 (its control is supervised itself)
+    sup = {"algorithm": "supervised"}
+    entries = [entry("supervised", 0, 0.60, trained_steps=1000, **sup),
+               entry("supervised", 1, 0.50, trained_steps=1000, **sup),
+               entry("supervised-2x", 0, 0.66, trained_steps=2000, **sup),
+               entry("supervised-2x", 1, 0.58, trained_steps=2000, **sup),
+               entry("oracle", 0, 0.80, trained_steps=1000), entry("oracle", 1, 0.70, trained_steps=1000),
+               entry("dst-cbc", 0, 0.65, trained_steps=2000), entry("dst-cbc", 1, 0.61, trained_steps=2000),
+               entry("self-learning", 0, 0.64, trained_steps=1500),
+               entry("mean-teacher", 0, 0.62, trained_steps=1000), entry("mean-teacher", 1, 0.49, trained_steps=1000),
+               entry("st++", 0, 0.70)]  # recorded before trained_steps existed: no control known
+    rows = {r["method"]: r for r in summarize(entries, "p")}
+    dst = rows["dst-cbc"]
+    assert dst["gain_mean"] == pytest.approx((0.05 + 0.11) / 2)  # vs supervised: +5, +11
+    assert dst["control"] == "supervised-2x"
+    assert dst["control_gain_mean"] == pytest.approx((-0.01 + 0.03) / 2)  # vs supervised-2x: -1, +3
+    assert dst["control_gain_std"] == pytest.approx(math.sqrt(2 * 0.02 ** 2))
+    mt = rows["mean-teacher"]
+    assert mt["control"] == "supervised" and mt["control_gain_mean"] == pytest.approx(mt["gain_mean"])
+    assert mt["control_gain_mean"] == pytest.approx((0.02 - 0.01) / 2)
+    sl = rows["self-learning"]
+    assert sl["control"] == "none at 1500 steps" and sl["control_gain_mean"] is None
+    assert rows["st++"]["control"] is None
+    for name in ("supervised", "supervised-2x", "oracle"):
+        assert rows[name]["control"] is None, name
+    save_entries(tmp_path / "results" / "p.json", entries)
+    md = write_benchmarks_md(tmp_path / "results", tmp_path / "B.md").read_text()
+    assert "| own control | gain vs own control (pts) |" in md
+    assert "| `dst-cbc` | 0,1 | 63.0 ± 2.8 | +8.0 ± 4.2 | `supervised-2x` | +1.0 ± 2.8 | " in md
+    assert "| `self-learning` | 0 | 64.0 | +4.0 | none at 1500 steps |  | " in md
+
+
+def test_trained_steps_reach_the_bench_entry():
+    results = {"method": "dst-cbc", "split_seed": 0, "test": {"headline": 0.6}, "val_metric": "dice",
+               "trained_steps": 2000}
+    assert entry_from_results("p", results)["trained_steps"] == 2000
+
+
+@pytest.mark.parametrize("protocol,labeled,unlabeled", [("polyp", 65, 1180), ("camvid", 14, 97)])
+def test_every_bench_method_has_its_compute_matched_control(protocol, labeled, unlabeled, tmp_path):
+    """A method whose delivered net trains longer than `supervised` needs a supervised row of as many steps
+    (split sizes about the protocol's: ST/ST++'s default epoch rule depends on them)."""
+    from semiseg.data.classes import ClassTable
+    from semiseg.data.splits import Splits
+    from semiseg.data.types import DataSource
+    from semiseg.methods.registry import get_method
+    from semiseg.pipeline.context import RunContext
+
+    spec = bench_spec(protocol)
+    source = DataSource("fake", None, ClassTable.binary("obj"), [], lambda p: None)
+    splits = Splits(labeled=[f"l{i}" for i in range(labeled)], unlabeled=[f"u{i}" for i in range(unlabeled)])
+    controls, needs = set(), {}
+    for name, options in spec["methods"].items():
+        cfg = run_config(protocol, name, options or {}, 0, tmp_path, [])
+        if cfg.method["name"] == "supervised":
+            controls.add(cfg.train.steps)
+        elif cfg.method["name"] != "oracle":
+            run = RunContext(cfg, tmp_path / name, source, splits, torch.device("cpu"))
+            needs[name] = get_method(cfg.method["name"])(run, cfg.method_options()).trained_steps()
+    assert {name: steps for name, steps in needs.items() if steps not in controls} == {}
+    assert needs["self-training"] == needs["st++"] == needs["dst-cbc"] == 2000 and needs["self-learning"] == 1500

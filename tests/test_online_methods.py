@@ -94,7 +94,9 @@ def run_steps(trainer: Trainer, n: int, optimize=None) -> list[dict[str, float]]
 def gta(tmp_path, **options):
     torch.manual_seed(0)
     lab, unl = streams(repeat=True)  # 4 labeled oversampled to 8: an epoch is 4 steps of batch 2
-    task = GTATask(TinySeg(), lab, unl, GTASegOptions(**options), seed=5)
+    # the released schedule (one supervised epoch, uncapped EMA), so the hand values below are the code's
+    released = {"sup_only_epochs": 1, "ema_horizon": None}
+    task = GTATask(TinySeg(), lab, unl, GTASegOptions(**{**released, **options}), seed=5, steps=1000)
     return task, trainer_for(task, tmp_path)
 
 
@@ -228,7 +230,7 @@ def test_gta_legacy_aliasing_ties_storage_and_keeps_the_classifier_tied(tmp_path
 def test_mean_teacher_pseudo_labels_ignore_cutout_and_low_confidence(tmp_path):
     torch.manual_seed(0)
     lab, unl = streams(strong=True)
-    task = MeanTeacherTask(TinySeg(), lab, unl, MeanTeacherOptions())
+    task = MeanTeacherTask(TinySeg(), lab, unl, MeanTeacherOptions(conf_threshold=0), steps=1000)
     batch = next(unl)
     box = batch["mask_strong"] == 255
     assert box.any() and not box.all()
@@ -246,7 +248,8 @@ def test_mean_teacher_pseudo_labels_ignore_cutout_and_low_confidence(tmp_path):
 def test_mean_teacher_ema_warmup_and_student_view(tmp_path, monkeypatch):
     torch.manual_seed(0)
     lab, unl = streams(strong=True)
-    task = MeanTeacherTask(TinySeg(), lab, unl, MeanTeacherOptions())
+    plain = MeanTeacherOptions(sup_warmup=0, rampup=0, conf_threshold=0, ema_horizon=None)  # from step 0
+    task = MeanTeacherTask(TinySeg(), lab, unl, plain, steps=1000)
     trainer = trainer_for(task, tmp_path)
     inputs = []
     task.nets["student"].register_forward_hook(lambda m, i, o: inputs.append(i[0].clone()))
@@ -267,7 +270,7 @@ def test_mean_teacher_ema_warmup_and_student_view(tmp_path, monkeypatch):
 def test_momentum_teacher_stage_ema_per_epoch_and_bn_by_forward(tmp_path):
     torch.manual_seed(0)
     lab, _ = streams(n_lab=6)  # 3 steps per epoch
-    task = TeacherTask(TinySeg(), lab, MomentumPLOptions())
+    task = TeacherTask(TinySeg(), lab, MomentumPLOptions(ema_every="epoch", ema_horizon=None), steps=1000)
     trainer = trainer_for(task, tmp_path)
     m0 = params(task.nets["momentum"])
     bn0 = task.nets["momentum"].encoder[1].running_mean.clone()
@@ -286,7 +289,8 @@ def student_task(tmp_path, **options):
     torch.manual_seed(0)
     lab, unl = streams(n_lab=4, n_unl=6)  # the unlabeled stream (3 steps) defines the epoch
     teacher = TinySeg()
-    task = StudentTask(TinySeg(), teacher, lab, unl, MomentumPLOptions(**options))
+    released = {"ema_every": "epoch", "ema_horizon": None}  # the code's schedule: the hand values are its
+    task = StudentTask(TinySeg(), teacher, lab, unl, MomentumPLOptions(**{**released, **options}), steps=1000)
     return task, trainer_for(task, tmp_path)
 
 

@@ -433,6 +433,10 @@ def test_plans_and_key_chain(tmp_path: Path) -> None:
     assert [s.name for s in stages] == [n.split("-", 1)[1] for n in STPP_STAGES] + [
         "label-extra-1", "retrain-extra-1", "diagnostics"]
     sup_key = st2.stages()[0].key
+    # re-trainings keyed by their length: the epoch rule for the reliable half and for all pseudo labels
+    n_unl = len(run.splits.unlabeled)
+    assert [s.key["steps"] for s in stages if s.name.startswith("retrain")] == \
+        [pp.retrain_steps(n_unl // 2), pp.retrain_steps(n_unl), pp.retrain_steps(n_unl)]
     assert stages[0].key == {**sup_key, "snapshots": [4, 8]}  # its own key: the snapshots are extra outputs
     _, weak = synthetic_run(data, out, "c", "st++", extra_rounds=1, strong_aug=False)
     same = [a.key_hash() == b.key_hash() for a, b in zip(stages, weak.stages(), strict=True) if a.key]

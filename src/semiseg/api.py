@@ -172,14 +172,17 @@ def _execute(ctx: RunContext, log: Any) -> dict[str, Any]:
     results: dict[str, Any] = {}
     if ctx.dist.is_main:
         model = method.final_model()
-        results = final_results(ctx, model, stage_dirs, time.time() - t0)
+        results = final_results(ctx, model, stage_dirs, time.time() - t0, trained_steps=method.trained_steps())
         atomic_write_text(ctx.run_dir / "results.json", json.dumps(results, indent=1))
     barrier()
     return results
 
 
-def final_results(ctx: RunContext, model: torch.nn.Module, stage_dirs: list[Path], seconds: float) -> dict:
-    """Val metrics at working size, test metrics at original resolution, timings, provenance."""
+def final_results(ctx: RunContext, model: torch.nn.Module, stage_dirs: list[Path], seconds: float, *,
+                  trained_steps: int | None = None) -> dict:
+    """Val metrics at working size, test metrics at original resolution, timings, provenance, and the
+    optimizer steps behind the delivered net (``trained_steps``: which supervised run is its compute-matched
+    control)."""
     from semiseg.evaluation.evaluator import evaluate_source
     from semiseg.pipeline.training import barely_moved_warning, moved_from_init, validation_fn
 
@@ -204,6 +207,7 @@ def final_results(ctx: RunContext, model: torch.nn.Module, stage_dirs: list[Path
         "diagnostics": json.loads(diagnostics.read_text()) if diagnostics.is_file() else None,
         "name": cfg.name, "method": cfg.method["name"], "split_seed": cfg.split.seed, "seed": cfg.seed,
         "val_metric": ctx.val_metric, "val": val, "test": test, "moved_from_init": moved, "warnings": warnings,
+        "trained_steps": trained_steps,
         "stage_seconds": round(sum(s.get("seconds", 0.0) for s in stages), 1),
         "session_seconds": round(seconds, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

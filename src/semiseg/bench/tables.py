@@ -42,6 +42,7 @@ def entry_from_results(protocol: str, results: dict[str, Any], *, wall_seconds: 
         "wall_seconds": wall_seconds if wall_seconds is not None else results.get("stage_seconds"),
         "peak_rss_mb": results.get("peak_rss_mb"), "command": results.get("command"),
         "commit": results.get("commit"), "run": results.get("name"), "budget": budget,
+        "trained_steps": results.get("trained_steps"),
     }
     return row
 
@@ -96,12 +97,47 @@ def invalid_seeds(entries: list[dict], protocol: str) -> dict[int, str]:
     return out
 
 
+def _algorithm(e: dict) -> str:
+    return e.get("algorithm") or e["method"]
+
+
+def controls_by_steps(rows: list[dict]) -> dict[tuple[int, int], dict]:
+    """The supervised runs (any row whose algorithm is ``supervised``: ``supervised``, ``supervised-2x``, ...)
+    keyed by (split seed, trained steps); ``supervised`` itself wins a tie."""
+    out: dict[tuple[int, int], dict] = {}
+    for e in rows:
+        if _algorithm(e) == "supervised" and e.get("trained_steps") is not None:
+            key = (e["split_seed"], e["trained_steps"])
+            if key not in out or e["method"] == "supervised":
+                out[key] = e
+    return out
+
+
+def own_controls(mine: list[dict], controls: dict[tuple[int, int], dict]) -> tuple[list[float], str | None]:
+    """A method's gains over its compute-matched control per split seed (the supervised run trained for as many
+    steps as the method's delivered net: ``trained_steps``) and the control's name; the name says which step
+    counts have no control row. Supervised rows are their own control (no gain)."""
+    gains, names, missing = [], set(), set()
+    for e in mine:
+        if _algorithm(e) == "supervised" or e["method"] in BASELINES or e.get("trained_steps") is None:
+            continue
+        control = controls.get((e["split_seed"], e["trained_steps"]))
+        if control is None:
+            missing.add(e["trained_steps"])
+        else:
+            gains.append(e["test"] - control["test"])
+            names.add(control["method"])
+    parts = sorted(names) + [f"none at {s} steps" for s in sorted(missing)]
+    return gains, ", ".join(parts) or None
+
+
 def summarize(entries: list[dict], protocol: str) -> list[dict[str, Any]]:
     """Per method: mean ± std of the test headline over split seeds, gain and gap recovered per seed (gap
     recovered over the split seeds that pass the validity gate only)."""
     rows = [e for e in entries if e["protocol"] == protocol and e.get("test") is not None]
     by_seed: dict[tuple[str, int], float] = {(e["method"], e["split_seed"]): e["test"] for e in rows}
     invalid = invalid_seeds(entries, protocol)
+    controls = controls_by_steps(rows)
     methods = sorted({e["method"] for e in rows}, key=lambda m: (m not in BASELINES, m != "supervised", m))
     out = []
     for method in methods:
@@ -119,11 +155,15 @@ def summarize(entries: list[dict], protocol: str) -> list[dict[str, Any]]:
                         gaps.append(g)
                         gap_seeds.append(e["split_seed"])
         m, s = mean_std([e["test"] for e in mine])
+        control_gains, control = own_controls(mine, controls)
         quality = [e["pseudo_label_quality"] for e in mine if e.get("pseudo_label_quality") is not None]
         out.append({
             "method": method, "seeds": seeds, "test_mean": m, "test_std": s,
             "gain_mean": mean_std(gains)[0] if gains else None, "gain_std": mean_std(gains)[1] if gains else None,
             "gap_mean": mean_std(gaps)[0] if gaps else None, "gap_seeds": sorted(gap_seeds),
+            "control": control, "control_gain_mean": mean_std(control_gains)[0] if control_gains else None,
+            "control_gain_std": mean_std(control_gains)[1] if control_gains else None,
+            "control_seeds": len(control_gains),
             "pl_quality": statistics.fmean(quality) if quality else None,
             "wall_minutes": statistics.fmean([e["wall_seconds"] or 0 for e in mine]) / 60,
             "peak_rss_mb": max((e["peak_rss_mb"] or 0) for e in mine),
@@ -141,21 +181,27 @@ def _fmt(x: float | None, scale: float = 100.0, signed: bool = False) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    head = ("| method | split seeds | test (mean ± std) | gain vs supervised (pts) | gap recovered | "
-            "beats supervised? | pseudo-label quality | wall time / run | peak RSS | commit |")
-    lines = [head, "|" + "---|" * 10]
+    head = ("| method | split seeds | test (mean ± std) | gain vs supervised (pts) | own control | "
+            "gain vs own control (pts) | gap recovered | beats supervised? | pseudo-label quality | wall time / run | "
+            "peak RSS | commit |")
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
         beats = {None: "", True: "yes", False: "**no**"}[r["beats_supervised"]]
         spread = len(r["seeds"]) > 1  # a std over one seed would read as "no variance"
         gain = "" if r["gain_mean"] is None or r["method"] == "supervised" else \
             _fmt(r["gain_mean"], signed=True) + (f" ± {_fmt(r['gain_std'])}" if spread else "")
         test = _fmt(r["test_mean"]) + (f" ± {_fmt(r['test_std'])}" if spread else "")
+        control = "" if r["control"] is None else f"`{r['control']}`" if r["control_gain_mean"] is not None \
+            else r["control"]
+        control_gain = "" if r["control_gain_mean"] is None else _fmt(r["control_gain_mean"], signed=True) + (
+            f" ± {_fmt(r['control_gain_std'])}" if r["control_seeds"] > 1 else "")
         gap = "" if r["gap_mean"] is None else f"{r['gap_mean'] * 100:.0f} %"
         if gap and r["gap_seeds"] != r["seeds"]:  # the oracle beat supervised on these split seeds only
             gap += f" (seed{'s' if len(r['gap_seeds']) > 1 else ''} {','.join(map(str, r['gap_seeds']))})"
         lines.append(
             f"| `{r['method']}` | {','.join(map(str, r['seeds']))} | {test} | "
-            f"{gain} | {gap} | {beats} | {_fmt(r['pl_quality'])} | {r['wall_minutes']:.1f} min | "
+            f"{gain} | {control} | {control_gain} | {gap} | {beats} | {_fmt(r['pl_quality'])} | "
+            f"{r['wall_minutes']:.1f} min | "
             f"{r['peak_rss_mb']:.0f} MB | {', '.join(r['commits'])} |")
     return "\n".join(lines)
 
@@ -246,7 +292,10 @@ def write_benchmarks_md(results_dir: Path, out_path: Path) -> Path:
                   "at the end of the budget, training is under-converged and differences of a few points are within "
                   "run-to-run noise; gap recovered is blank where no split seed passes the validity gate.", "",
                   "Gain and gap recovered are computed per split seed against that seed's `supervised` and "
-                  "`oracle` runs. Pseudo-label quality: last round against the unlabeled images' ground truth "
+                  "`oracle` runs. Own control: the supervised run trained for as many steps as the method's "
+                  "delivered network (a fine-tuned net counts its teacher's steps); the gain over it is what the "
+                  "unlabeled images did beyond more training. Pseudo-label quality: last round against the "
+                  "unlabeled images' ground truth "
                   "(benchmark mode). Wall time: sum of the run's stages (a reused teacher counts for every method "
                   "that uses it).", "", "Commands:", ""]
         parts += [f"- `{c}`" for c in commands if c] + [""]

@@ -246,6 +246,12 @@ class GenerationMethod(Method):
     def final_model(self) -> nn.Module:
         return load_stage_model(self.run, self.plan()[self.final_stage])
 
+    def trained_steps(self) -> int:
+        """A student's steps; self-learning's students continue from their teachers, so its chain adds up."""
+        steps = self.run.config.train.steps
+        student = self.options.generation_steps or steps
+        return steps + self.options.generations * student if self.from_teacher else student
+
     # -- building blocks ---------------------------------------------------------------------------
     def _setup(self) -> tuple[StagePlan, Stage]:
         need = 2 if self.name == "atso" else 1

@@ -13,7 +13,8 @@ its schedule are the run's ``train`` section (released: SGD momentum 0.9, lr 0.0
 weight decay 5e-4, one lr for backbone and head, poly per round); labelling is one eval-mode forward
 at the working size, no TTA (released: a fixed resize to the crop size); each image's pixels are
 sampled separately, the released code samples the flattened batch (the same pixels when H·W is a
-multiple of ``sample_stride``).
+multiple of ``sample_stride``). A round lasts ``round_scale`` x ``train.steps`` (default 0.2: the curriculum
+costs one supervised training at any budget); the released 6 epochs of the pseudo loader are ``round_epochs``.
 
 Released-code quirks (``voldemortX/DST-CBC``, branch ``dst-cbc``; official-code-notes §4) and what the
 defaults do:
@@ -60,6 +61,7 @@ from semiseg.methods.atso import (
     training_stage,
 )
 from semiseg.methods.registry import Method, MethodOptions, register
+from semiseg.methods.schedules import batches_per_epoch
 from semiseg.methods.supervised import supervised_stage
 from semiseg.pipeline.labeling import label_stage, load_round, pseudo_masks
 from semiseg.pipeline.stages import Stage
@@ -74,9 +76,13 @@ class DstCbcOptions(MethodOptions):
     gamma: float = Field(9.0, ge=0, description=(
         "dynamic-loss exponent (released VOC scripts and paper Table 1: 9; argparse default 2; the paper "
         "uses 4 above 1000 labels; 0 = plain CE)"))
-    round_epochs: float = Field(6.0, gt=0, description=(
-        "epochs of the pseudo loader per round (released VOC scripts: 6; Cityscapes: 12)"))
-    round_steps: int | None = Field(None, gt=0, description="steps per round; overrides round_epochs")
+    round_scale: float = Field(0.2, gt=0, description=(
+        "steps per round as a multiple of train.steps (default 0.2: the 5 released rounds together cost one "
+        "supervised training, at any budget); round_epochs or round_steps override it"))
+    round_epochs: float | None = Field(None, gt=0, description=(
+        "epochs of the pseudo loader per round instead of round_scale (released VOC scripts: 6; Cityscapes: "
+        "12; with thousands of unlabeled images that is many times a short run's budget)"))
+    round_steps: int | None = Field(None, gt=0, description="steps per round; overrides round_scale and round_epochs")
     sample_stride: int = Field(16, ge=1, description=(
         "CBC fits its thresholds on every n-th pixel (released down_sample_rate 16; the paper: 5-10 %)"))
     cbc_rule: Literal["legacy", "threshold"] = Field("legacy", description=(
@@ -197,13 +203,19 @@ class DstCbc(Method):
                 make_loader(run, labeled, cfg.train.batch_size, seed))
 
     def round_steps(self) -> int:
-        """``round_steps``, else ``round_epochs`` epochs of the pseudo loader (the released definition)."""
-        if self.options.round_steps is not None:
-            return self.options.round_steps
-        cfg = self.run.config
+        """``round_steps``, else ``round_epochs`` epochs of the pseudo loader (the released definition), else
+        ``round_scale`` x ``train.steps``."""
+        o, cfg = self.options, self.run.config
+        if o.round_steps is not None:
+            return o.round_steps
+        if o.round_epochs is None:
+            return max(1, round(o.round_scale * cfg.train.steps))
         global_batch = (cfg.train.unlabeled_batch_size or cfg.train.batch_size) * self.run.dist.world_size
-        per_epoch = max(1, len(self.run.splits.unlabeled) // global_batch)
-        return max(1, round(self.options.round_epochs * per_epoch))
+        return max(1, round(o.round_epochs * batches_per_epoch(len(self.run.splits.unlabeled), global_batch)))
+
+    def trained_steps(self) -> int:
+        """The supervised teacher's steps and every round's: each round fine-tunes the best model so far."""
+        return self.run.config.train.steps + len(self.options.ratios) * self.round_steps()
 
     def _build(self) -> StagePlan:
         run, o = self.run, self.options

@@ -1,16 +1,21 @@
 """GTA-Seg: teacher, gentle teaching assistant (TA) and student (released code ``Jin-Ying/GTA-Seg``).
 
-Epochs ``< sup_only_epochs``: the student learns from labels only. Then the student is copied once into
-the teacher and the TA, and every step runs Algorithm 1:
+The first ``sup_only`` share of the stage (released code: ``sup_only_epoch`` = 1 epoch of 80; option
+``sup_only_epochs``): the student learns from labels only. Then the student is copied once into the teacher
+and the TA, and every step runs Algorithm 1:
 
 Step 1  the teacher (eval mode) labels the weak unlabeled view (argmax, confidence); with probability
         ``cutmix_p`` the batch is CutMixed (box of area HW/2 pasted from sample (i+1) % B).
 Step 2  the TA learns ONLY from those pseudo labels: confidence-weighted CE, the lowest ``drop_percent``
         pixels dropped by the confidence of a TRAIN-mode teacher forward on the mixed input; one TA step
         (constant LR); then student := EMA of the TA over everything but the classifier (``encoder``: the
-        paper's wording), decay min(1 − 1/(t+1), 0.999), parameters only.
+        paper's wording), decay min(1 − 1/(t+1), m), parameters only.
 Step 3  the student learns only from labels (it forwards [labeled; unlabeled] so its BN sees both, as the
-        code does); one student step; teacher := EMA of the student, decay min(1 − 1/(t+1), 0.999).
+        code does); one student step; teacher := EMA of the student, decay min(1 − 1/(t+1), m).
+
+m is the code's 0.999 capped so that the EMA's horizon is at most ``ema_horizon`` of the semi-supervised steps
+(``schedules.capped_momentum``): with 0.999 alone and a few hundred steps the warm-up never ends, and the
+delivered teacher is the flat average of the whole short trajectory. ``ema_horizon=null`` is the code.
 
 The teacher is the delivered model (the student is validated during the supervised epochs, as in the code).
 
@@ -46,6 +51,7 @@ from semiseg.methods.online import (
     weak_view,
 )
 from semiseg.methods.registry import Method, MethodOptions, register
+from semiseg.methods.schedules import capped_momentum, share_of
 from semiseg.models.ema import EMA, frozen_copy
 from semiseg.models.factory import param_group_of, unwrap
 from semiseg.pipeline.stages import Stage
@@ -53,8 +59,15 @@ from semiseg.pipeline.training import fit, new_model
 
 
 class GTASegOptions(MethodOptions):
-    sup_only_epochs: int = Field(1, ge=0, description=(
-        "epochs (passes over the labeled stream) of supervised-only training before the copy (code, paper: 1)"))
+    sup_only: float = Field(0.1, ge=0, lt=1, description=(
+        "share of the stage trained supervised-only before the copy (budget-proof; the code's one epoch of 80 "
+        "is 1.25 %, a third of a 400-step run with 65 labeled images); ignored when sup_only_epochs is set"))
+    sup_only_epochs: int | None = Field(None, ge=0, description=(
+        "epochs (passes over the labeled stream) of supervised-only training instead of sup_only (released "
+        "code and paper: 1)"))
+    ema_horizon: float | None = Field(0.1, gt=0, le=1, description=(
+        "cap of both EMAs' horizon 1/(1 - m) as a share of the semi-supervised steps (0.1: m = min(m, "
+        "1 - 1/(0.1 N))); null: ta_ema_decay / ema_decay as given (code)"))
     drop_percent: float = Field(20.0, ge=0, lt=100, description=(
         "share of least confident pseudo-labelled pixels dropped (code: drop_percent 80 kept -> 20th percentile)"))
     tau: float | None = Field(None, ge=0, description=(
@@ -98,20 +111,30 @@ def _tie(target: nn.Module, source: nn.Module, *, only: str | None = None) -> No
             tp.data = sp.data
 
 
+def sup_only_steps(options: GTASegOptions, steps: int, epoch_steps: int) -> int:
+    """Supervised-only steps: ``sup_only_epochs`` epochs of the labeled stream when set (code), else the
+    ``sup_only`` share of the stage."""
+    if options.sup_only_epochs is not None:
+        return options.sup_only_epochs * epoch_steps
+    return share_of(options.sup_only, steps)
+
+
 class GTATask(TrainingTask):
     def __init__(self, student: nn.Module, labeled: EndlessLoader, unlabeled: EndlessLoader,
-                 options: GTASegOptions, *, seed: int) -> None:
+                 options: GTASegOptions, *, seed: int, steps: int) -> None:
         self.opt = options
         self.nets = {"student": student, "ta": copy.deepcopy(student), "teacher": frozen_copy(student)}
         self.loaders = {"labeled": labeled, "unlabeled": unlabeled}
         self.optimized = [Optimized("student"), Optimized("ta", schedule="constant")]
         self.epoch_steps = labeled.batches_per_epoch()
-        self.sup_steps = options.sup_only_epochs * self.epoch_steps
+        self.sup_steps = sup_only_steps(options, steps, self.epoch_steps)
         self.generator = torch.Generator().manual_seed(seed)
         self.steps_done = 0
-        self.ta_to_student = EMA(self.nets["ta"], student, momentum=options.ta_ema_decay, warmup=True,
-                                 scope=options.ta_to_student_scope)
-        self.student_to_teacher = EMA(student, self.nets["teacher"], momentum=options.ema_decay, warmup=True)
+        semi, horizon = steps - self.sup_steps, options.ema_horizon
+        self.ta_to_student = EMA(self.nets["ta"], student, momentum=capped_momentum(
+            options.ta_ema_decay, semi, horizon), warmup=True, scope=options.ta_to_student_scope)
+        self.student_to_teacher = EMA(student, self.nets["teacher"], warmup=True,
+                                      momentum=capped_momentum(options.ema_decay, semi, horizon))
 
     def eval_net(self) -> nn.Module:
         """The student while it alone is trained (supervised epochs), the teacher afterwards (code)."""
@@ -196,7 +219,8 @@ class GTASeg(Method):
             repeat = unlabeled_count(run) if opt.oversample_labeled else None
             labeled = labeled_stream(run, seed, transform=weak, repeat_to=repeat)
             unlabeled = unlabeled_stream(run, seed + 1, transform=weak)
-            fit(run, GTATask(new_model(run), labeled, unlabeled, opt, seed=seed + 2), stage_dir)
+            task = GTATask(new_model(run), labeled, unlabeled, opt, seed=seed + 2, steps=run.config.train.steps)
+            fit(run, task, stage_dir)
 
         return [Stage("gta-seg", train)]
 

@@ -1,16 +1,23 @@
 """Mean teacher with online pseudo labels: the common teacher-student baseline.
 
-Algorithm (one step; t = step index):
+Algorithm (stage of N steps; W = ``sup_warmup``·N warm-up steps, R = ``rampup``·N ramp-up steps):
 
+0. steps t < W: the student learns from the labeled batch only (supervised warm-up); at t = W the teacher
+   is copied from the student;
 1. the EMA teacher labels the WEAK view of the unlabeled batch: argmax of its softmax, 255 where its
    confidence is below ``conf_threshold``, where the weak crop padded the image, and inside the strong
    view's cutout box;
 2. the student sees the labeled batch and the STRONG view of the unlabeled batch (one forward, BN sees both)
-   and minimises ``CE(labeled) + unsup_weight · CE(strong unlabeled, pseudo labels)``;
-3. teacher := d·teacher + (1 − d)·student with ``d = min(1 − 1/(t+1), ema_momentum)``.
+   and minimises ``CE(labeled) + w(t) · unsup_weight · CE(strong unlabeled, pseudo labels)`` with the
+   sigmoid ramp-up ``w(t) = exp(−5 (1 − (t − W) / R)²)`` (1 after W + R);
+3. teacher := d·teacher + (1 − d)·student with ``d = min(1 − 1/(t − W + 1), m)`` and ``m`` the momentum
+   capped so that the EMA's horizon is at most ``ema_horizon`` of the stage (``schedules.capped_momentum``).
 
-No released code among the project's references implements this baseline; defaults are the usual
-choices (U2PL / UniMatch style) and say so.
+No released code among the project's references implements this baseline; the defaults are what its modern
+users run, each option says whose: a supervised warm-up before the teacher is copied (U2PL, GTA-Seg:
+``sup_only_epoch``), the sigmoid consistency ramp-up (mean teacher, CCT), a confidence threshold of 0.95
+(UniMatch on VOC, FixMatch). Setting ``sup_warmup=0 rampup=0 conf_threshold=0 ema_horizon=null`` gives the
+plain form: full weight on the teacher's labels from step 0.
 """
 
 from __future__ import annotations
@@ -25,22 +32,42 @@ from torch import nn
 from semiseg.engine.loader import EndlessLoader
 from semiseg.engine.task import Optimized, StepContext, TrainingTask
 from semiseg.losses import cross_entropy
-from semiseg.methods.online import hard_pseudo_labels, load_selected, teacher_forward, unlabeled_stream
+from semiseg.methods.online import (
+    copy_weights,
+    hard_pseudo_labels,
+    load_selected,
+    teacher_forward,
+    unlabeled_stream,
+)
 from semiseg.methods.registry import Method, MethodOptions, register
+from semiseg.methods.schedules import capped_momentum, share_of, unlabeled_weight
 from semiseg.models.ema import EMA, frozen_copy
+from semiseg.models.factory import unwrap
 from semiseg.pipeline.stages import Stage
 from semiseg.pipeline.training import fit, labeled_loader, new_model
 
 
 class MeanTeacherOptions(MethodOptions):
     ema_momentum: float = Field(0.99, ge=0, lt=1, description=(
-        "teacher EMA momentum m; the decay at step t is min(1 - 1/(t+1), m) with ema_warmup"))
+        "teacher EMA momentum m; the decay at step t is min(1 - 1/(t+1), m) with ema_warmup (U2PL: 0.99)"))
     ema_warmup: bool = Field(True, description="warm-up decay min(1 - 1/(t+1), m) (mean teacher, U2PL)")
+    ema_horizon: float | None = Field(0.1, gt=0, le=1, description=(
+        "cap of the EMA's horizon 1/(1 - m) as a share of the stage's semi-supervised steps, so that the "
+        "teacher follows the student at any budget (0.1: m = min(m, 1 - 1/(0.1 N))); null: m as given"))
+    sup_warmup: float = Field(0.1, ge=0, lt=1, description=(
+        "share of the stage trained on labeled images only, after which the teacher is copied from the student "
+        "(U2PL / GTA-Seg: sup_only_epoch = 1 of 80 epochs; a share so that short runs get a usable teacher; "
+        "0: pseudo labels from step 0)"))
+    rampup: float = Field(0.2, ge=0, le=1, description=(
+        "share of the stage over which the unlabeled weight ramps up after the warm-up, sigmoid "
+        "exp(-5 (1 - x)^2) (mean teacher, Laine & Aila; CCT ramps over 10 %); 0: full weight at once "
+        "(U2PL, UniMatch)"))
     ema_buffers: bool = Field(True, description=(
         "also average BN running statistics, so the eval-mode teacher's statistics match its weights "
         "(U2PL / GTA-Seg average parameters only and refresh the teacher's BN by a train-mode forward)"))
-    conf_threshold: float = Field(0.0, ge=0, le=1, description=(
-        "pseudo labels below this teacher confidence become 255 (0: keep all; UniMatch VOC uses 0.95)"))
+    conf_threshold: float = Field(0.95, ge=0, le=1, description=(
+        "pseudo labels below this teacher confidence become 255 (UniMatch on VOC and FixMatch: 0.95; "
+        "0 keeps all, as UniMatch on Cityscapes)"))
     unsup_weight: float = Field(1.0, ge=0, description="λ of the unlabeled CE")
     teacher_mode: Literal["eval", "train"] = Field(
         "eval", description="mode of the teacher when it labels (train: BN batch statistics, dropout on)")
@@ -52,14 +79,23 @@ class MeanTeacherOptions(MethodOptions):
 
 class MeanTeacherTask(TrainingTask):
     def __init__(self, student: nn.Module, labeled: EndlessLoader, unlabeled: EndlessLoader,
-                 options: MeanTeacherOptions) -> None:
+                 options: MeanTeacherOptions, *, steps: int) -> None:
         self.opt = options
         self.nets = {"student": student, "teacher": frozen_copy(student)}
         self.loaders = {"labeled": labeled, "unlabeled": unlabeled}
         self.optimized = [Optimized("student")]
         self.eval_net_name = options.eval_net
-        self.ema = EMA(student, self.nets["teacher"], momentum=options.ema_momentum,
+        self.warmup_steps = share_of(options.sup_warmup, steps)
+        self.rampup_steps = share_of(options.rampup, steps)
+        momentum = capped_momentum(options.ema_momentum, steps - self.warmup_steps, options.ema_horizon)
+        self.ema = EMA(student, self.nets["teacher"], momentum=momentum,
                        warmup=options.ema_warmup, buffers=options.ema_buffers)
+        self.steps_done = 0
+
+    def eval_net(self) -> nn.Module:
+        """The student during the supervised warm-up (the teacher is not trained yet), else ``eval_net``."""
+        warm = self.steps_done <= self.warmup_steps and self.warmup_steps > 0
+        return unwrap(self.nets["student" if warm else self.eval_net_name])
 
     def pseudo_labels(self, unlabeled: dict[str, Any]) -> torch.Tensor:
         """Step 1: the teacher's labels of the weak view, 255 where the student's view has no information."""
@@ -70,20 +106,40 @@ class MeanTeacherTask(TrainingTask):
         label, _ = hard_pseudo_labels(logits, threshold=self.opt.conf_threshold, ignore=ignore)
         return label
 
+    def unlabeled_weight(self, step: int) -> float:
+        """λ · w(t): 0 during the warm-up, then the sigmoid ramp-up to ``unsup_weight``."""
+        return self.opt.unsup_weight * unlabeled_weight(step, warmup_steps=self.warmup_steps,
+                                                        rampup_steps=self.rampup_steps)
+
     def train_step(self, batches: dict[str, Any], ctx: StepContext) -> dict[str, float]:
+        self.steps_done = ctx.step + 1
         lab, unl = batches["labeled"], batches["unlabeled"]
+        if ctx.step < self.warmup_steps:  # Step 0: supervised warm-up, no teacher yet
+            with ctx.autocast():
+                loss = cross_entropy(self.nets["student"](lab["image"]), lab["mask"])
+            ctx.optimize("student", loss)
+            return {"loss": loss.item(), "loss_labeled": loss.item(), "unlabeled_weight": 0.0}
+        if ctx.step == self.warmup_steps > 0:  # the teacher starts as the warmed-up student (U2PL)
+            copy_weights(unwrap(self.nets["student"]), self.nets["teacher"])
         pseudo = self.pseudo_labels(unl)
         view = unl["image_strong"] if self.opt.student_view == "strong" else unl["image"]
-        n = lab["image"].shape[0]
+        n, weight = lab["image"].shape[0], self.unlabeled_weight(ctx.step)
         with ctx.autocast():
             logits = self.nets["student"](torch.cat([lab["image"], view]))
             loss_l = cross_entropy(logits[:n], lab["mask"])
             loss_u = cross_entropy(logits[n:], pseudo)
-            loss = loss_l + self.opt.unsup_weight * loss_u
+            loss = loss_l + weight * loss_u
         ctx.optimize("student", loss)
-        decay = self.ema.update(ctx.step)
+        decay = self.ema.update(ctx.step - self.warmup_steps)
         return {"loss": loss.item(), "loss_labeled": loss_l.item(), "loss_unlabeled": loss_u.item(),
-                "pseudo_coverage": (pseudo != 255).float().mean().item(), "ema_decay": decay}
+                "unlabeled_weight": weight, "pseudo_coverage": (pseudo != 255).float().mean().item(),
+                "ema_decay": decay}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps_done": self.steps_done}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps_done = state.get("steps_done", 0)
 
 
 @register
@@ -99,7 +155,8 @@ class MeanTeacher(Method):
 
         def train(stage_dir: Path) -> None:
             unlabeled = unlabeled_stream(run, seed + 1, strong=opt.student_view == "strong")
-            task = MeanTeacherTask(new_model(run), labeled_loader(run, seed), unlabeled, opt)
+            task = MeanTeacherTask(new_model(run), labeled_loader(run, seed), unlabeled, opt,
+                                   steps=run.config.train.steps)
             fit(run, task, stage_dir)
 
         return [Stage("mean-teacher", train)]

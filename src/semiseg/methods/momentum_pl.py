@@ -11,8 +11,12 @@ Stage 2 — student (Algorithm 1), from scratch; every step:
 3. online: teacher := EMA of the student (offline: the teacher never changes);
 4. momentum student := EMA of the student; the momentum student is the delivered model.
 
-EMA is per epoch in the released code (per step as an option), parameters only; a momentum net's BN
-statistics come from a no-grad train-mode forward on each labeled batch (the code's logging forward).
+EMA is parameters only; a momentum net's BN statistics come from a no-grad train-mode forward on each
+labeled batch (the code's logging forward). The released code updates once per EPOCH; at a few hundred steps
+that is a handful of updates and the delivered momentum student stays ~97 % its initialisation, so the default
+is once per STEP (the paper, section III-C: "after a certain number of steps") with every momentum capped so
+that its horizon is at most ``ema_horizon`` of the stage's updates (``schedules.capped_momentum``);
+``ema_every=epoch ema_horizon=null`` is the released schedule.
 The paper's Table II variants: ``teacher_update`` (online / offline) × ``pseudo_from`` (momentum / raw)
 × ``deliver`` (momentum / raw student).
 
@@ -44,6 +48,7 @@ from semiseg.methods.online import (
     weak_view,
 )
 from semiseg.methods.registry import Method, MethodOptions, register
+from semiseg.methods.schedules import capped_momentum
 from semiseg.models.ema import EMA, frozen_copy
 from semiseg.pipeline.context import RunContext
 from semiseg.pipeline.stages import Stage, stage_dir
@@ -69,8 +74,13 @@ class MomentumPLOptions(MethodOptions):
     teacher_momentum: float = Field(0.95, ge=0, lt=1, description="stage-1 momentum of the teacher's copy")
     student_momentum: float = Field(0.99, ge=0, lt=1, description="momentum of the student's copy (code)")
     teacher_ema_momentum: float = Field(0.99, ge=0, lt=1, description="online teacher EMA from the student")
-    ema_every: Literal["epoch", "step"] = Field(
-        "epoch", description="EMA cadence: once per epoch (code: training_epoch_end) or every step")
+    ema_every: Literal["epoch", "step"] = Field("step", description=(
+        "EMA cadence: every step (paper III-C: 'after a certain number of steps'; budget-proof) or once per "
+        "epoch (released code: training_epoch_end; a handful of updates in a short run)"))
+    ema_horizon: float | None = Field(0.1, gt=0, le=1, description=(
+        "cap of every momentum's horizon 1/(1 - m) as a share of the stage's EMA updates (0.1: m = min(m, "
+        "1 - 1/(0.1 U))), so the momentum nets leave their initialisation at any budget; null: the momenta "
+        "as given (released code)"))
     momentum_bn: Literal["forward", "ema"] = Field("forward", description=(
         "BN statistics of the momentum nets and the online teacher: a no-grad train-mode forward on each "
         "labeled batch (code: its logging forward) or an EMA of the buffers too"))
@@ -118,18 +128,25 @@ class _MomentumMixin:
             for ema in self.emas:
                 ema.update()
 
+    def _ema(self, source: nn.Module, target: nn.Module, momentum: float, steps: int,
+             epoch_steps: int) -> EMA:
+        """An EMA at the option's cadence, its momentum capped by the stage's number of updates."""
+        updates = steps if self.opt.ema_every == "step" else steps // epoch_steps
+        return EMA(source, target, momentum=capped_momentum(momentum, updates, self.opt.ema_horizon),
+                   buffers=self.opt.momentum_bn == "ema")
+
 
 class TeacherTask(_MomentumMixin, TrainingTask):
     """Stage 1: Dice on labeled batches; the momentum copy is validated and selected on its own."""
 
     def __init__(self, model: nn.Module, labeled: EndlessLoader, options: MomentumPLOptions,
-                 fresh: nn.Module | None = None) -> None:
+                 fresh: nn.Module | None = None, *, steps: int) -> None:
         self.opt = options
         self.nets = {"model": model, "momentum": _momentum_copy(model, fresh)}
         self.loaders = {"labeled": labeled}
         self.optimized = [Optimized("model")]
-        bn = options.momentum_bn == "ema"
-        self.emas = [EMA(model, self.nets["momentum"], momentum=options.teacher_momentum, buffers=bn)]
+        self.emas = [self._ema(model, self.nets["momentum"], options.teacher_momentum, steps,
+                               labeled.batches_per_epoch())]
         self.bn_nets = [self.nets["momentum"]]
 
     def extra_eval_nets(self) -> dict[str, nn.Module]:
@@ -149,7 +166,7 @@ class StudentTask(_MomentumMixin, TrainingTask):
 
     def __init__(self, student: nn.Module, teacher: nn.Module, labeled: EndlessLoader,
                  unlabeled: EndlessLoader, options: MomentumPLOptions,
-                 fresh: nn.Module | None = None) -> None:
+                 fresh: nn.Module | None = None, *, steps: int) -> None:
         self.opt = options
         self.nets = {"student": student, "momentum": _momentum_copy(student, fresh),
                      "teacher": frozen_copy(teacher)}
@@ -160,11 +177,11 @@ class StudentTask(_MomentumMixin, TrainingTask):
         self.loaders = dict(pair)
         self.optimized = [Optimized("student")]
         self.eval_net_name = "momentum" if options.deliver == "momentum" else "student"
-        bn = options.momentum_bn == "ema"
-        self.emas = [EMA(student, self.nets["momentum"], momentum=options.student_momentum, buffers=bn)]
+        epoch = next(iter(self.loaders.values())).batches_per_epoch()
+        self.emas = [self._ema(student, self.nets["momentum"], options.student_momentum, steps, epoch)]
         self.bn_nets = [self.nets["momentum"]]
         if options.teacher_update == "online":
-            online = EMA(student, self.nets["teacher"], momentum=options.teacher_ema_momentum, buffers=bn)
+            online = self._ema(student, self.nets["teacher"], options.teacher_ema_momentum, steps, epoch)
             self.emas.insert(0, online)
             self.bn_nets.append(self.nets["teacher"])
 
@@ -222,12 +239,12 @@ class MomentumPL(Method):
         def train(directory: Path) -> None:
             lab_t, _ = _transforms(run, opt)
             fresh = new_model(run, seed + 1) if opt.momentum_init == "independent" else None
-            task = TeacherTask(new_model(run), labeled_stream(run, seed, transform=lab_t), opt, fresh)
-            fit(run, task, directory, steps=opt.teacher_steps)
+            task = TeacherTask(new_model(run), labeled_stream(run, seed, transform=lab_t), opt, fresh, steps=steps)
+            fit(run, task, directory, steps=steps)
 
         teacher_opts = opt.model_dump(include={
             "loss", "tversky_alpha", "tversky_beta", "loss_reduction", "teacher_momentum", "ema_every",
-            "momentum_bn", "momentum_init", "augment"})
+            "ema_horizon", "momentum_bn", "momentum_init", "augment"})
         steps = opt.teacher_steps or run.config.train.steps
         return Stage("teacher", train, key=stage_key(run, "momentum-pl-teacher", seed, steps=steps,
                                                      options=teacher_opts))
@@ -245,7 +262,8 @@ class MomentumPL(Method):
             lab_t, unl_t = _transforms(run, opt)
             fresh = new_model(run, seed + 2) if opt.momentum_init == "independent" else None
             task = StudentTask(new_model(run), teacher, labeled_stream(run, seed, transform=lab_t),
-                               unlabeled_stream(run, seed + 1, transform=unl_t), opt, fresh)
+                               unlabeled_stream(run, seed + 1, transform=unl_t), opt, fresh,
+                               steps=run.config.train.steps)
             fit(run, task, directory)
 
         return [teacher_stage, Stage("student", train)]

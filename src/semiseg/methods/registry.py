@@ -42,6 +42,12 @@ class Method:
         """The delivered model (weights loaded, eval mode) after every stage is DONE."""
         raise NotImplementedError
 
+    def trained_steps(self) -> int:
+        """Optimizer steps behind the delivered network, counted from its initialisation (a net fine-tuned
+        from a teacher counts the teacher's steps too): what ``supervised`` must train for to be this
+        method's compute-matched control. Default: one training stage (``train.steps``)."""
+        return self.run.config.train.steps
+
 
 _REGISTRY: dict[str, type[Method]] = {}
 

@@ -5,6 +5,11 @@ student re-initialised and re-trained on ``labeled * ceil(U / L) + pseudo-labele
 loader, with strong augmentation on the pseudo-labeled images (``strong_aug``; plain ST without).
 ``iterations > 1`` re-labels with the newest student and re-trains again (the paper's appendix B).
 
+Re-training length: the released code runs every stage for the same ``--epochs`` (80 on VOC), so a student
+makes as many passes over its ``L·ceil(P/L) + P`` images as the teacher made over the L labeled ones: about
+``P/L + 2`` times the teacher's steps (``schedules.epoch_rule_steps``, the default). With 5 % labels that is
+20-40x; ``retrain_scale`` (x ``train.steps``) or ``retrain_steps`` fix an affordable length instead.
+
 ``st++``: the supervised stage also keeps snapshots at ``k * steps // K`` (K = 3: E/3, 2E/3, E); each
 unlabeled image's stability is the mean per-image mIoU of the earlier snapshots' argmax against the final
 one (no TTA); the top half is reliable. The best-on-val supervised model labels the reliable half, a
@@ -18,34 +23,38 @@ identical stages are shared between runs under the same ``out_dir``.
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 from pydantic import Field, field_validator
 from torch import nn
 
 from semiseg.config import RunConfig
-from semiseg.engine.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from semiseg.engine.checkpoint import atomic_write_text, load_checkpoint
 from semiseg.engine.task import Optimized, StepContext, TrainingTask
 from semiseg.errors import ConfigError
 from semiseg.losses import cross_entropy
 from semiseg.methods.registry import Method, MethodOptions, register
-from semiseg.methods.supervised import SupervisedTask, supervised_stage
+from semiseg.methods.schedules import epoch_rule_steps
+from semiseg.methods.st_stability import (
+    SnapshotTask,
+    all_unlabeled,
+    read_split,
+    snapshot_models,
+    snapshot_steps,
+    stability_stage,
+)
+from semiseg.methods.supervised import supervised_stage
 from semiseg.models.factory import unwrap
 from semiseg.pipeline.context import RunContext
 from semiseg.pipeline.labeling import (
-    ground_truth_fn,
     label_stage,
-    make_labeler,
+    oversampled_size,
     pseudo_dataset,
-    unlabeled_index,
 )
 from semiseg.pipeline.stages import Stage, stage_dir
 from semiseg.pipeline.training import fit, labeled_loader, load_stage_model, make_loader, new_model
-from semiseg.pseudo.policies import SelectAll, image_miou, split_reliable, stability_scores
+from semiseg.pseudo.policies import SelectAll
 
 RELEASED_TTA_SCALES = (0.5, 0.75, 1.0, 1.5, 2.0)
 
@@ -62,14 +71,16 @@ class SelfTrainingOptions(MethodOptions):
         "of 32"))
     tta_flip: bool = Field(True, description="also each scale's horizontally flipped view (released code)")
     student_init: Literal["scratch", "teacher"] = Field("scratch", description=(
-        "scratch: every re-training re-initialises the student (released code and paper); "
-        "teacher: start from the weights of the model that produced the pseudo labels"))
+        "scratch: every re-training starts from the run's shared initialisation (released code and paper: a "
+        "fresh ImageNet model); teacher: from the weights of the model that produced the pseudo labels"))
     retrain_steps: int | None = Field(None, gt=0, description=(
-        "optimizer steps of each re-training (default: retrain_scale x train.steps). The released code "
-        "keeps the EPOCH count (80 on VOC) on a set of L*ceil(U/L)+U images, i.e. roughly U/L times the "
-        "supervised stage's steps; set this (or retrain_scale) to match it"))
-    retrain_scale: float = Field(1.0, gt=0, description=(
-        "re-training steps as a multiple of train.steps when retrain_steps is not given"))
+        "optimizer steps of each re-training; overrides retrain_scale and the epoch rule"))
+    retrain_scale: float | None = Field(None, gt=0, description=(
+        "re-training steps as a multiple of train.steps. null (default): the released code's epoch rule, as "
+        "many epochs over the re-training set (labeled x ceil(P/L) + P pseudo-labeled) as the supervised "
+        "stage ran over the labeled set, i.e. about P/L + 2 times its steps (the current released code also "
+        "doubles a labeled list under 200 ids in its supervised stage, official-code-notes section 3: its "
+        "ratio is about half of this there)"))
     label_batch_size: int | None = Field(None, gt=0, description="images per labelling batch (default "
                                          "train.batch_size; the released code labels one at a time)")
 
@@ -97,26 +108,6 @@ class STPlusPlusOptions(SelfTrainingOptions):
 
 
 # ------------------------------------------------------------------------------------------- tasks
-class SnapshotTask(SupervisedTask):
-    """The supervised step, plus the model's weights saved after steps ``snapshot_steps``.
-
-    A snapshot is written inside the step, before the loop's ``last.pt``; a resumed run replays the
-    same steps and rewrites identical snapshots.
-    """
-
-    def __init__(self, model: nn.Module, loader: Any, snapshot_dir: Path, snapshot_steps: list[int],
-                 is_main: bool = True) -> None:
-        super().__init__(model, loader)
-        self.snapshot_dir, self.snapshot_steps, self.is_main = snapshot_dir, set(snapshot_steps), is_main
-
-    def train_step(self, batches: dict[str, Any], ctx: StepContext) -> dict[str, float]:
-        out = super().train_step(batches, ctx)
-        if ctx.step + 1 in self.snapshot_steps and self.is_main:
-            save_checkpoint(snapshot_path(self.snapshot_dir, ctx.step + 1),
-                            {"net": unwrap(self.nets["model"]).state_dict(), "step": ctx.step + 1})
-        return out
-
-
 class RetrainTask(TrainingTask):
     """Cross-entropy (255 ignored) on mixed batches of labeled and pseudo-labeled images."""
 
@@ -131,15 +122,6 @@ class RetrainTask(TrainingTask):
             loss = cross_entropy(self.nets["model"](batch["image"]), batch["mask"])
         ctx.optimize("model", loss)
         return {"loss": loss.item(), "pseudo_share": float(batch["pseudo"].float().mean())}
-
-
-def snapshot_path(stage: Path, step: int) -> Path:
-    return stage / "checkpoints" / f"snapshot-{step}.pt"
-
-
-def snapshot_steps(steps: int, k: int) -> list[int]:
-    """ST++'s checkpoints in steps: ``j * steps // k`` for j = 1..k (the last one is the final model)."""
-    return [j * steps // k for j in range(1, k + 1)]
 
 
 def best_checkpoint(stage: Path) -> Path:
@@ -166,10 +148,6 @@ def base_key(run: RunContext) -> dict[str, Any]:
     return {k: key[k] for k in ("stems", "val", "data", "model", "train", "eval_every", "init_seed")}
 
 
-def all_unlabeled(run: RunContext) -> list[str]:
-    return list(run.arrays("unlabeled").stems)
-
-
 class _SelfTrainingBase(Method):
     options: SelfTrainingOptions
 
@@ -183,12 +161,36 @@ class _SelfTrainingBase(Method):
             tta_scales=tuple(o.tta_scales), tta_flip=o.tta_flip, key=key, batch_size=o.label_batch_size,
             previous=(lambda: previous) if previous else None, checkpoint=lambda: best_checkpoint(tdir)))
 
+    def retrain_steps(self, n_pseudo: int) -> int:
+        """Steps of a re-training on the labeled images + ``n_pseudo`` pseudo-labeled ones: ``retrain_steps``,
+        else ``retrain_scale`` x ``train.steps``, else the released epoch rule."""
+        o, cfg = self.options, self.run.config
+        if o.retrain_steps is not None:
+            return o.retrain_steps
+        if o.retrain_scale is not None:
+            return max(1, round(cfg.train.steps * o.retrain_scale))
+        n_labeled = len(self.run.splits.labeled)
+        return epoch_rule_steps(cfg.train.steps, n_labeled, oversampled_size(n_labeled, n_pseudo),
+                                cfg.train.batch_size * self.run.dist.world_size)
+
+    def retrain_sizes(self) -> list[int]:
+        """Pseudo-labeled images of each re-training, in order (known before anything runs)."""
+        raise NotImplementedError
+
+    def trained_steps(self) -> int:
+        """The last re-training's steps; with ``student_init=teacher`` the whole chain back to the teacher."""
+        steps = [self.retrain_steps(n) for n in self.retrain_sizes()]
+        if self.options.student_init == "teacher":
+            return self.run.config.train.steps + sum(steps)
+        return steps[-1]
+
     def _retrain(self, plan: Plan, name: str, *, rounds: list[tuple[Path, str | None, Any]],
-                 teacher: tuple[Path, str | None]) -> tuple[Path, str | None]:
-        """A re-training on labeled + ``rounds`` = [(label stage dir, its key hash, stems or a callable)]."""
+                 teacher: tuple[Path, str | None], n_pseudo: int) -> tuple[Path, str | None]:
+        """A re-training on labeled + ``rounds`` = [(label stage dir, its key hash, stems or a callable)]
+        (``n_pseudo`` pseudo-labeled images in all)."""
         o, run = self.options, self.run
         seed = run.stage_seed(name)
-        steps = o.retrain_steps or max(1, round(run.config.train.steps * o.retrain_scale))
+        steps = self.retrain_steps(n_pseudo)
 
         def train(stage: Path) -> None:
             parts = [(d, stems() if callable(stems) else stems) for d, _, stems in rounds]
@@ -241,9 +243,12 @@ class SelfTraining(_SelfTrainingBase):
             lab = self._label(plan, f"label{suffix}", teacher=teacher, stems=stems, stems_key=stems,
                               previous=previous)
             teacher = self._retrain(plan, f"retrain{suffix}", rounds=[(lab[0], lab[1], stems)],
-                                    teacher=teacher)
+                                    teacher=teacher, n_pseudo=len(stems))
             previous = [lab[0]]
         return self._finish(plan)
+
+    def retrain_sizes(self) -> list[int]:
+        return [len(self.run.splits.unlabeled)] * self.options.iterations
 
 
 def diagnostics_stage(run: RunContext, dirs: list[Path], stability: Path | None) -> Stage:
@@ -277,70 +282,6 @@ def diagnostics_stage(run: RunContext, dirs: list[Path], stability: Path | None)
 
 
 # ------------------------------------------------------------------------------------------- ST++
-def stability_stage(run: RunContext, name: str, *, models: Callable[[], list[nn.Module]],
-                    key: dict[str, Any] | None) -> Stage:
-    """Scores every unlabeled image by ST++'s stability and writes ``stability.json``.
-
-    ``models()`` are the K snapshots, the reference (final) one last; each predicts every image once,
-    argmax, no TTA, streaming in lockstep. The score is the mean per-image mIoU of snapshots 1..K-1
-    against snapshot K; the top half (``len // 2``) is reliable. In benchmark mode the file also records
-    how the final snapshot's labels score against ground truth in each half, to check that stability
-    tracks quality.
-    """
-
-    def work(stage: Path) -> None:
-        out = stage / "stability.json"
-        if out.exists() or not run.dist.is_main:
-            return
-        stems = all_unlabeled(run)
-        index = unlabeled_index(run, stems)
-        stem_of = dict(zip(index, stems, strict=True))
-        images = run.arrays("unlabeled").images
-        c = run.classes.num_classes
-        streams = [make_labeler(run, m).iter_predictions(images, index) for m in models()]
-        gt = ground_truth_fn(run, stems)
-        scores, finals = [], {}
-        for preds in zip(*streams, strict=True):
-            maps = [p.argmax(0).astype(np.uint8) for _, p in preds]
-            scores.append(float(stability_scores([[m] for m in maps], num_classes=c)[0]))
-            if gt is not None:
-                stem = stem_of[preds[0][0]]
-                finals[stem] = image_miou(maps[-1], gt(stem), c)
-        reliable, unreliable = split_reliable(stems, scores)
-        info: dict[str, Any] = {"stems": stems, "scores": [None if math.isnan(s) else s for s in scores],
-                                "reliable": reliable, "unreliable": unreliable, "quality": None}
-        if gt is not None:
-            info["quality"] = {"final_snapshot_miou_reliable": _nanmean([finals[s] for s in reliable]),
-                               "final_snapshot_miou_unreliable": _nanmean([finals[s] for s in unreliable])}
-        atomic_write_text(out, json.dumps(info, indent=1))
-
-    return Stage(name, work, key=key)
-
-
-def snapshot_models(run: RunContext, sup_dir: Path, k: int) -> list[nn.Module]:
-    """The supervised stage's snapshots at ``j * steps // k`` (j < k) and its final weights (``last.pt``)."""
-    steps = snapshot_steps(run.config.train.steps, k)
-    models = [_snapshot_model(run, snapshot_path(sup_dir, s)) for s in steps[:-1]]
-    return [*models, load_stage_model(run, sup_dir, which="model")]
-
-
-def _snapshot_model(run: RunContext, path: Path) -> nn.Module:
-    model = new_model(run)
-    model.load_state_dict(load_checkpoint(path)["net"])
-    return model.to(run.device).eval()
-
-
-def _nanmean(values: list[float]) -> float | None:
-    vals = [v for v in values if not math.isnan(v)]
-    return float(np.mean(vals)) if vals else None
-
-
-def read_split(stability_dir: Path) -> tuple[list[str], list[str]]:
-    """The reliable and unreliable stems a stability stage wrote."""
-    info = json.loads((stability_dir / "stability.json").read_text())
-    return info["reliable"], info["unreliable"]
-
-
 @register
 class STPlusPlus(_SelfTrainingBase):
     name = "st++"
@@ -390,17 +331,24 @@ class STPlusPlus(_SelfTrainingBase):
 
         lab1 = self._label(plan, "label-reliable", teacher=sup, stems=reliable,
                            stems_key=[stab[1], "reliable"])
-        re1 = self._retrain(plan, "retrain-reliable", rounds=[(lab1[0], lab1[1], reliable)], teacher=sup)
+        n_reliable, n_all = self.retrain_sizes()[:2]
+        re1 = self._retrain(plan, "retrain-reliable", rounds=[(lab1[0], lab1[1], reliable)], teacher=sup,
+                            n_pseudo=n_reliable)
         lab2 = self._label(plan, "label-unreliable", teacher=re1, stems=unreliable,
                            stems_key=[stab[1], "unreliable"])
-        teacher = self._retrain(plan, "retrain-all", teacher=re1, rounds=[(lab1[0], lab1[1], reliable),
-                                                                        (lab2[0], lab2[1], unreliable)])
+        teacher = self._retrain(plan, "retrain-all", teacher=re1, n_pseudo=n_all,
+                                rounds=[(lab1[0], lab1[1], reliable), (lab2[0], lab2[1], unreliable)])
         previous = [lab1[0], lab2[0]]
         stems = all_unlabeled(run)
         for r in range(1, o.extra_rounds + 1):
             lab = self._label(plan, f"label-extra-{r}", teacher=teacher, stems=stems, stems_key=stems,
                               previous=previous)
             teacher = self._retrain(plan, f"retrain-extra-{r}", rounds=[(lab[0], lab[1], stems)],
-                                    teacher=teacher)
+                                    teacher=teacher, n_pseudo=n_all)
             previous = [lab[0]]
         return self._finish(plan, stability=sdir)
+
+    def retrain_sizes(self) -> list[int]:
+        """Reliable half (``len // 2``, as :func:`split_reliable`), then all, then every extra round: all."""
+        n = len(self.run.splits.unlabeled)
+        return [n // 2, n] + [n] * self.options.extra_rounds

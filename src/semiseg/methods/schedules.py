@@ -1,0 +1,63 @@
+"""Schedules counted in steps or as a share of a stage, so that a method behaves alike at 300 and 30 000 steps.
+
+The released codes count in epochs of data sets 10-100x larger than a typical labeled set, over 40-240
+epochs. Read literally at a few hundred steps, their supervised-only epochs eat a third of the budget and
+their per-epoch or 0.999 EMAs deliver a network that is still mostly its initialisation. Every helper here
+turns a share of a stage into steps (or caps a momentum by the stage's length); the released epoch values
+stay available as explicit options of the methods that use them.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def share_of(fraction: float, total: int) -> int:
+    """``round(fraction * total)`` steps: a warm-up or ramp given as a share of a ``total``-step stage."""
+    return int(round(fraction * total))
+
+
+def capped_momentum(momentum: float, updates: int, horizon: float | None) -> float:
+    """An EMA momentum whose horizon ``1 / (1 − d)`` (the number of updates it effectively averages) is at
+    most ``horizon × updates``: ``min(momentum, 1 − 1 / (horizon · updates))``, and 0 (a plain copy) when
+    that horizon is shorter than one update. ``horizon`` None: ``momentum`` unchanged (the released codes).
+
+    Why: with ``d = 0.99`` per epoch and 3 epochs, the delivered copy is 0.99³ ≈ 97 % its initialisation;
+    with a cap of 10 % of the stage it follows the last tenth of training whatever the budget, and long
+    stages (``updates ≥ 1 / (horizon (1 − momentum))``) keep the released momentum exactly.
+    """
+    if horizon is None:
+        return momentum
+    limit = horizon * updates
+    return 0.0 if limit <= 1 else min(momentum, 1.0 - 1.0 / limit)
+
+
+def sigmoid_rampup(step: int, length: int) -> float:
+    """``exp(−5 (1 − x)²)`` with ``x = step / length`` clipped to [0, 1]; 1 when ``length`` is 0.
+
+    The consistency ramp-up of Laine & Aila (2017) and mean teacher (Tarvainen & Valpola 2017), also CCT's."""
+    if length <= 0:
+        return 1.0
+    x = min(max(step / length, 0.0), 1.0)
+    return math.exp(-5.0 * (1.0 - x) ** 2)
+
+
+def unlabeled_weight(step: int, *, warmup_steps: int, rampup_steps: int) -> float:
+    """The weight of an unlabeled loss at ``step``: 0 during a supervised-only warm-up of ``warmup_steps``,
+    then :func:`sigmoid_rampup` over the next ``rampup_steps``, then 1."""
+    if step < warmup_steps:
+        return 0.0
+    return sigmoid_rampup(step - warmup_steps, rampup_steps)
+
+
+def batches_per_epoch(n_images: int, global_batch: int) -> int:
+    """Steps of one epoch as :class:`~semiseg.engine.loader.EndlessLoader` counts them (drop last, ≥ 1)."""
+    return max(1, n_images // global_batch)
+
+
+def epoch_rule_steps(teacher_steps: int, n_labeled: int, n_set: int, global_batch: int) -> int:
+    """Steps of a re-training that runs as many epochs over its ``n_set`` images as the teacher's
+    ``teacher_steps`` ran over the ``n_labeled`` labeled images (ST / ST++'s released code: one ``--epochs``
+    for every stage): ``round(teacher_steps · epoch(n_set) / epoch(n_labeled))`` in batches per epoch."""
+    epochs = teacher_steps / batches_per_epoch(n_labeled, global_batch)
+    return max(1, int(round(epochs * batches_per_epoch(n_set, global_batch))))

@@ -1,0 +1,120 @@
+"""ST++'s stability score (released code ``select_reliable``): snapshots of the supervised stage, each
+unlabeled image scored by how its snapshots' predictions agree with the final one, split into halves."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from semiseg.engine.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from semiseg.engine.task import StepContext
+from semiseg.methods.supervised import SupervisedTask
+from semiseg.models.factory import unwrap
+from semiseg.pipeline.context import RunContext
+from semiseg.pipeline.labeling import ground_truth_fn, make_labeler, unlabeled_index
+from semiseg.pipeline.stages import Stage
+from semiseg.pipeline.training import load_stage_model, new_model
+from semiseg.pseudo.policies import image_miou, split_reliable, stability_scores
+
+
+def all_unlabeled(run: RunContext) -> list[str]:
+    return list(run.arrays("unlabeled").stems)
+
+
+class SnapshotTask(SupervisedTask):
+    """The supervised step, plus the model's weights saved after steps ``snapshot_steps``.
+
+    A snapshot is written inside the step, before the loop's ``last.pt``; a resumed run replays the
+    same steps and rewrites identical snapshots.
+    """
+
+    def __init__(self, model: nn.Module, loader: Any, snapshot_dir: Path, snapshot_steps: list[int],
+                 is_main: bool = True) -> None:
+        super().__init__(model, loader)
+        self.snapshot_dir, self.snapshot_steps, self.is_main = snapshot_dir, set(snapshot_steps), is_main
+
+    def train_step(self, batches: dict[str, Any], ctx: StepContext) -> dict[str, float]:
+        out = super().train_step(batches, ctx)
+        if ctx.step + 1 in self.snapshot_steps and self.is_main:
+            save_checkpoint(snapshot_path(self.snapshot_dir, ctx.step + 1),
+                            {"net": unwrap(self.nets["model"]).state_dict(), "step": ctx.step + 1})
+        return out
+
+
+def snapshot_path(stage: Path, step: int) -> Path:
+    return stage / "checkpoints" / f"snapshot-{step}.pt"
+
+
+def snapshot_steps(steps: int, k: int) -> list[int]:
+    """ST++'s checkpoints in steps: ``j * steps // k`` for j = 1..k (the last one is the final model)."""
+    return [j * steps // k for j in range(1, k + 1)]
+
+
+def stability_stage(run: RunContext, name: str, *, models: Callable[[], list[nn.Module]],
+                    key: dict[str, Any] | None) -> Stage:
+    """Scores every unlabeled image by ST++'s stability and writes ``stability.json``.
+
+    ``models()`` are the K snapshots, the reference (final) one last; each predicts every image once,
+    argmax, no TTA, streaming in lockstep. The score is the mean per-image mIoU of snapshots 1..K-1
+    against snapshot K; the top half (``len // 2``) is reliable. In benchmark mode the file also records
+    how the final snapshot's labels score against ground truth in each half, to check that stability
+    tracks quality.
+    """
+
+    def work(stage: Path) -> None:
+        out = stage / "stability.json"
+        if out.exists() or not run.dist.is_main:
+            return
+        stems = all_unlabeled(run)
+        index = unlabeled_index(run, stems)
+        stem_of = dict(zip(index, stems, strict=True))
+        images = run.arrays("unlabeled").images
+        c = run.classes.num_classes
+        streams = [make_labeler(run, m).iter_predictions(images, index) for m in models()]
+        gt = ground_truth_fn(run, stems)
+        scores, finals = [], {}
+        for preds in zip(*streams, strict=True):
+            maps = [p.argmax(0).astype(np.uint8) for _, p in preds]
+            scores.append(float(stability_scores([[m] for m in maps], num_classes=c)[0]))
+            if gt is not None:
+                stem = stem_of[preds[0][0]]
+                finals[stem] = image_miou(maps[-1], gt(stem), c)
+        reliable, unreliable = split_reliable(stems, scores)
+        info: dict[str, Any] = {"stems": stems, "scores": [None if math.isnan(s) else s for s in scores],
+                                "reliable": reliable, "unreliable": unreliable, "quality": None}
+        if gt is not None:
+            info["quality"] = {"final_snapshot_miou_reliable": _nanmean([finals[s] for s in reliable]),
+                               "final_snapshot_miou_unreliable": _nanmean([finals[s] for s in unreliable])}
+        atomic_write_text(out, json.dumps(info, indent=1))
+
+    return Stage(name, work, key=key)
+
+
+def snapshot_models(run: RunContext, sup_dir: Path, k: int) -> list[nn.Module]:
+    """The supervised stage's snapshots at ``j * steps // k`` (j < k) and its final weights (``last.pt``)."""
+    steps = snapshot_steps(run.config.train.steps, k)
+    models = [_snapshot_model(run, snapshot_path(sup_dir, s)) for s in steps[:-1]]
+    return [*models, load_stage_model(run, sup_dir, which="model")]
+
+
+def _snapshot_model(run: RunContext, path: Path) -> nn.Module:
+    model = new_model(run)
+    model.load_state_dict(load_checkpoint(path)["net"])
+    return model.to(run.device).eval()
+
+
+def _nanmean(values: list[float]) -> float | None:
+    vals = [v for v in values if not math.isnan(v)]
+    return float(np.mean(vals)) if vals else None
+
+
+def read_split(stability_dir: Path) -> tuple[list[str], list[str]]:
+    """The reliable and unreliable stems a stability stage wrote."""
+    info = json.loads((stability_dir / "stability.json").read_text())
+    return info["reliable"], info["unreliable"]
