@@ -156,6 +156,8 @@ def run_bench(protocol: str, *, methods: list[str] | None = None, seeds: list[in
                 log(f"    FAILED {failures[-1]} (the bench goes on; `semiseg resume {run_dir}` retries it)")
                 continue
             done_times.append(time.time() - t0)
+        if results.get("trained_steps") is None and cfg.method["name"] in ("supervised", "oracle"):
+            results = {**results, "trained_steps": cfg.train.steps}  # read back from a run that predates the field
         record(results_path, entry_from_results(protocol, results, budget=budget_of(cfg), entry=entry))
         remaining = [m for _, m in jobs[k + 1:]]
         eta = sum(expected_seconds(m, known, done_times) for m in remaining)
