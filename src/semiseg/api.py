@@ -314,7 +314,7 @@ def predict(run_dir: Path, images: Path, out_dir: Path, *, protocol: str | None 
 
     from semiseg.data.prefetch import prefetch
     from semiseg.data.sources import list_images
-    from semiseg.deploy.outputs import MaskWriter, read_or_skip, readable
+    from semiseg.deploy.outputs import MaskWriter, loader, readable
     from semiseg.evaluation.batched import BatchPredictor
     from semiseg.progress import progress_bar
 
@@ -333,16 +333,11 @@ def predict(run_dir: Path, images: Path, out_dir: Path, *, protocol: str | None 
                                device=ctx.device, batch_size=batch_size)
     done = Predicted()
 
-    def load(path: Path) -> tuple[np.ndarray | None, np.ndarray | None, tuple[Path, Any]]:
-        image, why = read_or_skip(path)
-        if image is None:
-            return None, None, (path, why)
-        return image, predictor.prepare(image), (path, image)
-
     try:
         with MaskWriter(out_dir, ctx.classes.palette()) as writer, \
                 progress_bar("predict", len(files), enabled=progress and cfg.train.progress, console=console) as update:
-            for (path, image), pred in predictor.run(readable(prefetch(load, files, depth=2 * batch_size), done)):
+            stream = readable(prefetch(loader(predictor.prepare), files, depth=2 * batch_size), done)
+            for (path, image), pred in predictor.run(stream):
                 writer.write(path.stem, image, pred.labels().cpu().numpy().astype(np.uint8))
                 done.written.append(path)
                 update(len(done.written) + len(done.skipped), len(files))

@@ -29,7 +29,7 @@ import numpy as np
 from semiseg.data.cache import resize_image
 from semiseg.data.prefetch import group_batches, prefetch
 from semiseg.data.sources import list_images
-from semiseg.deploy.outputs import MaskWriter, Predicted, read_or_skip, readable
+from semiseg.deploy.outputs import MaskWriter, Predicted, loader, readable
 from semiseg.errors import ConfigError, SemisegError
 from semiseg.progress import progress_bar
 
@@ -217,15 +217,9 @@ def predict_folder(model_path: Path, images: Path, out_dir: Path, *, protocol: s
     segmenter = OnnxSegmenter(model_path, threads=threads, protocol=protocol, batch_size=batch_size)
     done = Predicted()
 
-    def load(path: Path) -> tuple[np.ndarray | None, np.ndarray | None, tuple[Path, Any]]:
-        image, why = read_or_skip(path)
-        if image is None:
-            return None, None, (path, why)
-        return image, segmenter.prepare(image), (path, image)
-
     with MaskWriter(out_dir, segmenter.palette) as writer, \
             progress_bar("predict (onnx)", len(files), enabled=progress, console=console) as update:
-        items = readable(prefetch(load, files, depth=2 * batch_size), done)
+        items = readable(prefetch(loader(segmenter.prepare), files, depth=2 * batch_size), done)
         for (path, image), probs in segmenter.run(items):
             writer.write(path.stem, image, probs.argmax(0).astype(np.uint8))
             done.written.append(path)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +85,19 @@ def read_or_skip(path: Path) -> tuple[np.ndarray | None, str | None]:
         return read_image(path), None
     except DataError as err:
         return None, str(err).removeprefix(f"{path}: ")
+
+
+def loader(prepare: Callable[[np.ndarray], Any]) -> Callable[[Path], tuple[np.ndarray | None, Any, tuple[Path, Any]]]:
+    """``load(path) -> (image, prepare(image), (path, image))`` for a prefetch stream, or ``(None, None, (path,
+    why))`` for a file that cannot be decoded (see :func:`readable`)."""
+
+    def load(path: Path) -> tuple[np.ndarray | None, Any, tuple[Path, Any]]:
+        image, why = read_or_skip(path)
+        if image is None:
+            return None, None, (path, why)
+        return image, prepare(image), (path, image)
+
+    return load
 
 
 def readable(items: Iterable[tuple[np.ndarray | None, Any, tuple[Path, Any]]], done: Predicted
