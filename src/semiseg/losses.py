@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IGNORE_INDEX = 255
+from semiseg.data.classes import IGNORE_INDEX
 
 Reduction = Literal["batch", "image"]
 Intersection = Literal["product", "min"]

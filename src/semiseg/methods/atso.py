@@ -34,6 +34,7 @@ import numpy as np
 from pydantic import Field
 from torch import nn
 
+from semiseg.data.classes import IGNORE_INDEX
 from semiseg.engine.checkpoint import atomic_write_text, load_checkpoint, seed_everything
 from semiseg.engine.loader import EndlessLoader
 from semiseg.errors import ConfigError
@@ -47,7 +48,6 @@ from semiseg.pipeline.stages import Stage, stage_dir
 from semiseg.pipeline.training import fit, load_stage_model, make_dataset, make_loader, new_model
 from semiseg.pseudo.policies import SelectAll
 
-IGNORE = 255
 UNVERIFIED = "paper-derived, unverified (no public ATSO code exists)"
 
 
@@ -121,12 +121,12 @@ def rounds_quality(run: RunContext, rounds: Sequence[Path]) -> dict[str, Any]:
             if stem not in where:
                 continue
             label = rnd.labels(stem)
-            target = np.where(label == IGNORE, IGNORE, np.asarray(gt.masks[where[stem]])).astype(np.uint8)
-            pred = np.where(label == IGNORE, 0, label).astype(np.uint8)
+            target = np.where(label == IGNORE_INDEX, IGNORE_INDEX, np.asarray(gt.masks[where[stem]])).astype(np.uint8)
+            pred = np.where(label == IGNORE_INDEX, 0, label).astype(np.uint8)
             cm.update(pred, target)
             if fg is not None:
                 fg.update(pred, target, stems=[stem])
-            selected, total = selected + int((label != IGNORE).sum()), total + label.size
+            selected, total = selected + int((label != IGNORE_INDEX).sum()), total + label.size
     out: dict[str, Any] = {"coverage": selected / total if total else None, "miou": cm.miou(),
                            "pixel_accuracy": cm.pixel_accuracy(), "scored_pixels": cm.total}
     if fg is not None:

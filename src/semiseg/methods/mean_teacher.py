@@ -29,6 +29,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from semiseg.data.classes import IGNORE_INDEX
 from semiseg.engine.loader import EndlessLoader
 from semiseg.engine.task import Optimized, StepContext, TrainingTask
 from semiseg.losses import cross_entropy
@@ -102,7 +103,7 @@ class MeanTeacherTask(TrainingTask):
         logits = teacher_forward(self.nets["teacher"], unlabeled["image"],
                                  train_mode=self.opt.teacher_mode == "train")
         strong = self.opt.student_view == "strong"
-        ignore = (unlabeled["mask_strong"] if strong else unlabeled["mask"]) == 255
+        ignore = (unlabeled["mask_strong"] if strong else unlabeled["mask"]) == IGNORE_INDEX
         label, _ = hard_pseudo_labels(logits, threshold=self.opt.conf_threshold, ignore=ignore)
         return label
 

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-IGNORE_INDEX = 255
+from semiseg.data.classes import IGNORE_INDEX
 
 
 def _as_numpy(probs: Any) -> np.ndarray:

@@ -32,10 +32,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from semiseg.data.classes import IGNORE_INDEX
 from semiseg.errors import ConfigError, DataError
 from semiseg.evaluation.metrics import ConfusionMatrix, ForegroundScores
 
-IGNORE_INDEX = 255
 HIST_BINS = 20
 _TMP = ".tmp-"
 
