@@ -54,6 +54,7 @@ def test_evaluate_and_predict(finished_run, tmp_path):
 def test_methods_lists_options(tmp_path):
     proc = semiseg(["methods"], tmp_path)
     assert "supervised" in proc.stdout and "oracle" in proc.stdout
+    assert "fixmatch" in proc.stdout and "unimatch" in proc.stdout and "fp_dropout = 0.5" in proc.stdout
 
 
 @pytest.mark.parametrize("args,needle", [

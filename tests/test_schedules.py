@@ -125,7 +125,7 @@ def test_trained_steps_of_the_generation_and_online_methods():
     assert method_for("self-learning", steps=1000).trained_steps() == 6000  # 5 continual generations
     assert method_for("stso", steps=1000, generations=3).trained_steps() == 1000  # from scratch
     assert method_for("atso", steps=1000, generation_steps=800).trained_steps() == 800
-    for name in ("supervised", "mean-teacher", "momentum-pl", "gta-seg"):
+    for name in ("supervised", "mean-teacher", "momentum-pl", "gta-seg", "fixmatch", "unimatch"):
         assert method_for(name, steps=1000).trained_steps() == 1000, name
 
 

@@ -4,7 +4,8 @@ Every function takes logits ``B×C×H×W`` (C >= 2, softmax) and an integer targ
 255 marks ignored pixels. Defaults reproduce the released code of each method; where a paper says
 something else, the difference is a keyword argument documented on the function:
 
-- ``cross_entropy``: ST/ST++ and the supervised part of every method (``CrossEntropyLoss(ignore_index=255)``).
+- ``cross_entropy``: ST/ST++ and the supervised part of every method (``CrossEntropyLoss(ignore_index=255)``);
+  with ``normalize_by`` FixMatch / UniMatch's masked unlabeled CE.
 - ``dice_loss`` / ``tversky_loss``: the polyp repo's ``smp.losses.DiceLoss(BINARY_MODE, from_logits=True)``
   (batch-global sums, smooth 0, eps 1e-7), with soft targets for soft pseudo labels. The paper says
   Tversky; the code uses Dice; ``tversky_loss(alpha=beta=0.5)`` is the same loss.
@@ -38,12 +39,19 @@ def _zero(logits: Tensor) -> Tensor:
     return logits.sum() * 0.0
 
 
-def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = IGNORE_INDEX) -> Tensor:
-    """Mean CE over non-ignored pixels; 0 (with grad, never NaN) when every pixel is ignored."""
+def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = IGNORE_INDEX, *,
+                  normalize_by: Tensor | None = None) -> Tensor:
+    """Mean CE over non-ignored pixels; 0 (with grad, never NaN) when every pixel is ignored.
+
+    ``normalize_by`` (bool, shaped like ``target``): divide the sum over non-ignored pixels by its count instead.
+    FixMatch / UniMatch (``loss_u.sum() / (ignore_mask != 255).sum()``) count every real pixel of the view,
+    confident or not, so a batch with few confident pixels weighs little rather than being averaged up."""
     _check(logits, target)
     target = target.long()
     valid = target != ignore_index
-    n = valid.sum()
+    if normalize_by is not None and normalize_by.shape != target.shape:
+        raise ValueError(f"normalize_by {tuple(normalize_by.shape)} must be shaped like target {tuple(target.shape)}")
+    n = valid.sum() if normalize_by is None else normalize_by.sum()
     if n == 0:
         return _zero(logits)
     ce = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="none")

@@ -28,10 +28,14 @@ class SegmentationDataset(Dataset):
     ``index`` (position in the arrays), and with ``strong``: ``image_strong`` (strong applied to the weak
     view, same geometry) and ``mask_strong`` (the weak mask with the strong view's ignore pixels, e.g.
     255 inside a cutout box). ``masks`` may be ground truth or a pseudo-label store's array.
+
+    ``strong_views`` > 1 adds independent strong views of the same weak view: ``image_strong2`` /
+    ``mask_strong2``, ... (UniMatch's two strong streams), each from a generator of its own.
     """
 
     def __init__(self, images: np.ndarray, masks: np.ndarray | None, indices: Sequence[int],
-                 transform: PairTransform | None, *, strong: PairTransform | None = None, seed: int = 0):
+                 transform: PairTransform | None, *, strong: PairTransform | None = None, strong_views: int = 1,
+                 seed: int = 0):
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
             raise ValueError(f"images must be uint8 N×H×W×3, got {images.dtype} {images.shape}")
         if masks is not None and (masks.shape != images.shape[:3] or masks.dtype != np.uint8):
@@ -41,7 +45,9 @@ class SegmentationDataset(Dataset):
         if bad:
             raise IndexError(f"indices out of range 0..{len(images) - 1}: {bad[:5]}")
         self.images, self.masks = images, masks
-        self.transform, self.strong = transform, strong
+        if strong_views < 1:
+            raise ValueError(f"strong_views must be >= 1, got {strong_views}")
+        self.transform, self.strong, self.strong_views = transform, strong, int(strong_views)
         self.seed, self.epoch = int(seed), 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -51,18 +57,19 @@ class SegmentationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def rngs(self, k: int) -> tuple[np.random.Generator, np.random.Generator]:
-        """The weak and strong generators of item ``k`` (see the module docstring)."""
+    def rngs(self, k: int) -> tuple[np.random.Generator, ...]:
+        """The weak generator of item ``k``, then one per strong view (see the module docstring); a spawned
+        child depends only on its position, so adding views leaves the first ones' draws unchanged."""
         n = len(self.indices)
         cycle, pos = divmod(int(k), n)
-        weak, strong = np.random.SeedSequence([self.seed, self.epoch + cycle, pos]).spawn(2)
-        return np.random.default_rng(weak), np.random.default_rng(strong)
+        children = np.random.SeedSequence([self.seed, self.epoch + cycle, pos]).spawn(1 + self.strong_views)
+        return tuple(np.random.default_rng(c) for c in children)
 
     def __getitem__(self, k: int) -> dict[str, Any]:
         if k < 0:
             raise IndexError(f"negative index {k}")
         idx = self.indices[int(k) % len(self.indices)]
-        weak_rng, strong_rng = self.rngs(k)
+        weak_rng, *strong_rngs = self.rngs(k)
         image = np.array(self.images[idx])
         mask = None if self.masks is None else np.array(self.masks[idx])
         if self.transform is not None:
@@ -70,11 +77,12 @@ class SegmentationDataset(Dataset):
         item: dict[str, Any] = {"image": to_input(image), "index": idx}
         if mask is not None:
             item["mask"] = torch.from_numpy(np.ascontiguousarray(mask)).long()
-        if self.strong is not None:
-            s_image, s_mask = self.strong(image, mask, strong_rng)
-            item["image_strong"] = to_input(s_image)
+        for v, strong_rng in enumerate(strong_rngs if self.strong is not None else []):
+            s_image, s_mask = self.strong(image, mask, strong_rng)  # type: ignore[misc]
+            suffix = "" if v == 0 else str(v + 1)
+            item[f"image_strong{suffix}"] = to_input(s_image)
             if s_mask is not None:
-                item["mask_strong"] = torch.from_numpy(np.ascontiguousarray(s_mask)).long()
+                item[f"mask_strong{suffix}"] = torch.from_numpy(np.ascontiguousarray(s_mask)).long()
         return item
 
 

@@ -107,16 +107,19 @@ def weak_transform(size: Sequence[int], *, scale: tuple[float, float] | None = (
 
 
 def sample_cutout_box(height: int, width: int, rng: np.random.Generator, *,
-                      area: tuple[float, float] = (0.02, 0.4),
-                      ratio: tuple[float, float] = (0.3, 1 / 0.3)) -> tuple[int, int, int, int]:
+                      area: tuple[float, float] = (0.02, 0.4), ratio: tuple[float, float] = (0.3, 1 / 0.3),
+                      redraw_area: bool = True) -> tuple[int, int, int, int]:
     """ST++'s cutout box ``(y, x, h, w)``: area U(area)·HW, aspect h/w ~ U(ratio), top-left uniform.
 
     Like ST++, a draw whose box does not fit at its top-left corner is rejected and redrawn (so large
     boxes lie towards the top-left less often than uniform placement would give); after 100 misses the
-    box is clipped to the image.
+    box is clipped to the image. ``redraw_area=False`` keeps the first area and redraws only aspect and
+    place (UniMatch's ``obtain_cutmix_box``).
     """
-    for _ in range(100):
-        a = rng.uniform(*area) * height * width
+    a = rng.uniform(*area) * height * width
+    for attempt in range(100):
+        if redraw_area and attempt > 0:
+            a = rng.uniform(*area) * height * width
         r = rng.uniform(*ratio)
         bw, bh = max(1, int(math.sqrt(a / r))), max(1, int(math.sqrt(a * r)))
         x, y = int(rng.integers(0, width)), int(rng.integers(0, height))
@@ -246,7 +249,26 @@ def cutmix_batch(images: torch.Tensor, labels: torch.Tensor, confidence: torch.T
     partner = torch.roll(torch.arange(b, device=images.device), -1)  # partner[i] = (i + 1) % B
 
     def mix(t: torch.Tensor) -> torch.Tensor:
-        sel = box if t.ndim == 3 else box[:, None]
-        return torch.where(sel, t[partner], t)
+        return paste_boxes(box, t, t[partner])
 
     return mix(images), mix(labels), None if confidence is None else mix(confidence)
+
+
+def cutmix_boxes(batch: int, height: int, width: int, rng: np.random.Generator, *, p: float = 0.5,
+                 area: tuple[float, float] = (0.02, 0.4),
+                 ratio: tuple[float, float] = (0.3, 1 / 0.3)) -> torch.Tensor:
+    """UniMatch's CutMix boxes (``obtain_cutmix_box``), ``batch``×H×W bool, True inside a box: each image on its
+    own gets a box with probability ``p``, of area U(area)·HW drawn once, aspect h/w ~ U(ratio) and a uniform
+    top-left, aspect and place redrawn until it fits (:func:`sample_cutout_box` with ``redraw_area=False``)."""
+    boxes = torch.zeros((batch, height, width), dtype=torch.bool)
+    for i in range(batch):
+        if rng.random() < p:
+            y, x, bh, bw = sample_cutout_box(height, width, rng, area=area, ratio=ratio, redraw_area=False)
+            boxes[i, y:y + bh, x:x + bw] = True
+    return boxes
+
+
+def paste_boxes(box: torch.Tensor, target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """CutMix: ``target`` with ``source`` inside ``box`` (B×H×W bool); images B×C×H×W or maps B×H×W alike."""
+    sel = box.to(target.device)
+    return torch.where(sel if target.ndim == 3 else sel[:, None], source, target)

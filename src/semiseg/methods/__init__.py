@@ -3,9 +3,11 @@
 from semiseg.methods import (
     atso,  # noqa: F401
     dst_cbc,  # noqa: F401
+    fixmatch,  # noqa: F401
     gta_seg,  # noqa: F401
     mean_teacher,  # noqa: F401
     momentum_pl,  # noqa: F401
     self_training,  # noqa: F401
     supervised,  # noqa: F401
+    unimatch,  # noqa: F401
 )

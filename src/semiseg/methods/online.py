@@ -1,14 +1,15 @@
 """What the online teacher-student methods share: batch streams, teacher forwards, pseudo labels, keys.
 
-``mean-teacher``, ``momentum-pl`` and ``gta-seg`` each read like their paper's algorithm box; the
-plumbing they have in common lives here:
+``mean-teacher``, ``momentum-pl``, ``gta-seg``, ``fixmatch`` and ``unimatch`` each read like their paper's
+algorithm box; the plumbing they have in common lives here:
 
 - labeled / unlabeled batch streams. An unlabeled batch carries no ground truth: its ``mask`` is an
   *ignore map* (0 = a real pixel of the image, 255 = padding of the weak crop) and, with the strong
   view, ``mask_strong`` adds 255 inside the cutout box. Pseudo labels take their 255 from it.
 - a no-grad forward of a teacher in a chosen train / eval mode that restores the mode afterwards
   (the released codes label with train-mode teachers in places: BN batch statistics, dropout on).
-- hard pseudo labels (argmax, optional confidence threshold).
+- hard pseudo labels: argmax, selected by a shared policy (``pseudo.policies``; default a confidence threshold).
+- the feature-perturbation stream (UniMatch): the encoder's features decoded a second time under channel dropout.
 - the content key of a stage (what its outputs depend on) and loading a net a finished stage selected.
 """
 
@@ -29,9 +30,10 @@ from semiseg.data.transforms import PairTransform, weak_transform
 from semiseg.engine.checkpoint import load_checkpoint
 from semiseg.engine.loader import EndlessLoader
 from semiseg.errors import ConfigError
-from semiseg.models.factory import build_model
+from semiseg.models.factory import build_model, unwrap
 from semiseg.pipeline.context import RunContext
 from semiseg.pipeline.training import make_dataset, make_loader
+from semiseg.pseudo.policies import FixedThreshold, Policy
 
 
 # ----------------------------------------------------------------------------------------- streams
@@ -69,18 +71,22 @@ def unlabeled_count(run: RunContext) -> int:
 
 
 def unlabeled_stream(run: RunContext, seed: int, *, transform: PairTransform | None = None,
-                     strong: bool = False, batch_size: int | None = None) -> EndlessLoader:
+                     strong: bool | PairTransform = False, strong_views: int = 1, batch_size: int | None = None,
+                     order_seed: int | None = None) -> EndlessLoader:
     """Unlabeled images. ``mask`` / ``mask_strong`` are ignore maps (see the module docstring), never labels.
 
     The default weak view pads the ignore map with 255 whatever ``train.augment.pad_label`` says, so
-    padded pixels are never pseudo-labelled by methods that take their ignore pixels from it.
+    padded pixels are never pseudo-labelled by methods that take their ignore pixels from it. ``seed`` draws
+    the augmentations, ``order_seed`` (default ``seed``) the order of the images: two streams with one
+    ``order_seed`` and two ``seed`` give the same images, augmented independently.
     """
     arrays = run.arrays("unlabeled")
     unlabeled_count(run)
     ds = make_dataset(run, arrays.images, ignore_maps(arrays.images), range(len(arrays.stems)), seed=seed,
-                      strong=strong, transform=transform or weak_view(run, pad_label=IGNORE_INDEX))
+                      strong=strong, strong_views=strong_views,
+                      transform=transform or weak_view(run, pad_label=IGNORE_INDEX))
     bs = batch_size or run.config.train.unlabeled_batch_size or run.config.train.batch_size
-    return make_loader(run, ds, bs, seed)
+    return make_loader(run, ds, bs, seed if order_seed is None else order_seed)
 
 
 # ---------------------------------------------------------------------------------------- teachers
@@ -103,15 +109,47 @@ def teacher_forward(net: nn.Module, images: Tensor, *, train_mode: bool) -> Tens
         return net(images).float()
 
 
-def hard_pseudo_labels(logits: Tensor, *, threshold: float = 0.0,
-                       ignore: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """``(label, confidence)``: argmax of the softmax, 255 where confidence < ``threshold`` or ``ignore``."""
-    conf, label = logits.float().softmax(dim=1).max(dim=1)
-    if threshold > 0:
-        label = label.masked_fill(conf < threshold, IGNORE_INDEX)
+def hard_pseudo_labels(logits: Tensor, *, threshold: float = 0.0, ignore: Tensor | None = None,
+                       policy: Policy | None = None) -> tuple[Tensor, Tensor]:
+    """``(label, confidence)``: argmax of the softmax, 255 where ``policy`` (an online selection policy;
+    default :class:`~semiseg.pseudo.policies.FixedThreshold` at ``threshold``: confidence < ``threshold``)
+    drops the pixel or ``ignore`` is set."""
+    label, conf = (policy or FixedThreshold(threshold)).on_tensor(logits.float().softmax(dim=1))
     if ignore is not None:
         label = label.masked_fill(ignore, IGNORE_INDEX)
     return label, conf
+
+
+def _channel_dropout(features: Tensor, p: float, generator: torch.Generator) -> Tensor:
+    """``nn.Dropout2d(p)`` in training mode (whole channels of each sample zeroed, the rest scaled by
+    1 / (1 − p)), its mask drawn from ``generator`` so that a resumed run draws what an unbroken one drew."""
+    keep = torch.rand(features.shape[:2], generator=generator, device=generator.device) >= p
+    scale = keep.to(features.device, features.dtype) / (1.0 - p)
+    return features * scale[:, :, None, None]
+
+
+@contextlib.contextmanager
+def feature_perturbation(model: nn.Module, p: float, generator: torch.Generator) -> Iterator[None]:
+    """Inside the block a forward of ``model`` (smp layout: ``encoder`` -> ``decoder`` -> head) returns 2B
+    outputs for B inputs: the batch, then the batch decoded from its encoder features under channel dropout
+    (UniMatch's ``need_fp``: ``decoder([cat(f, Dropout2d(0.5)(f)) for f in features])``). Only the encoder's output
+    is doubled, by a forward hook, so the model's own forward runs: its input normalisation and DDP included.
+    Outside the block the model is untouched (the hook is removed even on errors)."""
+
+    def double(f: Tensor, x: Tensor) -> Tensor:
+        # smp hands the (normalised) input itself on as features[0]: it is not a feature, nothing to drop
+        return torch.cat([f, f if f is x else _channel_dropout(f, p, generator)])
+
+    def hook(module: nn.Module, args: tuple[Any, ...], features: Tensor | list[Tensor]) -> Tensor | list[Tensor]:
+        if isinstance(features, Tensor):  # an encoder with one output (not smp's list of stages)
+            return double(features, args[0])
+        return [double(f, args[0]) for f in features]
+
+    handle = unwrap(model).encoder.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @torch.no_grad()

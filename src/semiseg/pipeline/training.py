@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from semiseg.data.datasets import SegmentationDataset
-from semiseg.data.transforms import strong_transform, weak_transform
+from semiseg.data.transforms import PairTransform, strong_transform, weak_transform
 from semiseg.engine.checkpoint import load_checkpoint
 from semiseg.engine.loader import EndlessLoader
 from semiseg.engine.task import TrainingTask
@@ -29,11 +29,14 @@ def new_model(ctx: RunContext, seed: int | None = None) -> nn.Module:
 
 
 def make_dataset(ctx: RunContext, images: np.ndarray, masks: np.ndarray | None, indices: Sequence[int], *,
-                 seed: int, strong: bool = False, transform=None) -> SegmentationDataset:  # noqa: ANN001
+                 seed: int, strong: bool | PairTransform = False, strong_views: int = 1,
+                 transform: PairTransform | None = None) -> SegmentationDataset:
+    """``strong``: True for ST++'s strong augmentation, or a transform of its own (e.g. without cutout)."""
     aug = ctx.config.train.augment
     weak = transform or weak_transform(tuple(ctx.config.data.size), scale=tuple(aug.scale),
                                        pad_label=aug.pad_label, hflip=aug.hflip, vflip=aug.vflip)
-    return SegmentationDataset(images, masks, list(indices), weak, strong=strong_transform() if strong else None,
+    strong_t = strong_transform() if strong is True else (strong or None)
+    return SegmentationDataset(images, masks, list(indices), weak, strong=strong_t, strong_views=strong_views,
                                seed=seed)
 
 

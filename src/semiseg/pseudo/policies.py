@@ -6,6 +6,10 @@ Policies that need a look at the whole unlabeled set first (class-balanced thres
 percentile) have ``needs_fit = True``: call ``fit(iterable of probability arrays)`` once, then apply.
 ``name`` and ``params()`` go into the pseudo-label store's provenance.
 
+Online methods (FixMatch, UniMatch, mean teacher) select on the device, inside the training step: policies whose
+rule needs no look at the whole set (``online = True``) also offer :meth:`Policy.on_tensor`, which takes
+``B×C×H×W`` torch probabilities and returns a long label (255 = unselected) and the confidence, on the same device.
+
 ST++'s image-level reliability (``stability_scores`` / ``split_reliable``) is here too: it selects whole
 images, not pixels.
 """
@@ -43,6 +47,7 @@ class Policy:
 
     name = "policy"
     needs_fit = False
+    online = False
 
     def fit(self, prob_batches: Iterable[Any]) -> Policy:
         return self
@@ -58,6 +63,14 @@ class Policy:
         label, conf = _argmax_conf(p)
         return self.select(label, conf, p), conf
 
+    def on_tensor(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(label, confidence)`` of torch probabilities, on their device: the label is long (argmax, 255 where
+        unselected), what a loss takes directly. Only for ``online`` policies (no set-wide statistics)."""
+        if not self.online:
+            raise TypeError(f"policy {self.name!r} needs the whole set; it cannot select inside a training step")
+        conf, label = probs.detach().float().max(dim=-3)
+        return self.select(label, conf, probs), conf  # type: ignore[arg-type]
+
     def __repr__(self) -> str:
         inner = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
         return f"{type(self).__name__}({inner})"
@@ -67,6 +80,7 @@ class SelectAll(Policy):
     """Hard argmax everywhere, no threshold: ST / ST++'s pseudo labels."""
 
     name = "all"
+    online = True
 
     def select(self, label: np.ndarray, conf: np.ndarray, probs: np.ndarray) -> np.ndarray:
         return label
@@ -76,6 +90,7 @@ class FixedThreshold(Policy):
     """Argmax kept where the max probability is ``>= threshold`` (FixMatch / UniMatch style)."""
 
     name = "threshold"
+    online = True
 
     def __init__(self, threshold: float) -> None:
         if not 0.0 <= threshold <= 1.0:
@@ -85,8 +100,14 @@ class FixedThreshold(Policy):
     def params(self) -> dict[str, Any]:
         return {"threshold": self.threshold}
 
-    def select(self, label: np.ndarray, conf: np.ndarray, probs: np.ndarray) -> np.ndarray:
-        return np.where(conf >= self.threshold, label, IGNORE_INDEX).astype(np.uint8)
+    def keep(self, conf: Any) -> Any:
+        """The selected pixels, ``conf >= threshold`` (numpy or torch alike)."""
+        return conf >= self.threshold
+
+    def select(self, label: Any, conf: Any, probs: Any) -> Any:
+        if isinstance(label, torch.Tensor):  # online: long labels on the probabilities' device
+            return label.masked_fill(~self.keep(conf), IGNORE_INDEX)
+        return np.where(self.keep(conf), label, IGNORE_INDEX).astype(np.uint8)
 
 
 class DropLowest(Policy):
