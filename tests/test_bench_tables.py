@@ -300,3 +300,14 @@ def test_every_bench_method_has_its_compute_matched_control(protocol, labeled, u
             needs[name] = get_method(cfg.method["name"])(run, cfg.method_options()).trained_steps()
     assert {name: steps for name, steps in needs.items() if steps not in controls} == {}
     assert needs["self-training"] == needs["st++"] == needs["dst-cbc"] == 2000 and needs["self-learning"] == 1500
+
+
+def test_a_supervised_control_row_is_a_baseline_not_a_method():
+    entries = [entry("supervised", 0, 0.60), entry("oracle", 0, 0.70),
+               entry("supervised-2x", 0, 0.58, algorithm="supervised"), entry("st++", 0, 0.65)]
+    rows = {r["method"]: r for r in summarize(entries, "p")}
+    control = rows["supervised-2x"]
+    assert control["gain_mean"] == pytest.approx(-0.02)  # still shown against supervised
+    assert control["gap_mean"] is None and control["beats_supervised"] is None
+    assert list(rows) == ["supervised", "oracle", "supervised-2x", "st++"]
+    assert rows["st++"]["gap_mean"] == pytest.approx(0.5) and rows["st++"]["beats_supervised"] is True
