@@ -27,6 +27,17 @@ VERSION = 1
 # keys that change how a run executes, not what it computes
 RUNTIME_KEYS = frozenset({"train.device", "train.threads", "train.progress", "train.num_workers",
                           "train.tensorboard", "data.root", "data.cache_dir"})
+# where a folder dataset lives: it may move; the content digests judge whether it is the same data
+LOCATION_KEYS = frozenset({"data.options.unlabeled", "split.files"})
+
+
+def _is_location(key: str, old: Any, new: Any) -> bool:
+    from semiseg.data.presets import PRESETS
+
+    if key in RUNTIME_KEYS or key in LOCATION_KEYS:
+        return True
+    # data.source as a folder path (not a preset name) is a location too
+    return key == "data.source" and old not in PRESETS and new not in PRESETS
 
 
 def _cache_dir(config: RunConfig) -> Path | None:
@@ -41,7 +52,9 @@ def split_digests(config: RunConfig, source: DataSource, splits: Splits,
     for name in names:
         stems = getattr(splits, name)
         present = [by_stem[s] for s in stems if s in by_stem]
-        digests = file_digests(present, with_masks=name != "unlabeled", cache_dir=_cache_dir(config))
+        # unlabeled masks matter where they are read: the oracle trains on them, benchmark mode scores with them
+        with_masks = name != "unlabeled" or config.data.benchmark_gt or config.method.get("name") == "oracle"
+        digests = file_digests(present, with_masks=with_masks, cache_dir=_cache_dir(config))
         found = {s.stem: list(d) for s, d in zip(present, digests, strict=True)}
         out[name] = {s: found.get(s) for s in stems}
     return out
@@ -66,12 +79,22 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_changes(recorded: dict[str, Any], current: RunConfig) -> list[str]:
-    """``key: old -> new`` for every key that changed (runtime keys and keys the record lacks excepted)."""
+    """``key: old -> new`` for every key that changed (runtime and location keys excepted; keys the record lacks
+    are :func:`new_options`)."""
     old, new = _flat(recorded), _flat(current.model_dump(mode="json"))
-    keys = sorted(k for k in old if k not in RUNTIME_KEYS and old.get(k) != new.get(k))
+    keys = sorted(k for k in old if old.get(k) != new.get(k) and not _is_location(k, old.get(k), new.get(k)))
     if old.get("method.name") != new.get("method.name"):  # another method: its options differ wholesale
         keys = [k for k in keys if not k.startswith("method.") or k == "method.name"]
     return [f"{k}: {old.get(k)!r} -> {new.get(k, '(gone)')!r}" for k in keys]
+
+
+def new_options(recorded: dict[str, Any], current: RunConfig) -> list[str]:
+    """``key = default`` for options a newer semiseg added since the run was made (their defaults could change
+    what an unfinished stage does)."""
+    old, new = _flat(recorded), _flat(current.model_dump(mode="json"))
+    if old.get("method.name") != new.get("method.name"):
+        return []
+    return [f"{k} = {new[k]!r}" for k in sorted(new) if k not in old and not _is_location(k, None, new[k])]
 
 
 def _show(stems: list[str], limit: int = 3) -> str:
@@ -94,7 +117,8 @@ def data_changes(recorded: dict[str, Any], current: dict[str, Any]) -> tuple[lis
                          f"{_show(added + dropped)})")
         both = [s for s in now if s in before and now[s] is not None and before[s] is not None]
         images = [s for s in both if now[s][0] != before[s][0]]
-        masks = [s for s in both if now[s][1] != before[s][1]]
+        # a mask digest missing on either side was not recorded (e.g. unlabeled masks before they were): not compared
+        masks = [s for s in both if None not in (now[s][1], before[s][1]) and now[s][1] != before[s][1]]
         if images:
             changed.append(f"{name}: {len(images)} image(s) changed ({_show(images)})")
         if masks:
@@ -111,6 +135,10 @@ def check_run(run_dir: Path, config: RunConfig, source: DataSource, splits: Spli
     contents are allowed (and, with ``record_acceptance``, recorded as the run's data from now on)."""
     path = run_dir / FINGERPRINT
     if not path.is_file():
+        if command == "resume":  # today's defaults could silently change what the unfinished stage does
+            raise RunChangedError(f"{run_dir} has no {FINGERPRINT}: it was made by an older semiseg, whose defaults "
+                                  "may differ from this one's; resume it with the version that made it, or train "
+                                  f"a new run: semiseg train {run_dir / 'config.yaml'} --set name=NEW_NAME")
         log(f"note: {run_dir} has no {FINGERPRINT} (made by an older semiseg): its config and data are not checked")
         return
     try:
@@ -124,6 +152,12 @@ def check_run(run_dir: Path, config: RunConfig, source: DataSource, splits: Spli
             f"{run_dir / 'config.yaml'} changed since the run was made ({'; '.join(changes[:5])}): a run's config "
             f"is fixed. Restore it, or train a new run with it: semiseg train {run_dir / 'config.yaml'} "
             "--set name=NEW_NAME")
+    added = new_options(recorded_config, config)
+    if added and command == "resume":
+        raise RunChangedError(
+            f"{run_dir} was made by an older semiseg: options added since ({'; '.join(added[:5])}) could change "
+            "what its unfinished stages do; resume it with the version that made it, or train a new run: "
+            f"semiseg train {run_dir / 'config.yaml'} --set name=NEW_NAME")
     if list(fingerprint.get("classes", source.classes.names)) != list(source.classes.names):
         raise RunChangedError(f"{run_dir}: the data's class table changed since the run was made "
                               f"({fingerprint.get('classes')} -> {list(source.classes.names)})")
