@@ -311,3 +311,13 @@ def test_a_supervised_control_row_is_a_baseline_not_a_method():
     assert control["gap_mean"] is None and control["beats_supervised"] is None
     assert list(rows) == ["supervised", "oracle", "supervised-2x", "st++"]
     assert rows["st++"]["gap_mean"] == pytest.approx(0.5) and rows["st++"]["beats_supervised"] is True
+
+
+def test_a_supervised_row_recorded_before_trained_steps_pairs_by_its_budget():
+    old = {"trained_steps": None, "budget": "128x128 px, Unet-efficientnet-lite0 (weights imagenet), 2000 steps x "
+                                            "batch 8 per training"}
+    entries = [entry("supervised", 0, 0.60, trained_steps=None, budget=old["budget"].replace("2000", "1000")),
+               entry("supervised-2x", 0, 0.62, algorithm="supervised", **old),
+               entry("self-learning", 0, 0.66, trained_steps=2000)]
+    row = {r["method"]: r for r in summarize(entries, "p")}["self-learning"]
+    assert row["control"] == "supervised-2x" and row["control_gain_mean"] == pytest.approx(0.04)

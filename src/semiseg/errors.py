@@ -1,5 +1,10 @@
 """Errors a user can act on. The CLI prints their message and exits non-zero, without a traceback."""
 
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
 
 class SemisegError(Exception):
     """Base of every error that is the user's input, not a bug. ``exit_code`` is the CLI's exit status."""
@@ -25,6 +30,16 @@ class RunChangedError(SemisegError):
 
 class OutputError(SemisegError):
     """A file could not be written (disk full, read-only folder, no permission); names the file."""
+
+
+# OSError numbers of a write that failed because of where it went (not a bug): reported as OutputError
+OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG})
+
+
+def output_error(path: Path, err: OSError) -> OutputError:
+    """A one-line error for a write to ``path`` that failed (disk full, read-only, no permission)."""
+    what = "no space left on the device" if err.errno in (errno.ENOSPC, errno.EDQUOT) else (err.strerror or str(err))
+    return OutputError(f"{path}: cannot write ({what})")
 
 
 class TrainingDiverged(SemisegError):

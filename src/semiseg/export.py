@@ -29,7 +29,9 @@ import torch
 
 from semiseg.data.decode import read_image
 from semiseg.deploy.onnx_predict import INSTALL_HINT, METADATA_KEY, OnnxSegmenter, sidecar_path
+from semiseg.engine.checkpoint import atomic_write_text, output_error
 from semiseg.errors import ConfigError, SemisegError
+from semiseg.pipeline.preflight import check_writable_file
 
 FORMATS = ("onnx",)
 OPSET = 17
@@ -150,15 +152,23 @@ def export_run(run_dir: Path, out: Path | None = None, *, fmt: str = "onnx", ops
     out = Path(out) if out is not None else run_dir / "model.onnx"
     if out.suffix != ".onnx":
         raise ConfigError(f"--out {out}: the file name must end in .onnx")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise output_error(out, err) from None
+    check_writable_file(out, "--out")  # before the work, not after it
     ctx, model = load_run(run_dir)
     model = model.to("cpu").eval()
     meta = metadata(ctx, opset)
     meta["exported_with"].update(onnx=onnx.__version__, onnxruntime=onnxruntime.__version__)
     proto = onnx.load_from_string(to_onnx_bytes(model, tuple(ctx.config.data.size), opset))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".onnx")
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".onnx")
+    except OSError as err:
+        raise output_error(out, err) from None
     os.close(fd)
     tmp = Path(tmp_name)
+    sidecar, replaced = sidecar_path(out), out.exists()
     try:
         onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(meta)})
         onnx.checker.check_model(proto)
@@ -171,12 +181,15 @@ def export_run(run_dir: Path, out: Path | None = None, *, fmt: str = "onnx", ops
         meta["parity"] = asdict(parity)
         onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(meta)})
         onnx.save(proto, str(tmp))
-        from semiseg.engine.checkpoint import atomic_write_text
-
         os.chmod(tmp, 0o644)  # mkstemp's 0600 is for secrets; a model is meant to be copied around
+        # the sidecar first: a model file never appears without its preprocessing
+        atomic_write_text(sidecar, json.dumps(meta, indent=1) + "\n")
         os.replace(tmp, out)
-        atomic_write_text(sidecar_path(out), json.dumps(meta, indent=1) + "\n")
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if not replaced and not out.exists():
+            sidecar.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise output_error(out, err) from None
         raise
     return {**meta, "path": str(out)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 from datetime import datetime
 from pathlib import Path
@@ -101,13 +102,23 @@ def _algorithm(e: dict) -> str:
     return e.get("algorithm") or e["method"]
 
 
+def _supervised_steps(e: dict) -> int | None:
+    """A supervised row's steps: ``trained_steps``, or, for rows recorded before that field existed, the steps of
+    its budget line (one training of ``N steps x batch ...``)."""
+    if e.get("trained_steps") is not None:
+        return e["trained_steps"]
+    found = re.search(r"(\d+) steps x batch", e.get("budget") or "")
+    return int(found.group(1)) if found else None
+
+
 def controls_by_steps(rows: list[dict]) -> dict[tuple[int, int], dict]:
     """The supervised runs (any row whose algorithm is ``supervised``: ``supervised``, ``supervised-2x``, ...)
     keyed by (split seed, trained steps); ``supervised`` itself wins a tie."""
     out: dict[tuple[int, int], dict] = {}
     for e in rows:
-        if _algorithm(e) == "supervised" and e.get("trained_steps") is not None:
-            key = (e["split_seed"], e["trained_steps"])
+        steps = _supervised_steps(e) if _algorithm(e) == "supervised" else None
+        if steps is not None:
+            key = (e["split_seed"], steps)
             if key not in out or e["method"] == "supervised":
                 out[key] = e
     return out

@@ -30,7 +30,7 @@ from semiseg.data.cache import resize_image
 from semiseg.data.prefetch import group_batches, prefetch
 from semiseg.data.sources import list_images
 from semiseg.deploy.outputs import MaskWriter, Predicted, loader, readable
-from semiseg.errors import ConfigError, SemisegError
+from semiseg.errors import OUTPUT_ERRNOS, ConfigError, OutputError, SemisegError, output_error
 from semiseg.progress import progress_bar
 
 METADATA_KEY = "semiseg"
@@ -217,11 +217,17 @@ def predict_folder(model_path: Path, images: Path, out_dir: Path, *, protocol: s
     segmenter = OnnxSegmenter(model_path, threads=threads, protocol=protocol, batch_size=batch_size)
     done = Predicted()
 
-    with MaskWriter(out_dir, segmenter.palette) as writer, \
-            progress_bar("predict (onnx)", len(files), enabled=progress, console=console) as update:
-        items = readable(prefetch(loader(segmenter.prepare), files, depth=2 * batch_size), done)
-        for (path, image), probs in segmenter.run(items):
-            writer.write(path.stem, image, probs.argmax(0).astype(np.uint8))
-            done.written.append(path)
-            update(len(done.written) + len(done.skipped), len(files))
+    try:
+        with MaskWriter(out_dir, segmenter.palette) as writer, \
+                progress_bar("predict (onnx)", len(files), enabled=progress, console=console) as update:
+            items = readable(prefetch(loader(segmenter.prepare), files, depth=2 * batch_size), done)
+            for (path, image), probs in segmenter.run(items):
+                writer.write(path.stem, image, probs.argmax(0).astype(np.uint8))
+                done.written.append(path)
+                update(len(done.written) + len(done.skipped), len(files))
+    except OSError as err:
+        if err.errno not in OUTPUT_ERRNOS:
+            raise
+        raise OutputError(f"{output_error(Path(out_dir) / 'masks', err)}; at most {len(done.written)} of "
+                          f"{len(files)} images were written before") from None
     return done

@@ -21,18 +21,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from semiseg.errors import CheckpointError, OutputError
+from semiseg.errors import OUTPUT_ERRNOS, CheckpointError, OutputError, output_error
+
 
 # errno values that mean "the output location cannot take this file" (not a bug in semiseg)
-OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG})
-
-
-def output_error(path: Path, err: OSError) -> OutputError:
-    """A one-line error for a write to ``path`` that failed (disk full, read-only, no permission)."""
-    what = "no space left on the device" if err.errno in (errno.ENOSPC, errno.EDQUOT) else (err.strerror or str(err))
-    return OutputError(f"{path}: cannot write ({what})")
-
-
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -73,6 +73,15 @@ def all_reduce_mean(values: dict[str, float], device: torch.device) -> dict[str,
     return dict(zip(keys, t.tolist(), strict=True))
 
 
+def all_ranks_true(flag: bool, device: torch.device) -> bool:
+    """True when ``flag`` holds on every rank (``flag`` itself without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([0.0 if flag else 1.0], device=device)
+    dist.all_reduce(t)  # the number of ranks where it does not hold
+    return float(t.item()) == 0.0
+
+
 def broadcast_object(obj: object) -> object:
     """Rank 0's object on every rank."""
     if not (dist.is_available() and dist.is_initialized()):

@@ -17,7 +17,7 @@ from torch import nn
 from semiseg.config import TrainConfig
 from semiseg.data.normalization import set_channels_last
 from semiseg.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from semiseg.engine.distributed import DistInfo, all_reduce_mean, broadcast_object
+from semiseg.engine.distributed import DistInfo, all_ranks_true, all_reduce_mean, broadcast_object
 from semiseg.engine.task import Optimized, StepContext, TrainingTask
 from semiseg.errors import ConfigError, TrainingDiverged
 from semiseg.models.factory import param_group_of, unwrap
@@ -124,7 +124,9 @@ class Trainer:
     def optimize(self, name: str, loss: torch.Tensor) -> None:
         opt, scaler = self.optimizers[name], self.scalers[name]
         opt.zero_grad(set_to_none=True)
-        if not bool(torch.isfinite(loss.detach()).all()):  # never step on a NaN/inf loss: the weights would follow
+        # never step on a NaN/inf loss: the weights would follow. Every rank decides together (a rank that raised
+        # alone would leave the others waiting in the gradient all-reduce); an fp16 GradScaler skips such steps itself
+        if not scaler.is_enabled() and not all_ranks_true(bool(torch.isfinite(loss.detach()).all()), self.device):
             self._diverged(f"the loss of {name!r} is {float(loss.detach().float().mean())}", name)
         scaler.scale(loss).backward()
         params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
