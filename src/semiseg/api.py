@@ -312,11 +312,9 @@ def predict(run_dir: Path, images: Path, out_dir: Path, *, protocol: str | None 
     :mod:`semiseg.deploy.onnx_predict`, the same files)."""
     import numpy as np
 
-    from semiseg.data.prefetch import prefetch
     from semiseg.data.sources import list_images
-    from semiseg.deploy.outputs import MaskWriter, loader, readable
+    from semiseg.deploy.outputs import write_predictions
     from semiseg.evaluation.batched import BatchPredictor
-    from semiseg.progress import progress_bar
 
     files = list(list_images(Path(images)).values())  # before loading the model: a wrong folder fails fast
     out_dir = Path(out_dir)
@@ -331,19 +329,6 @@ def predict(run_dir: Path, images: Path, out_dir: Path, *, protocol: str | None 
     predictor = BatchPredictor(model, protocol=protocol or cfg.eval.protocol, size=tuple(cfg.data.size),
                                window=cfg.eval.window, stride=cfg.eval.stride, num_classes=ctx.classes.num_classes,
                                device=ctx.device, batch_size=batch_size)
-    done = Predicted()
-
-    try:
-        with MaskWriter(out_dir, ctx.classes.palette()) as writer, \
-                progress_bar("predict", len(files), enabled=progress and cfg.train.progress, console=console) as update:
-            stream = readable(prefetch(loader(predictor.prepare), files, depth=2 * batch_size), done)
-            for (path, image), pred in predictor.run(stream):
-                writer.write(path.stem, image, pred.labels().cpu().numpy().astype(np.uint8))
-                done.written.append(path)
-                update(len(done.written) + len(done.skipped), len(files))
-    except OSError as err:
-        if err.errno not in OUTPUT_ERRNOS:
-            raise
-        raise OutputError(f"{output_error(out_dir / 'masks', err)}; at most {len(done.written)} of {len(files)} "
-                          "images were written before") from None
-    return done
+    return write_predictions(out_dir, ctx.classes.palette(), files, predictor.run, predictor.prepare,
+                             lambda pred: pred.labels().cpu().numpy().astype(np.uint8), batch_size=batch_size,
+                             title="predict", progress=progress and cfg.train.progress, console=console)

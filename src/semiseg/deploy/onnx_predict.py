@@ -27,11 +27,10 @@ from typing import Any
 import numpy as np
 
 from semiseg.data.cache import resize_image
-from semiseg.data.prefetch import group_batches, prefetch
+from semiseg.data.prefetch import group_batches
 from semiseg.data.sources import list_images
-from semiseg.deploy.outputs import MaskWriter, Predicted, loader, readable
-from semiseg.errors import OUTPUT_ERRNOS, ConfigError, OutputError, SemisegError, output_error
-from semiseg.progress import progress_bar
+from semiseg.deploy.outputs import Predicted, write_predictions
+from semiseg.errors import ConfigError, SemisegError
 
 METADATA_KEY = "semiseg"
 INSTALL_HINT = "pip install 'semiseg[export]'  (or: pip install onnx onnxruntime)"
@@ -215,19 +214,6 @@ def predict_folder(model_path: Path, images: Path, out_dir: Path, *, protocol: s
     gives; unreadable images are skipped and listed in the result."""
     files = list(list_images(Path(images)).values())
     segmenter = OnnxSegmenter(model_path, threads=threads, protocol=protocol, batch_size=batch_size)
-    done = Predicted()
-
-    try:
-        with MaskWriter(out_dir, segmenter.palette) as writer, \
-                progress_bar("predict (onnx)", len(files), enabled=progress, console=console) as update:
-            items = readable(prefetch(loader(segmenter.prepare), files, depth=2 * batch_size), done)
-            for (path, image), probs in segmenter.run(items):
-                writer.write(path.stem, image, probs.argmax(0).astype(np.uint8))
-                done.written.append(path)
-                update(len(done.written) + len(done.skipped), len(files))
-    except OSError as err:
-        if err.errno not in OUTPUT_ERRNOS:
-            raise
-        raise OutputError(f"{output_error(Path(out_dir) / 'masks', err)}; at most {len(done.written)} of "
-                          f"{len(files)} images were written before") from None
-    return done
+    return write_predictions(Path(out_dir), segmenter.palette, files, segmenter.run, segmenter.prepare,
+                             lambda probs: probs.argmax(0).astype(np.uint8), batch_size=batch_size,
+                             title="predict (onnx)", progress=progress, console=console)

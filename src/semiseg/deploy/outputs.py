@@ -109,3 +109,31 @@ def readable(items: Iterable[tuple[np.ndarray | None, Any, tuple[Path, Any]]], d
             done.skipped.append(payload)
         else:
             yield image, prepared, payload
+
+
+def write_predictions(out_dir: Path, palette: Sequence[Sequence[int]], files: Sequence[Path],
+                      run: Callable[[Iterable[tuple[np.ndarray, Any, tuple[Path, Any]]]], Iterable[tuple[Any, Any]]],
+                      prepare: Callable[[np.ndarray], Any], labels: Callable[[Any], np.ndarray], *,
+                      batch_size: int, title: str, progress: bool, console: Any = None) -> Predicted:
+    """``predict``'s loop for either backend: decode ahead (unreadable files skipped and listed), ``run`` the
+    predictor over the stream, write each image's ``labels(prediction)`` (uint8 ``H×W``) as mask and overlay.
+    A write that fails for where it goes (disk full, read-only) is one :class:`OutputError` saying how far it got."""
+    from semiseg.data.prefetch import prefetch
+    from semiseg.errors import OUTPUT_ERRNOS, OutputError, output_error
+    from semiseg.progress import progress_bar
+
+    done = Predicted()
+    try:
+        with MaskWriter(out_dir, palette) as writer, \
+                progress_bar(title, len(files), enabled=progress, console=console) as update:
+            stream = readable(prefetch(loader(prepare), files, depth=2 * batch_size), done)
+            for (path, image), prediction in run(stream):
+                writer.write(path.stem, image, labels(prediction))
+                done.written.append(path)
+                update(len(done.written) + len(done.skipped), len(files))
+    except OSError as err:
+        if err.errno not in OUTPUT_ERRNOS:
+            raise
+        raise OutputError(f"{output_error(Path(out_dir) / 'masks', err)}; at most {len(done.written)} of "
+                          f"{len(files)} images were written before") from None
+    return done
