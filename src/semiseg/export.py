@@ -152,12 +152,12 @@ def export_run(run_dir: Path, out: Path | None = None, *, fmt: str = "onnx", ops
     out = Path(out) if out is not None else run_dir / "model.onnx"
     if out.suffix != ".onnx":
         raise ConfigError(f"--out {out}: the file name must end in .onnx")
+    ctx, model = load_run(run_dir)  # first: a directory that is not a finished run leaves nothing behind
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise output_error(out, err) from None
-    check_writable_file(out, "--out")  # before the work, not after it
-    ctx, model = load_run(run_dir)
+    check_writable_file(out, "--out")  # before the tracing and the parity check, not after them
     model = model.to("cpu").eval()
     meta = metadata(ctx, opset)
     meta["exported_with"].update(onnx=onnx.__version__, onnxruntime=onnxruntime.__version__)
