@@ -31,10 +31,8 @@ FAMILIES = {"sup": ["method.name=supervised"],
 
 
 def _shared_data() -> Path | None:
-    for candidate in (Path("/work/shared/data"), ROOT.parent / "shared" / "data"):
-        if (candidate / "kvasir-seg" / "images").is_dir():
-            return candidate
-    return None
+    candidate = ROOT.parent / "shared" / "data"
+    return candidate if (candidate / "kvasir-seg" / "images").is_dir() else None
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +108,7 @@ def test_onnx_predict_follows_every_protocol(runs, tmp_path, protocol) -> None:
 def test_onnx_masks_equal_run_masks_on_real_images(runs, tmp_path) -> None:
     data = _shared_data()
     if data is None:
-        pytest.skip("shared datasets not found at /work/shared/data or ../shared/data (kvasir-seg)")
+        pytest.skip("shared datasets not found at ../shared/data (kvasir-seg)")
     tmp, run_dirs = runs
     run = run_dirs["sup"]
     if not (run / "model.onnx").exists():
