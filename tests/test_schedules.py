@@ -115,9 +115,23 @@ def test_self_training_retrain_steps_epoch_rule_scale_and_steps():
 
 def test_dst_cbc_round_steps_and_the_steps_behind_its_model():
     assert method_for("dst-cbc", steps=1000).round_steps() == 200  # 0.2 x train.steps
-    assert method_for("dst-cbc", steps=1000).trained_steps() == 1000 + 5 * 200
     assert method_for("dst-cbc", steps=1000, unlabeled=1180, batch=8, round_epochs=6).round_steps() == 6 * 147
     assert method_for("dst-cbc", steps=1000, round_steps=50, round_epochs=6).round_steps() == 50
+
+
+@pytest.mark.parametrize("round_metrics, expected", [
+    ([0.6, 0.55, 0.7, 0.4, 0.65], 1000 + 200 + 200),  # round 3 wins; it tuned round 1, which tuned the teacher
+    ([0.4, 0.3, 0.2, 0.1, 0.45], 1000),  # no round beat the teacher: the teacher is delivered
+    ([0.6, 0.7, 0.8, 0.9, 0.95], 1000 + 5 * 200),  # every round improved: the whole chain
+])
+def test_dst_cbc_trained_steps_follow_the_delivered_lineage(monkeypatch, round_metrics, expected):
+    from semiseg.methods import dst_cbc
+
+    method = method_for("dst-cbc", steps=1000)
+    dirs = method.training_dirs()
+    metric = dict(zip(dirs, [0.5, *round_metrics], strict=True))
+    monkeypatch.setattr(dst_cbc, "best_so_far", lambda stages: max(stages, key=lambda d: metric[d]))
+    assert method.trained_steps() == expected
 
 
 def test_trained_steps_of_the_generation_and_online_methods():

@@ -214,8 +214,14 @@ class DstCbc(Method):
         return max(1, round(o.round_epochs * batches_per_epoch(len(self.run.splits.unlabeled), global_batch)))
 
     def trained_steps(self) -> int:
-        """The supervised teacher's steps and every round's: each round fine-tunes the best model so far."""
-        return self.run.config.train.steps + len(self.options.ratios) * self.round_steps()
+        """The steps behind the delivered net: round r fine-tunes the best model of the stages before it, so
+        follow that lineage back from the selected stage (the teacher alone when no round beat it). Called
+        once the stages have run; rounds the selection discarded are not counted."""
+        dirs = self.training_dirs()
+        steps = {dirs[0]: self.run.config.train.steps}
+        for r, round_dir in enumerate(dirs[1:], 1):
+            steps[round_dir] = steps[best_so_far(dirs[:r])] + self.round_steps()
+        return steps[best_so_far(dirs)]
 
     def _build(self) -> StagePlan:
         run, o = self.run, self.options
