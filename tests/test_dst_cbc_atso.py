@@ -26,10 +26,11 @@ from semiseg.engine.checkpoint import load_checkpoint, save_checkpoint
 from semiseg.engine.task import StepContext
 from semiseg.engine.trainer import Trainer
 from semiseg.methods.atso import atso_halves
-from semiseg.methods.dst_cbc import DstCbc, DstCbcOptions, DstCbcTask, LegacyRandomResize, best_so_far
+from semiseg.methods.dst_cbc import DstCbc, DstCbcOptions, DstCbcTask, LegacyRandomResize
 from semiseg.methods.registry import get_method
 from semiseg.pipeline.context import RunContext
 from semiseg.pipeline.labeling import load_round
+from semiseg.pipeline.plan import BestOf, StageRef
 from semiseg.pipeline.stages import run_stages
 from semiseg.pipeline.training import new_model
 
@@ -162,19 +163,19 @@ def test_cbc_thresholds_and_labels_through_the_round_stages(tmp_path: Path,
     images[..., 0] = rng.integers(0, 256, size=(4, 32, 32))
     run = fake_run(tmp_path, images, {"ratios": [0.25, 1.0]})
     method = DstCbc(run, DstCbcOptions(ratios=[0.25, 1.0]))
-    plan = method.plan()
-    monkeypatch.setattr("semiseg.methods.dst_cbc.load_stage_model", lambda run, stage, *a: TableNet())
-    save_checkpoint(plan["supervised"] / "checkpoints" / "best.pt", {"net": {}, "metric": 0.5})
+    plan = method.pipeline
+    monkeypatch.setattr(StageRef, "model", lambda ref, net=None, which="best": TableNet())
+    save_checkpoint(plan["supervised"].path / "checkpoints" / "best.pt", {"net": {}, "metric": 0.5})
     by_name = {s.name: s for s in plan.stages}
     for name in ("cbc-1", "cbc-2"):
-        plan[name].mkdir(parents=True)
-        by_name[name].run(plan[name])
+        plan[name].path.mkdir(parents=True)
+        by_name[name].run(plan[name].path)
 
     probs = prob_table()[images[..., 0].astype(int)]
     conf, argmax = probs.max(-1), probs.argmax(-1)
     # ratio 0.25: exact per-class quantiles of the stride-16 sample; class 2 (empty) selects nothing
     ks, counts = expected_cbc(images, 0.25, 16)
-    rnd = load_round(plan["cbc-1"])
+    rnd = load_round(plan["cbc-1"].path)
     params = rnd.provenance["policy"]["params"]
     assert params["sample_counts"] == counts and counts[2] == 0 and sum(counts) == 4 * 1024 // 16
     np.testing.assert_allclose(params["thresholds"][:2], ks[:2], rtol=1e-5)
@@ -186,7 +187,7 @@ def test_cbc_thresholds_and_labels_through_the_round_stages(tmp_path: Path,
     sample_sel = [(conf[i].ravel()[::16] >= ks[argmax[i].ravel()[::16]]) for i in range(4)]
     assert abs(np.concatenate(sample_sel).mean() - 0.25) < 0.05  # about a quarter of each class
     # ratio 1: every pixel gets its argmax, the empty class does not crash anything
-    rnd2 = load_round(plan["cbc-2"])
+    rnd2 = load_round(plan["cbc-2"].path)
     assert rnd2.provenance["policy"]["params"]["thresholds"] == pytest.approx([1e-4] * 3)
     assert rnd2.stats["coverage"] == 1.0 and rnd2.stats["previous_round"] is not None
     for i in range(4):
@@ -257,16 +258,17 @@ def test_dst_cbc_fine_tunes_the_best_so_far_with_a_fresh_optimizer(tmp_path: Pat
     spy = Spy(monkeypatch)
     run, method = synthetic_run(tmp_path, "dst-cbc", {"ratios": [0.5, 1.0], "round_steps": 6})
     execute(method, tmp_path)
-    plan = method.plan()
-    sup, r1, r2 = plan["supervised"], plan["round-1"], plan["round-2"]
+    plan = method.pipeline
+    sup, r1, r2 = plan["supervised"].path, plan["round-1"].path, plan["round-2"].path
     for stage in (r1, r2):  # a new optimizer (empty state) and the poly schedule restarted each round
         assert spy.first[str(stage)] == (0, pytest.approx(run.config.train.lr))
-    src1, src2 = best_so_far([sup]), best_so_far([sup, r1])
+    refs = [plan["supervised"], plan["round-1"], plan["round-2"]]
+    src1, src2 = BestOf(refs[:1]).resolve().path, BestOf(refs[:2]).resolve().path
     assert spy.start[str(r1)] == best_hash(src1)  # fine-tuned, not re-initialised
     assert spy.start[str(r2)] == best_hash(src2)
-    assert load_round(plan["cbc-2"]).provenance["checkpoint"]["path"] == str(src2 / "checkpoints" / "best.pt")
+    assert load_round(plan["cbc-2"].path).provenance["checkpoint"]["path"] == str(src2 / "checkpoints" / "best.pt")
     metrics = [load_checkpoint(d / "checkpoints" / "best.pt")["metric"] for d in (sup, r1, r2)]
-    final = best_so_far([sup, r1, r2])
+    final = BestOf(refs).resolve().path
     assert final == [sup, r1, r2][int(np.argmax(metrics))]
     assert state_hash(method.final_model().state_dict()) == best_hash(final)
     diag = json.loads((run.run_dir / "diagnostics.json").read_text())
@@ -282,38 +284,38 @@ def test_atso_never_labels_a_half_with_a_model_trained_on_it(tmp_path: Path,
     spy = Spy(monkeypatch)
     run, method = synthetic_run(tmp_path, "atso", {"generations": 2, "generation_steps": 4}, size=64, n=48)
     execute(method, tmp_path)
-    plan = method.plan()
+    plan = method.pipeline
     a, b = atso_halves(list(run.splits.unlabeled), run.stage_seed("atso-halves"))
     assert not set(a) & set(b) and sorted(a + b) == sorted(run.splits.unlabeled) and abs(len(a) - len(b)) <= 1
     label_stages = [s.name for s in plan.stages if s.name.startswith("label-")]
     assert label_stages == ["label-1A", "label-1B", "label-2A", "label-2B", "label-finalA", "label-finalB"]
-    by_dir = {str(plan[s.name] / "checkpoints" / "best.pt"): s.name for s in plan.stages}
+    by_dir = {str(plan[s.name].path / "checkpoints" / "best.pt"): s.name for s in plan.stages}
     for name in label_stages:
-        rnd = load_round(plan[name])
+        rnd = load_round(plan[name].path)
         assert sorted(rnd.stems) == sorted(a if name.endswith("A") else b)  # the halves never change
         teacher = by_dir[rnd.provenance["checkpoint"]["path"]]
         if teacher == "supervised":
             assert name in ("label-1A", "label-1B")
             continue
-        trained_on = json.loads((plan[teacher] / "training_set.json").read_text())["pseudo_stems"]
+        trained_on = json.loads((plan[teacher].path / "training_set.json").read_text())["pseudo_stems"]
         assert trained_on and not set(trained_on) & set(rnd.stems), (name, teacher)
         assert teacher.endswith("B" if name.endswith("A") else "A")
     # one initialisation per run seed: the teacher and every from-scratch student start from the same weights
-    assert spy.start[str(plan["supervised"])] == state_hash(new_model(run).state_dict())
+    assert spy.start[str(plan["supervised"].path)] == state_hash(new_model(run).state_dict())
     assert state_hash(new_model(run, run.init_seed + 1).state_dict()) != state_hash(new_model(run).state_dict())
     for s in plan.stages:  # every ATSO student starts from scratch
         if s.name.startswith("student-") or s.name == "final":
-            record = json.loads((plan[s.name] / "training_set.json").read_text())
+            record = json.loads((plan[s.name].path / "training_set.json").read_text())
             assert record["init"] == "scratch"
-            assert spy.start[str(plan[s.name])] == state_hash(new_model(run).state_dict())
-    final = json.loads((plan["final"] / "training_set.json").read_text())
+            assert spy.start[str(plan[s.name].path)] == state_hash(new_model(run).state_dict())
+    final = json.loads((plan["final"].path / "training_set.json").read_text())
     assert final["pseudo_stems"] == sorted(a + b) and final["rounds"] == ["label-finalA", "label-finalB"]
     # the lazy-learning table: labels of half A made by M^B_t are scored like M^B_t on A (64 px: no padding)
     rows = json.loads((run.run_dir / "diagnostics.json").read_text())["generations"]
     assert [r["generation"] for r in rows] == [0, 1, 2, "final"]
     for t in (1, 2):
         nxt = rows[t + 1]["pseudo_labels"]["A" if t == 1 else "A+B"]
-        labels_a = load_round(plan["label-2A" if t == 1 else "label-finalA"]).stats["quality"]["foreground_dice"]
+        labels_a = plan["label-2A" if t == 1 else "label-finalA"].round().stats["quality"]["foreground_dice"]
         assert rows[t]["models"]["B"]["reference"]["A"]["dice"] == pytest.approx(labels_a, abs=1e-9)
         assert nxt["coverage"] == 1.0 and set(rows[t]["models"]) == {"A", "B"}
         assert rows[t]["models"]["A"]["test"]["headline"] is not None
@@ -327,19 +329,20 @@ def test_self_learning_continues_from_the_teacher_and_stso_restarts(tmp_path: Pa
     for name in ("self-learning", "stso"):  # one out_dir: stso reuses the supervised teacher
         run, method = synthetic_run(tmp_path, name, {"generations": 2, "generation_steps": 4}, name=name)
         execute(method, tmp_path)
-        runs[name] = (run, method.plan())
+        runs[name] = (run, method.pipeline)
     run, plan = runs["self-learning"]
-    assert "reused_from" in json.loads((runs["stso"][1]["supervised"] / "DONE").read_text())
-    assert spy.start[str(plan["student-1"])] != state_hash(new_model(run).state_dict())
+    assert "reused_from" in json.loads((runs["stso"][1]["supervised"].path / "DONE").read_text())
+    assert spy.start[str(plan["student-1"].path)] != state_hash(new_model(run).state_dict())
     # continual: student t starts from teacher t-1's best checkpoint, which labeled its round
     for t, teacher in ((1, "supervised"), (2, "student-1")):
-        assert spy.start[str(plan[f"student-{t}"])] == best_hash(plan[teacher])
-        assert load_round(plan[f"label-{t}"]).provenance["checkpoint"]["path"].startswith(str(plan[teacher]))
+        assert spy.start[str(plan[f"student-{t}"].path)] == best_hash(plan[teacher].path)
+        checkpoint = plan[f"label-{t}"].round().provenance["checkpoint"]["path"]
+        assert checkpoint.startswith(str(plan[teacher].path))
     run_s, plan_s = runs["stso"]
     for t in (1, 2):
-        assert spy.start[str(plan_s[f"student-{t}"])] == state_hash(new_model(run_s).state_dict())
+        assert spy.start[str(plan_s[f"student-{t}"].path)] == state_hash(new_model(run_s).state_dict())
     # the same teacher M0 (deterministic training) labels generation 1 identically in both methods
-    r_sl, r_st = load_round(plan["label-1"]), load_round(plan_s["label-1"])
+    r_sl, r_st = load_round(plan["label-1"].path), load_round(plan_s["label-1"].path)
     assert all(np.array_equal(r_sl.labels(s), r_st.labels(s)) for s in r_sl.stems)
 
 

@@ -13,9 +13,9 @@ from semiseg.losses import (
     cross_entropy,
     dice_loss,
     dynamic_cross_entropy,
-    percentile_linear,
     tversky_loss,
 )
+from semiseg.pseudo.policies import percentile_linear
 
 LN43 = math.log(4 / 3)  # CE of a pixel with softmax 3/4 on its target
 LN4 = math.log(4)  # CE of a pixel with softmax 1/4 on its target

@@ -178,13 +178,14 @@ def test_gta_ta_loss_gets_eval_labels_and_train_mode_confidence(tmp_path, monkey
     task, trainer = gta(tmp_path, cutmix_p=cutmix_p)
     run_steps(trainer, 5)  # past the copy
     seen = {}
-    real = gta_seg.confidence_weighted_cross_entropy
+    real = gta_seg.pseudo_label_loss
 
-    def spy(logits, target, teacher_logits, **kw):
-        seen.update(logits=logits.detach().clone(), target=target.clone(), teacher=teacher_logits.clone(), kw=kw)
-        return real(logits, target, teacher_logits, **kw)
+    def spy(logits, target, teacher_logits, selection, weighting):
+        seen.update(logits=logits.detach().clone(), target=target.clone(), teacher=teacher_logits.clone(),
+                    kw={**selection.params(), **weighting.params()})
+        return real(logits, target, teacher_logits, selection, weighting)
 
-    monkeypatch.setattr(gta_seg, "confidence_weighted_cross_entropy", spy)
+    monkeypatch.setattr(gta_seg, "pseudo_label_loss", spy)
     lb, ub = peek(task.loaders["labeled"]), peek(task.loaders["unlabeled"])
     teacher = copy.deepcopy(task.nets["teacher"])
     gen = torch.Generator()
@@ -197,7 +198,8 @@ def test_gta_ta_loss_gets_eval_labels_and_train_mode_confidence(tmp_path, monkey
     assert torch.equal(seen["target"], label)
     assert cutmix_p == 0.0 or not torch.equal(image_u, ub["image"])
     torch.testing.assert_close(seen["teacher"], conf_logits)
-    assert seen["kw"] == {"drop_percent": 20.0, "tau": None}
+    assert seen["kw"] == {"percent": 20.0, "sample_stride": 1, "threshold": None, "tau": None,
+                          "ignored_count_as_dropped": False}
     hand = _hand_gta_loss(seen["logits"], seen["target"], seen["teacher"], 20.0)
     assert out["loss_ta"] == pytest.approx(hand, rel=1e-5)
 

@@ -20,6 +20,7 @@ from semiseg.errors import DataError
 from semiseg.pseudo.labeler import Labeler
 from semiseg.pseudo.policies import (
     ClassBalanced,
+    ConfidenceWeights,
     DropLowest,
     FixedThreshold,
     SelectAll,
@@ -57,6 +58,24 @@ def test_select_all_threshold_drop_lowest() -> None:
     assert fitted.threshold == pytest.approx(0.82)
     assert fitted(p[:, :, :2])[0].tolist() == [[0, 255]]
     assert SelectAll().params() == {} and FixedThreshold(0.5).params() == {"threshold": 0.5}
+    # online (inside a training step, on torch): the same per-batch rule, ignored pixels left out of the percentile
+    label, _ = DropLowest(40).on_tensor(torch.as_tensor(batch))
+    assert label.tolist() == [[[0, 255, 2, 1, 255]]] * 2 and label.dtype == torch.long
+    conf = torch.tensor([[0.9, 0.6, 0.7, 0.8, 0.55]])
+    valid = torch.tensor([[True, True, True, True, False]])  # .55 already ignored: 20th pct of the rest = .62
+    assert DropLowest(20).dropped(conf, valid).tolist() == [[False, True, False, False, False]]
+
+
+def test_confidence_weights_code_and_paper_forms() -> None:
+    conf = torch.tensor([0.9, 0.6, 0.7, 0.5])
+    dropped = torch.tensor([False, True, False, False])
+    valid = torch.tensor([True, True, True, False])
+    # code: c + 1 everywhere, dropped pixels at c = 0, the ignored one keeps its c (or 0 when counted as dropped)
+    assert ConfidenceWeights()(conf, dropped, valid).tolist() == pytest.approx([1.9, 1.0, 1.7, 1.5])
+    assert ConfidenceWeights(ignored_count_as_dropped=True)(conf, dropped, valid).tolist() == \
+        pytest.approx([1.9, 1.0, 1.7, 1.0])
+    # paper (tau = 1): c + tau on kept pixels only
+    assert ConfidenceWeights(1.0)(conf, dropped, valid).tolist() == pytest.approx([1.9, 0.0, 1.7, 0.0])
 
 
 # sampled max probs: class 0: .5 .6 .7 .8 .9 (5), class 1: .95 .65 (2), class 2: none

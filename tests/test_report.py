@@ -231,14 +231,13 @@ def compare_runs(run_dir: Path, tmp_path: Path):  # noqa: ANN201 - yields a list
     """Copies of the real run with fabricated headlines: supervised 0.4 / 0.6, oracle 0.9, fake 0.6 / 0.8."""
     from semiseg.methods import registry
     from semiseg.methods.registry import Method, MethodOptions, register
-    from semiseg.pipeline.training import load_stage_model
+    from semiseg.methods.supervised import train_supervised
 
-    class FakeSemi(Method):
+    class FakeSemi(Method[MethodOptions]):
         name = "report-test-fake"
-        options_model = MethodOptions
 
-        def final_model(self):  # noqa: ANN202
-            return load_stage_model(self.run, self.run.run_dir / "stages" / "0-supervised")
+        def plan(self, pipeline) -> None:  # noqa: ANN001 - the supervised stage's model is what it delivers
+            train_supervised(pipeline)
 
     register(FakeSemi)
     dirs = []

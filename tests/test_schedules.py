@@ -36,6 +36,7 @@ from semiseg.methods.schedules import (
 )
 from semiseg.models.ema import EMA
 from semiseg.pipeline.context import RunContext
+from semiseg.pipeline.plan import StageRef
 from semiseg.pipeline.training import MOVED_WARNING
 from tests.test_online_methods import TinySeg, params, run_steps, streams, trainer_for
 
@@ -125,12 +126,11 @@ def test_dst_cbc_round_steps_and_the_steps_behind_its_model():
     ([0.6, 0.7, 0.8, 0.9, 0.95], 1000 + 5 * 200),  # every round improved: the whole chain
 ])
 def test_dst_cbc_trained_steps_follow_the_delivered_lineage(monkeypatch, round_metrics, expected):
-    from semiseg.methods import dst_cbc
-
     method = method_for("dst-cbc", steps=1000)
-    dirs = method.training_dirs()
-    metric = dict(zip(dirs, [0.5, *round_metrics], strict=True))
-    monkeypatch.setattr(dst_cbc, "best_so_far", lambda stages: max(stages, key=lambda d: metric[d]))
+    names = [ref.name for ref in method.pipeline.trainings]
+    assert names == ["supervised", "round-1", "round-2", "round-3", "round-4", "round-5"]
+    metric = dict(zip(names, [0.5, *round_metrics], strict=True))
+    monkeypatch.setattr(StageRef, "best_metric", lambda ref: metric[ref.name])
     assert method.trained_steps() == expected
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,16 +28,12 @@ from semiseg.data.transforms import to_input
 from semiseg.data.types import DataSource
 from semiseg.engine.checkpoint import load_checkpoint, seed_everything
 from semiseg.errors import DataError
+from semiseg.methods import st_stability
 from semiseg.methods.registry import Method, get_method
-from semiseg.methods.self_training import snapshot_steps, stability_stage
+from semiseg.methods.st_stability import add_stability, snapshot_steps
 from semiseg.pipeline.context import RunContext
-from semiseg.pipeline.labeling import (
-    ROUND,
-    label_stage,
-    load_round,
-    oversampled_size,
-    pseudo_dataset,
-)
+from semiseg.pipeline.labeling import ROUND, load_round, oversampled_size, pseudo_dataset
+from semiseg.pipeline.plan import Pipeline, StageRef
 from semiseg.pipeline.stages import run_stages
 from semiseg.pseudo.policies import ClassBalanced, SelectAll
 
@@ -77,6 +75,36 @@ def random_images(n: int, size: int = 16, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
 
+class FixedNet:
+    """A teacher that is not a stage (a net built by the test): a label stage taking it is never reused."""
+
+    key_hash = None
+
+    def __init__(self, net: Callable[[], nn.Module] | nn.Module) -> None:
+        self.net = net
+
+    @property
+    def refs(self) -> list[FixedNet]:
+        return [self]
+
+    def resolve(self) -> FixedNet:
+        return self
+
+    def model(self, net: str | None = None, which: str = "best") -> nn.Module:
+        return self.net() if not isinstance(self.net, nn.Module) else self.net
+
+    def checkpoint(self, net: str | None = None, which: str = "best") -> None:
+        return None
+
+
+def label(run: RunContext, name: str, net: Callable[[], nn.Module] | nn.Module, **kw) -> Pipeline:  # noqa: ANN003
+    """A pipeline of one label stage of ``net`` over ``kw.stems`` (default: every unlabeled image)."""
+    p = Pipeline(run)
+    p.label(name, teacher=FixedNet(net), stems=kw.pop("stems", list(run.splits.unlabeled)),
+            policy=kw.pop("policy", SelectAll()), **kw)
+    return p
+
+
 class TableNet(nn.Module):
     """Predicts a fixed label map per image; the image's id is its (uniform) pixel value / 10."""
 
@@ -94,7 +122,7 @@ class TableNet(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------ stability
-def test_stability_stage_scores_and_split_by_hand(tmp_path: Path) -> None:
+def test_stability_stage_scores_and_split_by_hand(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     z, o = np.zeros((4, 4), np.uint8), np.ones((4, 4), np.uint8)
     half = np.zeros((4, 4), np.uint8)
     half[:, :2] = 1
@@ -109,9 +137,11 @@ def test_stability_stage_scores_and_split_by_hand(tmp_path: Path) -> None:
     s2 = [half, z, top0, four1, one_off]
     images = np.stack([np.full((4, 4, 3), 10 * i, np.uint8) for i in range(5)])
     run = fake_run(tmp_path, images, gt=np.stack(ref))
-    stage = stability_stage(run, "stability", models=lambda: [TableNet(s1), TableNet(s2), TableNet(ref)],
-                            key=None)
-    run_stages(run.run_dir, [stage], out_dir=tmp_path)
+    p = Pipeline(run)
+    supervised = StageRef(run, "supervised", 0, None)  # its snapshots are the three table nets
+    monkeypatch.setattr(st_stability, "snapshot_models", lambda sup, k: [TableNet(s1), TableNet(s2), TableNet(ref)])
+    add_stability(p, supervised, 3)
+    run_stages(run.run_dir, p.stages, out_dir=tmp_path)
     info = json.loads((run.run_dir / "stages" / "0-stability" / "stability.json").read_text())
     # image 0: identical -> 1. image 1: s1 = ref (1); s2 all 0: IoU0 8/16, IoU1 0/8 -> 1/4; mean 5/8.
     # image 2 (ref all 1): s1 all 0 -> IoU0 0/16, IoU1 0/16 -> 0; s2 top row 0 -> IoU1 12/16, IoU0 0/4 -> 3/8.
@@ -132,22 +162,19 @@ def test_snapshot_steps() -> None:
 
 
 # -------------------------------------------------------------------------------------- label stage
-def _label(run: RunContext, tmp: Path, name: str, **kw) -> Path:  # noqa: ANN003
-    net = kw.pop("net", None) or pixel_net()
-    stage = label_stage(run, name, model=lambda: net, stems=kw.pop("stems", list(run.splits.unlabeled)),
-                        policy=kw.pop("policy", SelectAll()), key=None, **kw)
-    out = tmp / name
-    run_stages(out, [stage], out_dir=tmp)
-    return out / "stages" / f"0-{name}"
+def _label(run: RunContext, tmp: Path, name: str, **kw) -> StageRef:  # noqa: ANN003
+    run = dataclasses.replace(run, run_dir=tmp / name)
+    p = label(run, name, kw.pop("net", None) or pixel_net(), **kw)
+    run_stages(run.run_dir, p.stages, out_dir=tmp)
+    return p[name]
 
 
 def test_label_stage_flip_equivariant_and_exact(tmp_path: Path) -> None:
     images = random_images(5)
     gt = (images[..., 0] > 127).astype(np.uint8)
     run = fake_run(tmp_path, images, gt=gt)
-    plain = load_round(_label(run, tmp_path, "plain"))
-    flip = load_round(_label(run, tmp_path, "flip", tta_flip=True, previous=lambda: tmp_path / "plain" /
-                             "stages" / "0-plain"))
+    plain_stage = _label(run, tmp_path, "plain")
+    plain, flip = plain_stage.round(), _label(run, tmp_path, "flip", tta_flip=True, previous=[plain_stage]).round()
     with torch.no_grad():
         probs = pixel_net()(to_input(images)).softmax(1).numpy()
     assert plain.stems == [f"u{i}" for i in range(5)]
@@ -168,7 +195,7 @@ def test_label_stage_fits_a_copy_of_the_policy_and_skips_gt_outside_benchmark(tm
     images = random_images(4, seed=1)
     run = fake_run(tmp_path, images)
     policy = ClassBalanced(0.5, sample_stride=1)
-    rnd = load_round(_label(run, tmp_path, "cbc", policy=policy, stems=["u2", "u0"]))
+    rnd = _label(run, tmp_path, "cbc", policy=policy, stems=["u2", "u0"]).round()
     assert policy.thresholds is None  # the caller's policy is not mutated
     with torch.no_grad():
         probs = pixel_net()(to_input(images[[2, 0]])).softmax(1).numpy()
@@ -184,10 +211,8 @@ KILL_SCRIPT = """
 import sys, time, torch
 sys.path.insert(0, {root!r})
 from pathlib import Path
-from tests.test_self_training import fake_run, pixel_net, random_images
-from semiseg.pipeline.labeling import label_stage
+from tests.test_self_training import fake_run, label, pixel_net, random_images
 from semiseg.pipeline.stages import run_stages
-from semiseg.pseudo.policies import SelectAll
 
 class Slow(torch.nn.Module):
     def __init__(self):
@@ -199,8 +224,7 @@ class Slow(torch.nn.Module):
 
 tmp = Path({tmp!r})
 run = fake_run(tmp, random_images(8))
-stage = label_stage(run, "label", model=Slow, stems=list(run.splits.unlabeled), policy=SelectAll(), key=None)
-run_stages(run.run_dir, [stage], out_dir=tmp)
+run_stages(run.run_dir, label(run, "label", Slow).stages, out_dir=tmp)
 """
 
 
@@ -220,12 +244,10 @@ def test_kill_during_labelling_leaves_no_round_and_resume_completes(tmp_path: Pa
     assert list(sdir.glob(".pseudo.tmp-*"))  # the killed writer's leftovers
     assert not (sdir / ROUND / "DONE").exists() and not (sdir / "DONE").exists()
     run = fake_run(tmp_path, random_images(8))
-    stage = label_stage(run, "label", model=pixel_net, stems=list(run.splits.unlabeled), policy=SelectAll(),
-                        key=None)
-    run_stages(run.run_dir, [stage], out_dir=tmp_path)  # resume
+    run_stages(run.run_dir, label(run, "label", pixel_net).stages, out_dir=tmp_path)  # resume
     assert (sdir / "DONE").exists() and not list(sdir.glob(".pseudo.tmp-*"))
     resumed = load_round(sdir)
-    fresh = load_round(_label(fake_run(tmp_path / "f", random_images(8)), tmp_path / "f", "fresh"))
+    fresh = _label(fake_run(tmp_path / "f", random_images(8)), tmp_path / "f", "fresh").round()
     assert resumed.stems == fresh.stems and len(resumed) == 8
     for s in fresh.stems:
         assert np.array_equal(resumed.labels(s), fresh.labels(s))
@@ -237,7 +259,7 @@ def test_pseudo_dataset_oversamples_labeled_and_augments_pseudo_only(tmp_path: P
     lab = random_images(3, seed=3)
     lab_masks = (lab[..., 1] > 100).astype(np.uint8)
     run = fake_run(tmp_path, images, labeled=lab, labeled_masks=lab_masks)
-    rdir = _label(run, tmp_path, "lab")
+    rdir = _label(run, tmp_path, "lab").path
     rnd = load_round(rdir)
     ds = pseudo_dataset(run, [(rdir, ["u1", "u3", "u5", "u6"]), (rdir, ["u0"])], seed=0, strong=True)
     # ST/ST++: labeled * ceil(U / L) + U = 3 * ceil(5 / 3) + 5
@@ -437,7 +459,8 @@ def test_plans_and_key_chain(tmp_path: Path) -> None:
     n_unl = len(run.splits.unlabeled)
     assert [s.key["steps"] for s in stages if s.name.startswith("retrain")] == \
         [pp.retrain_steps(n_unl // 2), pp.retrain_steps(n_unl), pp.retrain_steps(n_unl)]
-    assert stages[0].key == {**sup_key, "snapshots": [4, 8]}  # its own key: the snapshots are extra outputs
+    # its own key: the snapshots are extra outputs
+    assert stages[0].key == {**sup_key, "params": {**sup_key["params"], "snapshots": [4, 8]}}
     _, weak = synthetic_run(data, out, "c", "st++", extra_rounds=1, strong_aug=False)
     same = [a.key_hash() == b.key_hash() for a, b in zip(stages, weak.stages(), strict=True) if a.key]
     # only the re-trainings (and what is labelled by their models) depend on the re-training options

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from semiseg.data.classes import IGNORE_INDEX
+from semiseg.pseudo.policies import ConfidenceWeights, DropLowest
 
 Reduction = Literal["batch", "image"]
 Intersection = Literal["product", "min"]
@@ -217,21 +218,6 @@ def dynamic_cross_entropy(
 
 
 # -------------------------------------------------------------------------------------------- GTA-Seg
-def percentile_linear(values: Tensor, percent: float) -> Tensor:
-    """``np.percentile(values, percent)`` (linear), for any size (``torch.quantile`` caps at 2^24)."""
-    flat = values.flatten()
-    if flat.numel() == 0:
-        raise ValueError("percentile of an empty tensor")
-    if not 0.0 <= percent <= 100.0:
-        raise ValueError(f"percent must be in [0, 100], got {percent}")
-    ordered = torch.sort(flat.double()).values
-    pos = (flat.numel() - 1) * (percent / 100.0)
-    lo = int(pos // 1)
-    hi = min(lo + 1, flat.numel() - 1)
-    frac = pos - lo
-    return (ordered[lo] + (ordered[hi] - ordered[lo]) * frac).to(values.dtype)
-
-
 def confidence_weighted_cross_entropy(
     logits: Tensor,
     target: Tensor,
@@ -256,6 +242,15 @@ def confidence_weighted_cross_entropy(
     temperature: weights ``(c + τ)`` over the kept pixels, normalised to mean 1 over them, and the loss is
     their weighted mean ``Σ_kept (c+τ)·CE / Σ_kept (c+τ)``. The teacher is never back-propagated into.
     """
+    return pseudo_label_loss(logits, target, teacher_logits, DropLowest(drop_percent),
+                             ConfidenceWeights(tau, ignored_count_as_dropped=ignored_count_as_dropped),
+                             ignore_index=ignore_index)
+
+
+def pseudo_label_loss(logits: Tensor, target: Tensor, teacher_logits: Tensor, selection: DropLowest,
+                      weighting: ConfidenceWeights, *, ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """CE on pseudo labels ``target`` where the ``selection`` policy keeps them, weighted by the ``weighting``
+    policy; both read the confidence (max softmax) of ``teacher_logits``, which is never back-propagated into."""
     _check(logits, target)
     if teacher_logits.shape != logits.shape:
         raise ValueError(f"teacher_logits {tuple(teacher_logits.shape)} != logits {tuple(logits.shape)}")
@@ -265,18 +260,18 @@ def confidence_weighted_cross_entropy(
         return _zero(logits)
     with torch.no_grad():
         conf = teacher_logits.detach().float().softmax(dim=1).amax(dim=1)
-        thresh = percentile_linear(conf[valid], drop_percent)
-        dropped = (conf <= thresh) & valid
-        kept = valid & ~dropped
-        conf = torch.where(dropped, torch.zeros_like(conf), conf)
-        if ignored_count_as_dropped:
-            conf = torch.where(valid, conf, torch.zeros_like(conf))
+        dropped = selection.dropped(conf, valid)
+        weight = weighting(conf, dropped, valid)
+    return weighted_cross_entropy(logits, torch.where(dropped, torch.full_like(target, ignore_index), target),
+                                  weight, ignore_index=ignore_index)
+
+
+def weighted_cross_entropy(logits: Tensor, target: Tensor, weight: Tensor, *,
+                           ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """``Σ weight · CE / Σ weight`` over every pixel (ignored ones add their weight to the normaliser only);
+    0 with a graph when nothing is left to learn."""
+    kept = target != ignore_index
     if kept.sum() == 0:
         return _zero(logits)
-    kept_target = torch.where(kept, target, torch.full_like(target, ignore_index))
-    ce = F.cross_entropy(logits.float(), kept_target, ignore_index=ignore_index, reduction="none")
-    if tau is None:
-        weight = conf + 1.0
-        return (weight * ce).sum() / weight.sum()
-    weight = (conf + tau) * kept.to(conf.dtype)
+    ce = F.cross_entropy(logits.float(), target.long(), ignore_index=ignore_index, reduction="none")
     return (weight * ce).sum() / weight.sum()

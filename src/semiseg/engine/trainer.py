@@ -63,6 +63,12 @@ def resolve_channels_last(setting: bool | str, device: torch.device) -> bool:
     return True if setting == "auto" else bool(setting)
 
 
+def best_file(extra: str | None = None) -> str:
+    """The checkpoint a stage keeps of its best validated net: ``best.pt`` for the task's ``eval_net``,
+    ``best-<name>.pt`` for an extra validated net (``TrainingTask.extra_eval_nets``)."""
+    return "best.pt" if extra is None else f"best-{extra}.pt"
+
+
 class Trainer:
     """Runs ``task`` for ``train.steps`` steps in ``stage_dir``; resumes from ``checkpoints/last.pt``."""
 
@@ -241,7 +247,7 @@ class Trainer:
                 self.best = {"metric": metric, "step": self.step}
             else:
                 self.best_extra[extra] = {"metric": metric, "step": self.step}
-            self._save("best.pt" if extra is None else f"best-{extra}.pt",
+            self._save(best_file(extra),
                        {"net": unwrap(net).state_dict(), "step": self.step, "metric": metric,
                         "val_metric": self.val_metric})
         prefix = "val" if extra is None else f"val_{extra}"

@@ -34,8 +34,7 @@ defaults do:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import cv2
@@ -45,27 +44,17 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from semiseg.data.transforms import weak_transform
-from semiseg.engine.checkpoint import load_checkpoint
 from semiseg.engine.loader import EndlessLoader
 from semiseg.engine.task import Optimized, StepContext, TrainingTask
 from semiseg.errors import ConfigError
 from semiseg.losses import dynamic_cross_entropy
-from semiseg.methods.atso import (
-    StagePlan,
-    best_checkpoint,
-    best_val,
-    diagnostics_stage,
-    method_key,
-    quality_summary,
-    scores_on_test,
-    training_stage,
-)
 from semiseg.methods.registry import Method, MethodOptions, register
 from semiseg.methods.schedules import batches_per_epoch
-from semiseg.methods.supervised import supervised_stage
-from semiseg.pipeline.labeling import label_stage, load_round, pseudo_masks
-from semiseg.pipeline.stages import Stage
-from semiseg.pipeline.training import load_stage_model, make_dataset, make_loader
+from semiseg.methods.supervised import train_supervised
+from semiseg.pipeline.diagnostics import add_diagnostics, quality_summary, scores_on_test
+from semiseg.pipeline.labeling import pseudo_masks
+from semiseg.pipeline.plan import BestOf, Pipeline, StageRef
+from semiseg.pipeline.training import make_dataset, make_loader
 from semiseg.pseudo.policies import ClassBalanced
 
 
@@ -145,62 +134,46 @@ class DstCbcTask(TrainingTask):
         return {"loss": loss.item()}
 
 
-def best_so_far(stages: Sequence[Path]) -> Path:
-    """The stage whose best-on-validation checkpoint scores highest (first on ties: the released code
-    replaces ``temp.pt`` only on a strict improvement); the last stage when none has one."""
-    best, best_metric = None, None
-    for stage in stages:
-        path = best_checkpoint(stage)
-        if not path.exists():
-            continue
-        metric = float(load_checkpoint(path)["metric"])
-        if best_metric is None or metric > best_metric:
-            best, best_metric = stage, metric
-    return best if best is not None else stages[-1]
-
-
 @register
-class DstCbc(Method):
+class DstCbc(Method[DstCbcOptions]):
     name = "dst-cbc"
     summary = "dynamic self-training with a class-balanced curriculum (20 -> 100 % pseudo labels, fine-tuned)"
     paper = ("Feng et al., Semi-Supervised Semantic Segmentation via Dynamic Self-Training and "
              "Class-Balanced Curriculum (arXiv 2004.08514); code voldemortX/DST-CBC, branch dst-cbc")
-    options_model = DstCbcOptions
-    options: DstCbcOptions
 
-    def plan(self) -> StagePlan:
-        if getattr(self, "_plan", None) is None:
-            self._plan = self._build()
-        return self._plan
+    def plan(self, p: Pipeline) -> None:
+        """M0 supervised; round r: the best model so far labels every unlabeled image with CBC at ratio r and
+        is fine-tuned on [pseudo; labeled] batches with the dynamic loss."""
+        run, o = self.run, self.options
+        if not run.splits.unlabeled:
+            raise ConfigError("method dst-cbc: the split has no unlabeled images to pseudo-label (lower "
+                              "split.labeled)")
+        trainings = [train_supervised(p)]
+        rows = [lambda: {"round": 0, "ratio": 0.0, "model": "supervised", "val": trainings[0].best_metric(),
+                         "test": scores_on_test(run, trainings[0].model())}]
+        labels: StageRef | None = None
+        params = {"options": o.model_dump(mode="json")}
+        for r, ratio in enumerate(o.ratios, 1):
+            source = BestOf(list(trainings))  # the best model so far, decided once the stages before have run
+            labels = p.label(f"cbc-{r}", teacher=source, stems=list(run.splits.unlabeled),
+                             policy=ClassBalanced(ratio, sample_stride=o.sample_stride, rule=o.cbc_rule),
+                             previous=[labels] if labels else [], params=params)
+            train = p.train(f"round-{r}", self._task(labels, source, run.stage_seed(f"round-{r}")),
+                            steps=self.round_steps(), init=source, inputs=[labels], params=params,
+                            record=lambda labels=labels, source=source: {
+                                "init": source.resolve().path.name, "rounds": [labels.path.name],
+                                "pseudo_stems": sorted(labels.round().stems)})
+            trainings.append(train)
+            rows.append(self._row(r, ratio, labels, train, source))
+        add_diagnostics(p, lambda: {
+            "note": "per round: class-balanced pseudo labels (selected pixels only) scored against the unlabeled "
+                    "ground truth, the model that produced them, and the round's best model on val and test; "
+                    "test is a diagnostic, never used for selection",
+            "val_metric": run.val_metric, "generations": [row() for row in rows]})
 
-    def stages(self) -> list[Stage]:
-        return self.plan().stages
-
-    def training_dirs(self, upto: int | None = None) -> list[Path]:
-        """The supervised stage and the rounds before ``upto`` (1-based; all when None)."""
-        plan = self.plan()
-        n = len(self.options.ratios) if upto is None else upto - 1
-        return [plan["supervised"], *(plan[f"round-{r}"] for r in range(1, n + 1))]
-
-    def final_model(self) -> nn.Module:
-        return load_stage_model(self.run, best_so_far(self.training_dirs()))
-
-    # -- stages ----------------------------------------------------------------------------------------
-    def _loaders(self, round_dir: Path, seed: int) -> tuple[EndlessLoader, EndlessLoader]:
-        run, cfg = self.run, self.run.config
-        aug = cfg.train.augment
-        transform = None
-        if self.options.legacy_random_resize:
-            transform = LegacyRandomResize(cfg.data.size, tuple(aug.scale), pad_label=aug.pad_label,
-                                           hflip=aug.hflip)
-        masks, used = pseudo_masks(run, [(round_dir, load_round(round_dir).stems)])
-        unl, lab = run.arrays("unlabeled"), run.arrays("labeled")
-        pseudo = make_dataset(run, unl.images, masks, used, seed=seed + 1, transform=transform)
-        labeled = make_dataset(run, lab.images, lab.masks, range(len(lab.stems)), seed=seed,
-                               transform=transform)
-        pseudo_bs = cfg.train.unlabeled_batch_size or cfg.train.batch_size
-        return (make_loader(run, pseudo, pseudo_bs, seed + 1),
-                make_loader(run, labeled, cfg.train.batch_size, seed))
+    def final_stage(self) -> BestOf:
+        """The released code keeps the best model on validation over all rounds and the supervised stage."""
+        return BestOf(self.pipeline.trainings)
 
     def round_steps(self) -> int:
         """``round_steps``, else ``round_epochs`` epochs of the pseudo loader (the released definition), else
@@ -213,69 +186,35 @@ class DstCbc(Method):
         global_batch = (cfg.train.unlabeled_batch_size or cfg.train.batch_size) * self.run.dist.world_size
         return max(1, round(o.round_epochs * batches_per_epoch(len(self.run.splits.unlabeled), global_batch)))
 
-    def trained_steps(self) -> int:
-        """The steps behind the delivered net: round r fine-tunes the best model of the stages before it, so
-        follow that lineage back from the selected stage (the teacher alone when no round beat it). Called
-        once the stages have run; rounds the selection discarded are not counted."""
-        dirs = self.training_dirs()
-        steps = {dirs[0]: self.run.config.train.steps}
-        for r, round_dir in enumerate(dirs[1:], 1):
-            steps[round_dir] = steps[best_so_far(dirs[:r])] + self.round_steps()
-        return steps[best_so_far(dirs)]
-
-    def _build(self) -> StagePlan:
+    def _task(self, labels: StageRef, source: BestOf, seed: int) -> Callable[[], DstCbcTask]:
         run, o = self.run, self.options
-        if not run.splits.unlabeled:
-            raise ConfigError("method dst-cbc: the split has no unlabeled images to pseudo-label (lower "
-                              "split.labeled)")
-        plan = StagePlan(run)
-        teacher = supervised_stage(run)
-        plan.add(teacher)
-        base = method_key(run, self.name, o, teacher)
-        rows = [lambda: {"round": 0, "ratio": 0.0, "model": "supervised", "val": best_val(plan["supervised"]),
-                         "test": scores_on_test(run, load_stage_model(run, plan["supervised"]))}]
-        for r, ratio in enumerate(o.ratios, 1):
-            label, train = f"cbc-{r}", f"round-{r}"
-            previous = f"cbc-{r - 1}" if r > 1 else None
 
-            def source(r: int = r) -> Path:
-                return best_so_far(self.training_dirs(upto=r))
+        def task() -> DstCbcTask:
+            transform = None
+            if o.legacy_random_resize:
+                aug = run.config.train.augment
+                transform = LegacyRandomResize(run.config.data.size, tuple(aug.scale), pad_label=aug.pad_label,
+                                               hflip=aug.hflip)
+            masks, used = pseudo_masks(run, [(labels.path, labels.round().stems)])
+            unl, lab = run.arrays("unlabeled"), run.arrays("labeled")
+            pseudo = make_dataset(run, unl.images, masks, used, seed=seed + 1, transform=transform)
+            labeled = make_dataset(run, lab.images, lab.masks, range(len(lab.stems)), seed=seed,
+                                   transform=transform)
+            pseudo_bs = run.config.train.unlabeled_batch_size or run.config.train.batch_size
+            return DstCbcTask(source.resolve().model(),  # fine-tune the best model so far
+                              make_loader(run, pseudo, pseudo_bs, seed + 1),
+                              make_loader(run, labeled, run.config.train.batch_size, seed), o.gamma)
 
-            plan.add(label_stage(
-                run, label, model=lambda s=source: load_stage_model(run, s()),
-                stems=list(run.splits.unlabeled),
-                policy=ClassBalanced(ratio, sample_stride=o.sample_stride, rule=o.cbc_rule),
-                key={**base, "stage": label}, previous=(lambda p=previous: plan[p]) if previous else None,
-                checkpoint=lambda s=source: best_checkpoint(s())))
+        return task
 
-            def task(label: str = label, train: str = train, s: Any = source) -> DstCbcTask:
-                pseudo, labeled = self._loaders(plan[label], run.stage_seed(train))
-                model = load_stage_model(run, s())  # fine-tune the best model so far
-                return DstCbcTask(model, pseudo, labeled, o.gamma)
-
-            def record(label: str = label, s: Any = source) -> dict[str, Any]:
-                return {"init": s().name, "rounds": [label],
-                        "pseudo_stems": sorted(load_round(plan[label]).stems)}
-
-            plan.add(training_stage(run, train, task=task, steps=self.round_steps,
-                                    key={**base, "stage": train}, record=record))
-            rows.append(self._row(plan, r, ratio, label, train, source))
-        if run.config.data.benchmark_gt:
-            plan.add(diagnostics_stage(run, lambda: [row() for row in rows], note=(
-                "per round: class-balanced pseudo labels (selected pixels only) scored against the unlabeled "
-                "ground truth, the model that produced them, and the round's best model on val and test; "
-                "test is a diagnostic, never used for selection")))
-        return plan
-
-    def _row(self, plan: StagePlan, r: int, ratio: float, label: str, train: str, source: Any) -> Any:
-        run = self.run
-
+    def _row(self, r: int, ratio: float, labels: StageRef, train: StageRef,
+             source: BestOf) -> Callable[[], dict[str, Any]]:
         def row() -> dict[str, Any]:
-            rnd = load_round(plan[label])
+            rnd = labels.round()
             params = rnd.provenance.get("policy", {}).get("params", {})
-            return {"round": r, "ratio": ratio, "labels_from": source().name,
+            return {"round": r, "ratio": ratio, "labels_from": source.resolve().path.name,
                     "thresholds": params.get("thresholds"), "sample_counts": params.get("sample_counts"),
-                    "pseudo_labels": quality_summary(rnd.stats), "val": best_val(plan[train]),
-                    "test": scores_on_test(run, load_stage_model(run, plan[train]))}
+                    "pseudo_labels": quality_summary(rnd.stats), "val": train.best_metric(),
+                    "test": scores_on_test(self.run, train.model())}
 
         return row

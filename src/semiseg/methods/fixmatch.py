@@ -24,8 +24,7 @@ a step are a pure function of (seed, rank, step), so a resumed run replays an un
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, ClassVar, Literal, cast
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -40,7 +39,6 @@ from semiseg.losses import cross_entropy
 from semiseg.methods.online import (
     hard_pseudo_labels,
     labeled_stream,
-    load_selected,
     teacher_forward,
     unlabeled_count,
     unlabeled_stream,
@@ -48,8 +46,8 @@ from semiseg.methods.online import (
 from semiseg.methods.registry import Method, MethodOptions, register
 from semiseg.models.factory import unwrap
 from semiseg.pipeline.context import RunContext
-from semiseg.pipeline.stages import Stage
-from semiseg.pipeline.training import fit, new_model
+from semiseg.pipeline.plan import Pipeline
+from semiseg.pipeline.training import new_model
 from semiseg.pseudo.policies import FixedThreshold
 
 
@@ -166,26 +164,21 @@ class FixMatchTask(TrainingTask):
 
 
 @register
-class FixMatch(Method):
+class FixMatch(Method[FixMatchOptions]):
     name = "fixmatch"
     summary = "a weak view labels its strongly augmented, CutMixed view above a confidence threshold (one network)"
     paper = "FixMatch (NeurIPS 2020), segmentation form of the UniMatch code (CVPR 2023)"
-    options_model: ClassVar[type[MethodOptions]] = FixMatchOptions
     task_class: ClassVar[type[FixMatchTask]] = FixMatchTask
 
     def strong_views(self) -> int:
         return 1
 
-    def stages(self) -> list[Stage]:
-        run, opt = self.run, cast(FixMatchOptions, self.options)
+    def plan(self, p: Pipeline) -> None:
+        run, opt = self.run, self.options
         seed, views = run.stage_seed(self.name), self.strong_views()
 
-        def train(stage_dir: Path) -> None:
-            task = self.task_class(new_model(run), weak_strong_streams(run, seed, opt, views), opt, seed=seed + 3,
+        def task() -> FixMatchTask:
+            return self.task_class(new_model(run), weak_strong_streams(run, seed, opt, views), opt, seed=seed + 3,
                                    rank=run.dist.rank, views=views)
-            fit(run, task, stage_dir)
 
-        return [Stage(self.name, train)]
-
-    def final_model(self) -> nn.Module:
-        return load_selected(self.run, self.run.run_dir / "stages" / f"0-{self.name}", net="model").eval()
+        p.train(self.name, task, params={"options": opt.model_dump(mode="json")})

@@ -29,8 +29,7 @@ of teacher and TA in the supervised epochs are their own. Off by default: one de
 from __future__ import annotations
 
 import copy
-from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -39,12 +38,11 @@ from torch import nn
 from semiseg.data.transforms import cutmix_batch
 from semiseg.engine.loader import EndlessLoader
 from semiseg.engine.task import Optimized, StepContext, TrainingTask
-from semiseg.losses import confidence_weighted_cross_entropy, cross_entropy
+from semiseg.losses import cross_entropy, pseudo_label_loss
 from semiseg.methods.online import (
     copy_weights,
     hard_pseudo_labels,
     labeled_stream,
-    load_selected,
     teacher_forward,
     unlabeled_count,
     unlabeled_stream,
@@ -54,8 +52,9 @@ from semiseg.methods.registry import Method, MethodOptions, register
 from semiseg.methods.schedules import capped_momentum, share_of
 from semiseg.models.ema import EMA, frozen_copy
 from semiseg.models.factory import param_group_of, unwrap
-from semiseg.pipeline.stages import Stage
-from semiseg.pipeline.training import fit, new_model
+from semiseg.pipeline.plan import Pipeline
+from semiseg.pipeline.training import new_model
+from semiseg.pseudo.policies import ConfidenceWeights, DropLowest
 
 
 class GTASegOptions(MethodOptions):
@@ -129,6 +128,9 @@ class GTATask(TrainingTask):
         self.epoch_steps = labeled.batches_per_epoch()
         self.sup_steps = sup_only_steps(options, steps, self.epoch_steps)
         self.generator = torch.Generator().manual_seed(seed)
+        # the TA's pseudo labels: the least confident drop_percent dropped, the rest weighted by confidence
+        self.selection = DropLowest(options.drop_percent)
+        self.weighting = ConfidenceWeights(options.tau)
         self.steps_done = 0
         semi, horizon = steps - self.sup_steps, options.ema_horizon
         self.ta_to_student = EMA(self.nets["ta"], student, momentum=capped_momentum(
@@ -182,8 +184,8 @@ class GTATask(TrainingTask):
         with ctx.autocast():
             ta_logits = self.nets["ta"](both)[n:]
         teacher_logits = teacher_forward(teacher, both, train_mode=True)[n:]
-        loss_u = self.opt.unsup_weight * confidence_weighted_cross_entropy(
-            ta_logits, label, teacher_logits, drop_percent=self.opt.drop_percent, tau=self.opt.tau)
+        loss_u = self.opt.unsup_weight * pseudo_label_loss(ta_logits, label, teacher_logits, self.selection,
+                                                           self.weighting)
         ctx.optimize("ta", loss_u)
         self._ema(self.ta_to_student, t)
         # Step 3: the student learns from labels only; EMA student -> teacher
@@ -204,25 +206,23 @@ class GTATask(TrainingTask):
 
 
 @register
-class GTASeg(Method):
+class GTASeg(Method[GTASegOptions]):
     name = "gta-seg"
     summary = "teacher labels, a gentle teaching assistant learns from pseudo labels, student from labels"
     paper = "Semi-Supervised Semantic Segmentation via Gentle Teaching Assistant (NeurIPS 2022)"
-    options_model = GTASegOptions
 
-    def stages(self) -> list[Stage]:
-        run, opt = self.run, cast(GTASegOptions, self.options)
+    def plan(self, p: Pipeline) -> None:
+        run, opt = self.run, self.options
         seed = run.stage_seed("gta-seg")
 
-        def train(stage_dir: Path) -> None:
+        def task() -> GTATask:
             weak = weak_view(run, pad_label=opt.pad_label, scale_mode=opt.scale_mode)
             repeat = unlabeled_count(run) if opt.oversample_labeled else None
             labeled = labeled_stream(run, seed, transform=weak, repeat_to=repeat)
             unlabeled = unlabeled_stream(run, seed + 1, transform=weak)
-            task = GTATask(new_model(run), labeled, unlabeled, opt, seed=seed + 2, steps=run.config.train.steps)
-            fit(run, task, stage_dir)
+            return GTATask(new_model(run), labeled, unlabeled, opt, seed=seed + 2, steps=run.config.train.steps)
 
-        return [Stage("gta-seg", train)]
+        p.train("gta-seg", task, params={"options": opt.model_dump(mode="json")})
 
-    def final_model(self) -> nn.Module:
-        return load_selected(self.run, self.run.run_dir / "stages" / "0-gta-seg", net="teacher").eval()
+    def final_net(self) -> str:
+        return "teacher"  # the code delivers the teacher

@@ -22,8 +22,7 @@ plain form: full weight on the teacher's labels from step 0.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -33,19 +32,13 @@ from semiseg.data.classes import IGNORE_INDEX
 from semiseg.engine.loader import EndlessLoader
 from semiseg.engine.task import Optimized, StepContext, TrainingTask
 from semiseg.losses import cross_entropy
-from semiseg.methods.online import (
-    copy_weights,
-    hard_pseudo_labels,
-    load_selected,
-    teacher_forward,
-    unlabeled_stream,
-)
+from semiseg.methods.online import copy_weights, hard_pseudo_labels, teacher_forward, unlabeled_stream
 from semiseg.methods.registry import Method, MethodOptions, register
 from semiseg.methods.schedules import capped_momentum, share_of, unlabeled_weight
 from semiseg.models.ema import EMA, frozen_copy
 from semiseg.models.factory import unwrap
-from semiseg.pipeline.stages import Stage
-from semiseg.pipeline.training import fit, labeled_loader, new_model
+from semiseg.pipeline.plan import Pipeline
+from semiseg.pipeline.training import labeled_loader, new_model
 
 
 class MeanTeacherOptions(MethodOptions):
@@ -144,25 +137,21 @@ class MeanTeacherTask(TrainingTask):
 
 
 @register
-class MeanTeacher(Method):
+class MeanTeacher(Method[MeanTeacherOptions]):
     name = "mean-teacher"
     summary = "EMA teacher labels weak views online; the student learns from strong views (common baseline)"
     paper = "Tarvainen & Valpola 2017 (mean teacher), pseudo-label form as in U2PL / UniMatch"
-    options_model = MeanTeacherOptions
 
-    def stages(self) -> list[Stage]:
-        run, opt = self.run, cast(MeanTeacherOptions, self.options)
+    def plan(self, p: Pipeline) -> None:
+        run, opt = self.run, self.options
         seed = run.stage_seed("mean-teacher")
 
-        def train(stage_dir: Path) -> None:
+        def task() -> MeanTeacherTask:
             unlabeled = unlabeled_stream(run, seed + 1, strong=opt.student_view == "strong")
-            task = MeanTeacherTask(new_model(run), labeled_loader(run, seed), unlabeled, opt,
+            return MeanTeacherTask(new_model(run), labeled_loader(run, seed), unlabeled, opt,
                                    steps=run.config.train.steps)
-            fit(run, task, stage_dir)
 
-        return [Stage("mean-teacher", train)]
+        p.train("mean-teacher", task, params={"options": opt.model_dump(mode="json")})
 
-    def final_model(self) -> nn.Module:
-        opt = cast(MeanTeacherOptions, self.options)
-        stage = self.run.run_dir / "stages" / "0-mean-teacher"
-        return load_selected(self.run, stage, net=opt.eval_net).eval()
+    def final_net(self) -> str:
+        return self.options.eval_net

@@ -27,8 +27,7 @@ train.lr_schedule=constant train.weight_decay=0 train.batch_size=8`` (16 for its
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 from pydantic import Field
 from torch import Tensor, nn
@@ -39,20 +38,13 @@ from semiseg.engine.loader import EndlessLoader
 from semiseg.engine.task import Optimized, StepContext, TrainingTask
 from semiseg.errors import ConfigError
 from semiseg.losses import dice_loss, tversky_loss
-from semiseg.methods.online import (
-    labeled_stream,
-    load_selected,
-    stage_key,
-    teacher_forward,
-    unlabeled_stream,
-    weak_view,
-)
+from semiseg.methods.online import labeled_stream, teacher_forward, unlabeled_stream, weak_view
 from semiseg.methods.registry import Method, MethodOptions, register
 from semiseg.methods.schedules import capped_momentum
 from semiseg.models.ema import EMA, frozen_copy
 from semiseg.pipeline.context import RunContext
-from semiseg.pipeline.stages import Stage, stage_dir
-from semiseg.pipeline.training import fit, new_model
+from semiseg.pipeline.plan import Pipeline
+from semiseg.pipeline.training import new_model
 
 
 class MomentumPLOptions(MethodOptions):
@@ -219,11 +211,10 @@ def _transforms(run: RunContext, opt: MomentumPLOptions) -> tuple[Any, Any]:
 
 
 @register
-class MomentumPL(Method):
+class MomentumPL(Method[MomentumPLOptions]):
     name = "momentum-pl"
     summary = "polyp paper: (momentum) teacher, then a student with online pseudo labels and a momentum copy"
     paper = "Online pseudo labeling for polyp segmentation with momentum networks (online_learning_ssl)"
-    options_model = MomentumPLOptions
 
     @classmethod
     def check_config(cls, config: RunConfig, options: MomentumPLOptions) -> None:
@@ -232,42 +223,32 @@ class MomentumPL(Method):
             raise ConfigError(f"method.augment=polyp needs a square data.size (RandomRotate90), got {h}x{w}; "
                               "use method.augment=run")
 
-    def _teacher_stage(self, opt: MomentumPLOptions) -> Stage:
-        run = self.run
-        seed = run.stage_seed("momentum-pl-teacher")
+    def plan(self, p: Pipeline) -> None:
+        run, opt = self.run, self.options
+        teacher_seed, seed = run.stage_seed("momentum-pl-teacher"), run.stage_seed("momentum-pl-student")
+        teacher_steps = opt.teacher_steps or run.config.train.steps
 
-        def train(directory: Path) -> None:
+        def stage1() -> TeacherTask:
             lab_t, _ = _transforms(run, opt)
-            fresh = new_model(run, seed + 1) if opt.momentum_init == "independent" else None
-            task = TeacherTask(new_model(run), labeled_stream(run, seed, transform=lab_t), opt, fresh, steps=steps)
-            fit(run, task, directory, steps=steps)
+            fresh = new_model(run, teacher_seed + 1) if opt.momentum_init == "independent" else None
+            return TeacherTask(new_model(run), labeled_stream(run, teacher_seed, transform=lab_t), opt, fresh,
+                               steps=teacher_steps)
 
-        teacher_opts = opt.model_dump(include={
-            "loss", "tversky_alpha", "tversky_beta", "loss_reduction", "teacher_momentum", "ema_every",
-            "ema_horizon", "momentum_bn", "momentum_init", "augment"})
-        steps = opt.teacher_steps or run.config.train.steps
-        return Stage("teacher", train, key=stage_key(run, "momentum-pl-teacher", seed, steps=steps,
-                                                     options=teacher_opts))
+        # stage 1 reads only these options: a variant of stage 2 (e.g. an offline teacher) shares it
+        read = {"loss", "tversky_alpha", "tversky_beta", "loss_reduction", "teacher_momentum", "ema_every",
+                "ema_horizon", "momentum_bn", "momentum_init", "augment"}
+        teacher = p.train("teacher", stage1, steps=teacher_steps,
+                          params={"options": opt.model_dump(mode="json", include=read)})
 
-    def stages(self) -> list[Stage]:
-        run, opt = self.run, cast(MomentumPLOptions, self.options)
-        teacher_stage = self._teacher_stage(opt)
-        seed = run.stage_seed("momentum-pl-student")
-
-        def train(directory: Path) -> None:
-            momentum = opt.pseudo_from == "momentum"
-            teacher = load_selected(run, stage_dir(run.run_dir, 0, teacher_stage),
-                                    best="best-momentum.pt" if momentum else "best.pt",
-                                    net="momentum" if momentum else "model")
+        def stage2() -> StudentTask:
+            pseudo = teacher.model(net="momentum" if opt.pseudo_from == "momentum" else None)
             lab_t, unl_t = _transforms(run, opt)
             fresh = new_model(run, seed + 2) if opt.momentum_init == "independent" else None
-            task = StudentTask(new_model(run), teacher, labeled_stream(run, seed, transform=lab_t),
+            return StudentTask(new_model(run), pseudo, labeled_stream(run, seed, transform=lab_t),
                                unlabeled_stream(run, seed + 1, transform=unl_t), opt, fresh,
                                steps=run.config.train.steps)
-            fit(run, task, directory)
 
-        return [teacher_stage, Stage("student", train)]
+        p.train("student", stage2, inputs=[teacher], params={"options": opt.model_dump(mode="json")})
 
-    def final_model(self) -> nn.Module:
-        opt = cast(MomentumPLOptions, self.options)
-        return load_selected(self.run, self.run.run_dir / "stages" / "1-student", net=opt.deliver).eval()
+    def final_net(self) -> str:
+        return self.options.deliver

@@ -10,14 +10,12 @@ algorithm box; the plumbing they have in common lives here:
   (the released codes label with train-mode teachers in places: BN batch statistics, dropout on).
 - hard pseudo labels: argmax, selected by a shared policy (``pseudo.policies``; default a confidence threshold).
 - the feature-perturbation stream (UniMatch): the encoder's features decoded a second time under channel dropout.
-- the content key of a stage (what its outputs depend on) and loading a net a finished stage selected.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,10 +25,9 @@ from torch import Tensor, nn
 from semiseg.data.classes import IGNORE_INDEX
 from semiseg.data.datasets import oversampled_indices
 from semiseg.data.transforms import PairTransform, weak_transform
-from semiseg.engine.checkpoint import load_checkpoint
 from semiseg.engine.loader import EndlessLoader
 from semiseg.errors import ConfigError
-from semiseg.models.factory import build_model, unwrap
+from semiseg.models.factory import unwrap
 from semiseg.pipeline.context import RunContext
 from semiseg.pipeline.training import make_dataset, make_loader
 from semiseg.pseudo.policies import FixedThreshold, Policy
@@ -163,31 +160,3 @@ def copy_weights(source: nn.Module, target: nn.Module, *, buffers: bool = True) 
         src_buf = dict(source.named_buffers())
         for name, b in target.named_buffers():
             b.copy_(src_buf[name])
-
-
-# ---------------------------------------------------------------------------------------- stages
-def stage_key(run: RunContext, kind: str, seed: int, *, steps: int, **extra: Any) -> dict[str, Any]:
-    """What a stage trained on the run's data for ``steps`` steps depends on (as ``supervised_stage`` keys it),
-    plus ``extra``; ``train.steps`` itself is left out, so a stage with its own step count can be shared."""
-    cfg = run.config
-    return {"kind": kind, "labeled": run.splits.labeled, "unlabeled": run.splits.unlabeled,
-            "val": run.splits.val,
-            "data": cfg.data.model_dump(mode="json", exclude={"benchmark_gt"}),
-            "model": cfg.model.model_dump(mode="json"),
-            "train": cfg.train.model_dump(mode="json", exclude={"progress", "num_workers", "tensorboard",
-                                                                "checkpoint_every", "steps"}),
-            "seed": seed, "init_seed": run.init_seed, "steps": steps, **extra}
-
-
-def load_selected(run: RunContext, stage_dir: Path, *, best: str = "best.pt",
-                  net: str | None = None) -> nn.Module:
-    """The net a finished training stage selected on validation (``checkpoints/<best>``), or, when nothing
-    was validated, the final weights of ``net`` (default: the first net) from ``last.pt``."""
-    model = build_model(run.config.model, run.classes.num_classes)
-    path = stage_dir / "checkpoints" / best
-    if path.exists():
-        model.load_state_dict(load_checkpoint(path)["net"])
-    else:
-        nets = load_checkpoint(stage_dir / "checkpoints" / "last.pt")["nets"]
-        model.load_state_dict(nets[net or next(iter(nets))])
-    return model.to(run.device)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict
+
+from semiseg.pipeline.plan import Pipeline, Source
 
 if TYPE_CHECKING:
     from torch import nn
@@ -20,33 +22,71 @@ class MethodOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class Method:
-    """A semi-supervised method: a list of persisted stages and the model it finally delivers."""
+OptionsT = TypeVar("OptionsT", bound=MethodOptions)
+
+
+class Method(Generic[OptionsT]):
+    """A semi-supervised method: the stages it declares on a :class:`Pipeline` and the model it delivers.
+
+    A subclass names its options model once, ``class MyMethod(Method[MyOptions])``, and implements
+    :meth:`plan`; the pipeline layer runs, resumes and reuses the stages. The delivered model is by default
+    the last training stage's net as selected on validation (:meth:`final_stage`, :meth:`final_net`).
+    """
 
     name: ClassVar[str]
     summary: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     options_model: ClassVar[type[MethodOptions]] = MethodOptions
 
-    def __init__(self, run: RunContext, options: MethodOptions) -> None:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "options_model" not in cls.__dict__:  # taken from ``Method[Options]`` unless the class says otherwise
+            for base in getattr(cls, "__orig_bases__", ()):
+                args = get_args(base)
+                if args and isinstance(args[0], type) and issubclass(args[0], MethodOptions):
+                    cls.options_model = args[0]
+
+    def __init__(self, run: RunContext, options: OptionsT) -> None:
         self.run, self.options = run, options
+        self._pipeline: Pipeline | None = None
 
     @classmethod
-    def check_config(cls, config: RunConfig, options: MethodOptions) -> None:
+    def check_config(cls, config: RunConfig, options: OptionsT) -> None:
         """Raise ConfigError for options the rest of the config cannot support (runs before anything is written)."""
 
-    def stages(self) -> list[Stage]:
+    def plan(self, pipeline: Pipeline) -> None:
+        """Declare the stages, in order, on ``pipeline`` (``train``, ``label``, ``add``)."""
         raise NotImplementedError
+
+    @property
+    def pipeline(self) -> Pipeline:
+        """The planned stages (planned once, before anything runs)."""
+        if self._pipeline is None:
+            pipeline = Pipeline(self.run)
+            self.plan(pipeline)
+            self._pipeline = pipeline
+        return self._pipeline
+
+    def stages(self) -> list[Stage]:
+        return self.pipeline.stages
+
+    def final_stage(self) -> Source:
+        """The stage whose model is delivered: the last training stage."""
+        return self.pipeline.last_training()
+
+    def final_net(self) -> str | None:
+        """Which net of the final stage is delivered (None: the one it validated)."""
+        return None
 
     def final_model(self) -> nn.Module:
         """The delivered model (weights loaded, eval mode) after every stage is DONE."""
-        raise NotImplementedError
+        return self.final_stage().resolve().model(net=self.final_net())
 
     def trained_steps(self) -> int:
         """Optimizer steps behind the delivered network, counted from its initialisation (a net fine-tuned
         from a teacher counts the teacher's steps too): what ``supervised`` must train for to be this
-        method's compute-matched control. Default: one training stage (``train.steps``)."""
-        return self.run.config.train.steps
+        method's compute-matched control."""
+        return self.pipeline.steps_behind(self.final_stage())
 
 
 _REGISTRY: dict[str, type[Method]] = {}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +17,9 @@ from semiseg.methods.supervised import SupervisedTask
 from semiseg.models.factory import unwrap
 from semiseg.pipeline.context import RunContext
 from semiseg.pipeline.labeling import ground_truth_fn, make_labeler, unlabeled_index
-from semiseg.pipeline.stages import Stage
-from semiseg.pipeline.training import load_stage_model, new_model
+from semiseg.pipeline.plan import Pipeline, StageRef
+from semiseg.pipeline.training import new_model
 from semiseg.pseudo.policies import image_miou, split_reliable, stability_scores
-
-
-def all_unlabeled(run: RunContext) -> list[str]:
-    return list(run.arrays("unlabeled").stems)
 
 
 class SnapshotTask(SupervisedTask):
@@ -56,27 +51,26 @@ def snapshot_steps(steps: int, k: int) -> list[int]:
     return [j * steps // k for j in range(1, k + 1)]
 
 
-def stability_stage(run: RunContext, name: str, *, models: Callable[[], list[nn.Module]],
-                    key: dict[str, Any] | None) -> Stage:
-    """Scores every unlabeled image by ST++'s stability and writes ``stability.json``.
+def add_stability(pipeline: Pipeline, supervised: StageRef, k: int) -> StageRef:
+    """A stage scoring every unlabeled image by ST++'s stability, written to ``stability.json``.
 
-    ``models()`` are the K snapshots, the reference (final) one last; each predicts every image once,
-    argmax, no TTA, streaming in lockstep. The score is the mean per-image mIoU of snapshots 1..K-1
-    against snapshot K; the top half (``len // 2``) is reliable. In benchmark mode the file also records
-    how the final snapshot's labels score against ground truth in each half, to check that stability
-    tracks quality.
+    The K snapshots of ``supervised`` (the reference, its final weights, last) each predict every image once,
+    argmax, no TTA, streaming in lockstep. The score is the mean per-image mIoU of snapshots 1..K-1 against
+    snapshot K; the top half (``len // 2``) is reliable. In benchmark mode the file also records how the final
+    snapshot's labels score against ground truth in each half, to check that stability tracks quality.
     """
+    run = pipeline.run
 
     def work(stage: Path) -> None:
         out = stage / "stability.json"
         if out.exists() or not run.dist.is_main:
             return
-        stems = all_unlabeled(run)
+        stems = list(run.splits.unlabeled)
         index = unlabeled_index(run, stems)
         stem_of = dict(zip(index, stems, strict=True))
         images = run.arrays("unlabeled").images
         c = run.classes.num_classes
-        streams = [make_labeler(run, m).iter_predictions(images, index) for m in models()]
+        streams = [make_labeler(run, m).iter_predictions(images, index) for m in snapshot_models(supervised, k)]
         gt = ground_truth_fn(run, stems)
         scores, finals = [], {}
         for preds in zip(*streams, strict=True):
@@ -93,14 +87,15 @@ def stability_stage(run: RunContext, name: str, *, models: Callable[[], list[nn.
                                "final_snapshot_miou_unreliable": _nanmean([finals[s] for s in unreliable])}
         atomic_write_text(out, json.dumps(info, indent=1))
 
-    return Stage(name, work, key=key)
+    return pipeline.add("stability", work, inputs=[supervised], params={"k": k})
 
 
-def snapshot_models(run: RunContext, sup_dir: Path, k: int) -> list[nn.Module]:
+def snapshot_models(supervised: StageRef, k: int) -> list[nn.Module]:
     """The supervised stage's snapshots at ``j * steps // k`` (j < k) and its final weights (``last.pt``)."""
+    run = supervised.run
     steps = snapshot_steps(run.config.train.steps, k)
-    models = [_snapshot_model(run, snapshot_path(sup_dir, s)) for s in steps[:-1]]
-    return [*models, load_stage_model(run, sup_dir, which="model")]
+    models = [_snapshot_model(run, snapshot_path(supervised.path, s)) for s in steps[:-1]]
+    return [*models, supervised.model(which="last")]
 
 
 def _snapshot_model(run: RunContext, path: Path) -> nn.Module:
@@ -112,9 +107,3 @@ def _snapshot_model(run: RunContext, path: Path) -> nn.Module:
 def _nanmean(values: list[float]) -> float | None:
     vals = [v for v in values if not math.isnan(v)]
     return float(np.mean(vals)) if vals else None
-
-
-def read_split(stability_dir: Path) -> tuple[list[str], list[str]]:
-    """The reliable and unreliable stems a stability stage wrote."""
-    info = json.loads((stability_dir / "stability.json").read_text())
-    return info["reliable"], info["unreliable"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
@@ -11,8 +11,8 @@ from semiseg.engine.task import Optimized, StepContext, TrainingTask
 from semiseg.losses import cross_entropy
 from semiseg.methods.registry import Method, MethodOptions, register
 from semiseg.pipeline.context import RunContext
-from semiseg.pipeline.stages import Stage
-from semiseg.pipeline.training import fit, labeled_loader, load_stage_model, new_model
+from semiseg.pipeline.plan import Pipeline, StageRef
+from semiseg.pipeline.training import labeled_loader, make_dataset, make_loader, new_model
 
 
 class SupervisedTask(TrainingTask):
@@ -31,35 +31,28 @@ class SupervisedTask(TrainingTask):
         return {"loss": loss.item()}
 
 
-def supervised_stage(run: RunContext, name: str = "supervised", *, split: str = "labeled",
-                     steps: int | None = None) -> Stage:
-    """A supervised training stage on ``split``; its key lets benchmarks share it across methods.
+def train_supervised(pipeline: Pipeline, name: str = "supervised", *, split: str = "labeled",
+                     steps: int | None = None, task: Callable[[nn.Module, Any], TrainingTask] = SupervisedTask,
+                     params: dict[str, Any] | None = None) -> StageRef:
+    """A supervised training stage on ``split``; every method's teacher, so benchmarks share it across methods
+    (its key holds no method option).
 
     The oracle is "the same pipeline with every image labeled": it shares the supervised stage's seed
     (data order, augmentation) and, like every from-scratch network, the run's initialisation, so the two
     differ only in their labels. (With a seed of its own, one unlucky initialisation kept the polyp oracle
-    at the class prior for 400 steps.)
+    at the class prior for 400 steps.) ``task`` and ``params``: a variant of the step (ST++'s snapshots).
     """
-    config = run.config
+    run = pipeline.run
     seed = run.stage_seed("supervised")
 
-    def train(stage_dir: Path) -> None:
+    def make_task() -> TrainingTask:
         loader = labeled_loader(run, seed) if split == "labeled" else _oracle_loader(run, seed)
-        fit(run, SupervisedTask(new_model(run), loader), stage_dir, steps=steps)
+        return task(new_model(run), loader)
 
-    stems = run.splits.labeled if split == "labeled" else run.splits.labeled + run.splits.unlabeled
-    key = {"kind": "supervised", "split": split, "stems": stems,
-           "val": run.splits.val, "data": config.data.model_dump(mode="json", exclude={"benchmark_gt"}),
-           "model": config.model.model_dump(mode="json"), "train": config.train.model_dump(mode="json",
-           exclude={"progress", "num_workers", "tensorboard", "eval_every", "checkpoint_every"}),
-           "eval_every": config.train.eval_every, "val_metric": run.val_metric, "seed": seed,
-           "init_seed": run.init_seed, "steps": steps}
-    return Stage(name, train, key=key)
+    return pipeline.train(name, make_task, steps=steps, params={"split": split, **(params or {})})
 
 
 def _oracle_loader(run: RunContext, seed: int) -> Any:
-    from semiseg.pipeline.training import make_dataset, make_loader
-
     arrays = run.oracle_arrays()
     ds = make_dataset(run, arrays.images, arrays.masks, range(len(arrays.stems)), seed=seed)
     return make_loader(run, ds, run.config.train.batch_size, seed)
@@ -70,26 +63,18 @@ class SupervisedOptions(MethodOptions):
 
 
 @register
-class Supervised(Method):
+class Supervised(Method[SupervisedOptions]):
     name = "supervised"
     summary = "labeled images only (SupOnly baseline)"
-    options_model = SupervisedOptions
 
-    def stages(self) -> list[Stage]:
-        return [supervised_stage(self.run)]
-
-    def final_model(self) -> nn.Module:
-        return load_stage_model(self.run, self.run.run_dir / "stages" / "0-supervised")
+    def plan(self, pipeline: Pipeline) -> None:
+        train_supervised(pipeline)
 
 
 @register
-class Oracle(Method):
+class Oracle(Method[MethodOptions]):
     name = "oracle"
     summary = "supervised with every training image labeled (the upper bound; reads the unlabeled masks)"
-    options_model = MethodOptions
 
-    def stages(self) -> list[Stage]:
-        return [supervised_stage(self.run, "oracle", split="oracle")]
-
-    def final_model(self) -> nn.Module:
-        return load_stage_model(self.run, self.run.run_dir / "stages" / "0-oracle")
+    def plan(self, pipeline: Pipeline) -> None:
+        train_supervised(pipeline, "oracle", split="oracle")

@@ -25,7 +25,7 @@ pseudo labelling of m and the delivered model run the plain network. Defaults ar
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal, cast
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -81,7 +81,8 @@ class UniMatch(FixMatch):
     summary = "FixMatch + feature perturbation (dropout on encoder features) + two strong CutMix views"
     paper = "Revisiting Weak-to-Strong Consistency in Semi-Supervised Semantic Segmentation (CVPR 2023)"
     options_model: ClassVar[type[MethodOptions]] = UniMatchOptions
+    options: UniMatchOptions
     task_class: ClassVar[type[FixMatchTask]] = UniMatchTask
 
     def strong_views(self) -> int:
-        return cast(UniMatchOptions, self.options).strong_views
+        return self.options.strong_views

@@ -2,22 +2,19 @@
 
 API (stable; other staged methods import it):
 
-``label_stage(run, name, *, model, stems, policy, tta_scales=(1.0,), tta_flip=False, previous=None, key=None,
-checkpoint=None, batch_size=None) -> Stage``
-    A pipeline stage that predicts the unlabeled images ``stems`` (by stem; pixels from
-    ``run.arrays("unlabeled")``) with ``model()`` through a streaming :class:`~semiseg.pseudo.labeler.Labeler`
-    (``tta_scales`` × optional horizontal flip; bounded memory whatever the set size), fits ``policy``
-    first when ``policy.needs_fit`` (a second streaming pass; the caller's policy object is copied, never
-    mutated), and writes ONE round named :data:`ROUND` into the stage directory through
-    :class:`~semiseg.pseudo.store.PseudoLabelStore`: uint8 labels + confidence at the working size,
-    provenance (model state hash, ``checkpoint()`` path + hash when given, policy name + fitted params, TTA),
-    stats (coverage, class shares, confidence, flip rate against ``previous()``'s round(s), and ground-truth
-    quality only when ``run.config.data.benchmark_gt``). The round becomes visible atomically, so a
-    process killed while labelling leaves no DONE round and the resumed stage labels again from scratch.
-    ``model``, ``stems``, ``previous`` and ``checkpoint`` are callables (or, for ``stems``, a plain list)
-    evaluated when the stage runs, because they usually depend on upstream stages. ``key`` is the
-    caller's description of the inputs (upstream stage keys, the stems or how they are chosen); the
-    policy, its parameters and the TTA are added to it here. ``None``: the stage is never reused.
+``label_work(run, *, model, stems, policy, tta_scales, tta_flip, batch_size, previous, checkpoint)``
+    The work of a label stage (methods declare one with :meth:`semiseg.pipeline.plan.Pipeline.label`): it
+    predicts the unlabeled images ``stems`` (by stem; pixels from ``run.arrays("unlabeled")``) with
+    ``model()`` through a streaming :class:`~semiseg.pseudo.labeler.Labeler` (``tta_scales`` × optional
+    horizontal flip; bounded memory whatever the set size), fits ``policy`` first when ``policy.needs_fit``
+    (a second streaming pass; the caller's policy object is copied, never mutated), and writes ONE round
+    named :data:`ROUND` into the stage directory through :class:`~semiseg.pseudo.store.PseudoLabelStore`:
+    uint8 labels + confidence at the working size, provenance (model state hash, ``checkpoint()`` path +
+    hash, policy name + fitted params, TTA), stats (coverage, class shares, confidence, flip rate against
+    ``previous()``'s round(s), and ground-truth quality only when ``run.config.data.benchmark_gt``). The
+    round becomes visible atomically, so a process killed while labelling leaves no DONE round and the
+    resumed stage labels again from scratch. The callables are evaluated when the stage runs, because they
+    read upstream stages. ``labeling_params`` is what the labels depend on besides model and stems.
 
 ``load_round(stage_dir) -> PseudoRound``
     The round a finished label stage wrote.
@@ -48,7 +45,6 @@ from semiseg.data.classes import IGNORE_INDEX
 from semiseg.data.datasets import SegmentationDataset, repeat_to
 from semiseg.errors import ConfigError, DataError
 from semiseg.pipeline.context import RunContext
-from semiseg.pipeline.stages import Stage
 from semiseg.pipeline.training import make_dataset
 from semiseg.progress import progress_bar
 from semiseg.pseudo.labeler import Labeler
@@ -178,29 +174,27 @@ def write_round(run: RunContext, stage_dir: Path, *, model: nn.Module, stems: Se
     return store.load(ROUND)
 
 
-def label_stage(run: RunContext, name: str, *, model: Callable[[], nn.Module], stems: Stems, policy: Policy,
-                tta_scales: Sequence[float] = (1.0,), tta_flip: bool = False,
-                previous: Callable[[], Path | Sequence[Path]] | None = None,
-                key: dict[str, Any] | None = None, checkpoint: Callable[[], Path] | None = None,
-                batch_size: int | None = None) -> Stage:
-    """A stage that writes one pseudo-label round of ``stems`` (see the module docstring)."""
+def labeling_params(run: RunContext, policy: Policy, tta_scales: Sequence[float], tta_flip: bool) -> dict[str, Any]:
+    """What a round's labels depend on besides the model and the stems (part of a label stage's key)."""
     if not tta_scales or any(s <= 0 for s in tta_scales):
-        raise ConfigError(f"{name}: tta scales must be positive numbers, got {list(tta_scales)}")
+        raise ConfigError(f"tta scales must be positive numbers, got {list(tta_scales)}")
+    return {"policy": policy.name, "policy_params": policy.params(), "tta_scales": [float(s) for s in tta_scales],
+            "tta_flip": bool(tta_flip), "size_divisor": SIZE_DIVISOR, "benchmark_gt": run.config.data.benchmark_gt}
+
+
+def label_work(run: RunContext, *, model: Callable[[], nn.Module], stems: Stems, policy: Policy,
+               tta_scales: Sequence[float], tta_flip: bool, batch_size: int | None,
+               previous: Callable[[], Sequence[Path] | None], checkpoint: Callable[[], Path]) -> Callable[[Path], None]:
+    """The work of a label stage (:meth:`semiseg.pipeline.plan.Pipeline.label`): one writer, the main rank; the
+    runner's barrier makes the round visible to every rank. The callables read upstream stages when it runs."""
 
     def work(stage_dir: Path) -> None:
-        if not run.dist.is_main:  # one writer; the runner's barrier makes the round visible to every rank
+        if not run.dist.is_main:
             return
-        write_round(run, stage_dir, model=model(), stems=_resolve(stems), policy=policy,
-                    tta_scales=tta_scales, tta_flip=tta_flip, previous=previous() if previous else None,
-                    checkpoint=checkpoint() if checkpoint else None, batch_size=batch_size)
+        write_round(run, stage_dir, model=model(), stems=_resolve(stems), policy=policy, tta_scales=tta_scales,
+                    tta_flip=tta_flip, previous=previous(), checkpoint=checkpoint(), batch_size=batch_size)
 
-    full_key = None
-    if key is not None:
-        full_key = {**key, "label": {"policy": policy.name, "policy_params": policy.params(),
-                                     "tta_scales": [float(s) for s in tta_scales], "tta_flip": bool(tta_flip),
-                                     "size_divisor": SIZE_DIVISOR,
-                                     "benchmark_gt": run.config.data.benchmark_gt}}
-    return Stage(name, work, key=full_key)
+    return work
 
 
 # ----------------------------------------------------------------------------------------- dataset

@@ -34,14 +34,19 @@ class Stage:
     outputs: dict[str, Any] = field(default_factory=dict)
 
     def key_hash(self) -> str | None:
-        if self.key is None:
-            return None
-        blob = json.dumps(self.key, sort_keys=True, default=str).encode()
-        return hashlib.blake2b(blob, digest_size=12).hexdigest()
+        return key_hash(self.key)
 
 
-def stage_dir(run_dir: Path, index: int, stage: Stage) -> Path:
-    return run_dir / "stages" / f"{index}-{stage.name}"
+def key_hash(key: dict[str, Any] | None) -> str | None:
+    """The short hash a content key is indexed by (None: never reused)."""
+    if key is None:
+        return None
+    blob = json.dumps(key, sort_keys=True, default=str).encode()
+    return hashlib.blake2b(blob, digest_size=12).hexdigest()
+
+
+def stage_dir(run_dir: Path, index: int, name: str) -> Path:
+    return run_dir / "stages" / f"{index}-{name}"
 
 
 def is_done(path: Path) -> bool:
@@ -74,7 +79,7 @@ def run_stages(run_dir: Path, stages: list[Stage], *, out_dir: Path | None = Non
     out_dir = out_dir or run_dir.parent
     dirs = []
     for i, stage in enumerate(stages):
-        path = stage_dir(run_dir, i, stage)
+        path = stage_dir(run_dir, i, stage.name)
         dirs.append(path)
         if is_done(path):
             log(f"stage {i}-{stage.name}: done, skipped")

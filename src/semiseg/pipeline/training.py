@@ -11,7 +11,6 @@ from torch import nn
 
 from semiseg.data.datasets import SegmentationDataset
 from semiseg.data.transforms import PairTransform, strong_transform, weak_transform
-from semiseg.engine.checkpoint import load_checkpoint
 from semiseg.engine.loader import EndlessLoader
 from semiseg.engine.task import TrainingTask
 from semiseg.engine.trainer import FitResult, Trainer
@@ -68,17 +67,6 @@ def fit(ctx: RunContext, task: TrainingTask, stage_dir: Path, *, steps: int | No
     trainer = Trainer(task, ctx.config.train, stage_dir, device=ctx.device, dist=ctx.dist,
                       evaluate=validation_fn(ctx), val_metric=ctx.val_metric, steps=steps, console=ctx.console)
     return trainer.fit()
-
-
-def load_stage_model(ctx: RunContext, stage_dir: Path, which: str = "best") -> nn.Module:
-    """The model a training stage selected (``best``: best on validation) or its final weights."""
-    model = build_model(ctx.config.model, ctx.classes.num_classes)
-    if which == "best" and (stage_dir / "checkpoints" / "best.pt").exists():
-        model.load_state_dict(load_checkpoint(stage_dir / "checkpoints" / "best.pt")["net"])
-    else:
-        state = load_checkpoint(stage_dir / "checkpoints" / "last.pt")
-        model.load_state_dict(state["nets"][which if which != "best" else next(iter(state["nets"]))])
-    return model.to(ctx.device).eval()
 
 
 # a delivered network whose decoder + classifier moved less than this (relative L2) from the run's shared

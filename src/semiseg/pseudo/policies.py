@@ -110,15 +110,31 @@ class FixedThreshold(Policy):
         return np.where(self.keep(conf), label, IGNORE_INDEX).astype(np.uint8)
 
 
-class DropLowest(Policy):
-    """GTA-Seg's rule offline: drop pixels whose confidence is ``<=`` the ``percent`` percentile.
+def percentile_linear(values: torch.Tensor, percent: float) -> torch.Tensor:
+    """``np.percentile(values, percent)`` (linear), for any size (``torch.quantile`` caps at 2^24)."""
+    flat = values.flatten()
+    if flat.numel() == 0:
+        raise ValueError("percentile of an empty tensor")
+    if not 0.0 <= percent <= 100.0:
+        raise ValueError(f"percent must be in [0, 100], got {percent}")
+    ordered = torch.sort(flat.double()).values
+    pos = (flat.numel() - 1) * (percent / 100.0)
+    lo = int(pos // 1)
+    hi = min(lo + 1, flat.numel() - 1)
+    frac = pos - lo
+    return (ordered[lo] + (ordered[hi] - ordered[lo]) * frac).to(values.dtype)
 
-    Without ``fit`` the percentile is taken over each call's batch (GTA's per-batch rule); after ``fit``
-    it is one threshold from every ``sample_stride``-th pixel of the whole set, so labels do not depend
-    on how images were batched.
+
+class DropLowest(Policy):
+    """GTA-Seg's rule: drop pixels whose confidence is ``<=`` the ``percent`` percentile.
+
+    Without ``fit`` the percentile is taken over each call's batch (GTA's per-batch rule, online: inside the
+    training step, over the pixels not already ignored); after ``fit`` it is one threshold from every
+    ``sample_stride``-th pixel of the whole set, so offline labels do not depend on how images were batched.
     """
 
     name = "drop_lowest"
+    online = True
 
     def __init__(self, percent: float = 20.0, sample_stride: int = 1) -> None:
         if not 0.0 <= percent <= 100.0:
@@ -135,9 +151,43 @@ class DropLowest(Policy):
     def params(self) -> dict[str, Any]:
         return {"percent": self.percent, "sample_stride": self.sample_stride, "threshold": self.threshold}
 
-    def select(self, label: np.ndarray, conf: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    def dropped(self, conf: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Online: the ``valid`` pixels at or below the percentile of the valid pixels' confidence."""
+        thresh = self.threshold if self.threshold is not None else percentile_linear(conf[valid], self.percent)
+        return (conf <= thresh) & valid
+
+    def select(self, label: Any, conf: Any, probs: Any) -> Any:
+        if isinstance(label, torch.Tensor):
+            return label.masked_fill(self.dropped(conf, label != IGNORE_INDEX), IGNORE_INDEX)
         thresh = self.threshold if self.threshold is not None else float(np.percentile(conf, self.percent))
         return np.where(conf <= thresh, IGNORE_INDEX, label).astype(np.uint8)
+
+
+class ConfidenceWeights:
+    """GTA-Seg's re-weighting of the kept pseudo labels by a teacher's confidence ``c`` (a weighting policy:
+    it weighs what a selection policy kept).
+
+    Released code (``tau=None``): weight ``c + 1`` on every pixel of the batch, with ``c = 0`` on dropped
+    pixels (they add 1 to the normaliser) and the teacher's ``c`` kept on pixels already ignored
+    (``ignored_count_as_dropped``: 0 there too). Paper Eq. 6-7 (``tau`` a float, τ = 1 in the paper: a
+    Laplace-smoothing constant, not a temperature): ``c + τ`` on the kept pixels only.
+    """
+
+    name = "confidence_weights"
+
+    def __init__(self, tau: float | None = None, *, ignored_count_as_dropped: bool = False) -> None:
+        self.tau, self.ignored_count_as_dropped = tau, ignored_count_as_dropped
+
+    def params(self) -> dict[str, Any]:
+        return {"tau": self.tau, "ignored_count_as_dropped": self.ignored_count_as_dropped}
+
+    def __call__(self, conf: torch.Tensor, dropped: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        conf = torch.where(dropped, torch.zeros_like(conf), conf)
+        if self.ignored_count_as_dropped:
+            conf = torch.where(valid, conf, torch.zeros_like(conf))
+        if self.tau is None:
+            return conf + 1.0
+        return (conf + self.tau) * (valid & ~dropped).to(conf.dtype)
 
 
 class ClassBalanced(Policy):

@@ -1,0 +1,202 @@
+"""A method's stages, planned before anything runs: each stage is a handle, its reuse key is derived here.
+
+A method declares its stages on a :class:`Pipeline` (``train``, ``label``, ``add``) and gets back a
+:class:`StageRef` for each: where the stage lives, which checkpoint or model it selected, its pseudo-label
+round. No method spells a directory or a checkpoint name. What decides that a finished stage may be reused
+(its content key, :func:`stage_key`) is assembled in one place from what the stage reads: the run's data,
+split, model and training sections, its input stages, and the parameters the method says it reads.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from torch import nn
+
+from semiseg.engine.checkpoint import atomic_write_text, load_checkpoint, seed_everything
+from semiseg.engine.task import TrainingTask
+from semiseg.engine.trainer import best_file
+from semiseg.models.factory import build_model
+from semiseg.pipeline.context import RunContext
+from semiseg.pipeline.labeling import label_work, labeling_params, load_round
+from semiseg.pipeline.stages import Stage, key_hash, stage_dir
+from semiseg.pipeline.training import fit
+from semiseg.pseudo.store import PseudoRound
+
+Which = Literal["best", "last"]
+
+# train-section fields that change nothing a stage computes (``steps``: every training stage keys its own)
+NOT_READ = {"progress", "num_workers", "tensorboard", "checkpoint_every", "steps"}
+
+
+@dataclass(frozen=True, eq=False)
+class StageRef:
+    """A handle on one planned stage and, once it has run, on its outputs."""
+
+    run: RunContext
+    name: str
+    index: int
+    key_hash: str | None
+    steps: int | None = None  # a training stage's optimizer steps
+    init: Source | None = None  # the stage whose weights a training stage starts from (None: the shared init)
+
+    @property
+    def path(self) -> Path:
+        return stage_dir(self.run.run_dir, self.index, self.name)
+
+    @property
+    def refs(self) -> list[StageRef]:
+        return [self]
+
+    def resolve(self) -> StageRef:
+        return self
+
+    def checkpoint(self, net: str | None = None, which: Which = "best") -> Path:
+        """The checkpoint that holds ``net`` as selected on validation (the trainer's best file; ``net`` an
+        extra validated net has its own), else the stage's last checkpoint."""
+        ckpts = self.path / "checkpoints"
+        if which == "best":
+            for name in ([best_file(net)] if net else []) + [best_file(None)]:
+                if (ckpts / name).exists():
+                    return ckpts / name
+        return ckpts / "last.pt"
+
+    def best_metric(self) -> float | None:
+        """The best validation score the stage reached (None when nothing was validated)."""
+        path = self.path / "checkpoints" / best_file(None)
+        return float(load_checkpoint(path)["metric"]) if path.exists() else None
+
+    def model(self, net: str | None = None, which: Which = "best") -> nn.Module:
+        """``net`` (default: the validated net) as the stage selected it, weights loaded, in eval mode."""
+        run = self.run
+        model = build_model(run.config.model, run.classes.num_classes)
+        path = self.checkpoint(net, which)
+        state = load_checkpoint(path)
+        if path.name == "last.pt":
+            nets = state["nets"]
+            model.load_state_dict(nets[net or next(iter(nets))])
+        else:
+            model.load_state_dict(state["net"])
+        return model.to(run.device).eval()
+
+    def read_json(self, name: str) -> Any:
+        """A JSON file the stage wrote (e.g. ST++'s ``stability.json``)."""
+        return json.loads((self.path / name).read_text())
+
+    def round(self) -> PseudoRound:
+        """The pseudo-label round a label stage wrote."""
+        return load_round(self.path)
+
+
+class BestOf:
+    """The stage among ``refs`` whose best validation score is highest (the first on ties, as a checkpoint
+    replaced only on strict improvement; the last when none was validated), decided when it is read."""
+
+    def __init__(self, refs: Sequence[StageRef]) -> None:
+        self.refs = list(refs)
+
+    def resolve(self) -> StageRef:
+        best, best_metric = None, None
+        for ref in self.refs:
+            metric = ref.best_metric()
+            if metric is not None and (best_metric is None or metric > best_metric):
+                best, best_metric = ref, metric
+        return best if best is not None else self.refs[-1]
+
+
+Source = StageRef | BestOf
+"""Where a model comes from: one stage, or the best of several (resolved once they have run)."""
+
+
+def stage_key(run: RunContext, name: str, *, inputs: Sequence[Source] = (), params: dict[str, Any] | None = None,
+              steps: int | None = None) -> dict[str, Any] | None:
+    """The content key of a stage: everything of the run it may read (data, split, model, training section,
+    selection metric, seeds), the keys of its input stages and its own ``params``. None when an input is never
+    reused (its outputs cannot be named by content)."""
+    hashes = [ref.key_hash for source in inputs for ref in source.refs]
+    if any(h is None for h in hashes):
+        return None
+    cfg, splits = run.config, run.splits
+    return {"stage": name, "seed": cfg.seed, "init_seed": run.init_seed,
+            "split": {"labeled": splits.labeled, "unlabeled": splits.unlabeled, "val": splits.val},
+            "data": cfg.data.model_dump(mode="json", exclude={"benchmark_gt"}),
+            "model": cfg.model.model_dump(mode="json"),
+            "train": cfg.train.model_dump(mode="json", exclude=NOT_READ), "val_metric": run.val_metric,
+            "steps": steps, "inputs": hashes, "params": params}
+
+
+@dataclass
+class Pipeline:
+    """The stages of one method, in order, each with its handle."""
+
+    run: RunContext
+    stages: list[Stage] = field(default_factory=list)
+    refs: dict[str, StageRef] = field(default_factory=dict)
+    trainings: list[StageRef] = field(default_factory=list)
+
+    def __getitem__(self, name: str) -> StageRef:
+        return self.refs[name]
+
+    def add(self, name: str, work: Callable[[Path], None], *, inputs: Sequence[Source] = (),
+            params: dict[str, Any] | None = None, reuse: bool = True, steps: int | None = None,
+            init: Source | None = None) -> StageRef:
+        """A stage doing ``work(stage_dir)`` (it resumes from whatever it left there); ``reuse=False``: never
+        taken from another run (e.g. a report of this run's stages)."""
+        if name in self.refs:
+            raise ValueError(f"stage name {name!r} used twice")
+        key = stage_key(self.run, name, inputs=inputs, params=params, steps=steps) if reuse else None
+        ref = StageRef(self.run, name, len(self.stages), key_hash(key), steps=steps, init=init)
+        self.stages.append(Stage(name, work, key=key))
+        self.refs[name] = ref
+        return ref
+
+    def train(self, name: str, task: Callable[[], TrainingTask], *, steps: int | None = None,
+              init: Source | None = None, inputs: Sequence[Source] = (), params: dict[str, Any] | None = None,
+              record: Callable[[], dict[str, Any]] | None = None) -> StageRef:
+        """A training stage: ``task()`` fitted for ``steps`` (default ``train.steps``) with validation and
+        resumable checkpoints. ``init``: the stage whose selected weights ``task`` starts from (an input; it
+        also counts towards :meth:`steps_behind`). ``record()`` is written to ``training_set.json``."""
+        run = self.run
+        steps = steps or run.config.train.steps
+
+        def work(path: Path) -> None:
+            seed_everything(run.stage_seed(name))  # a fresh start does not depend on what ran before
+            if record is not None and run.dist.is_main:
+                atomic_write_text(path / "training_set.json", json.dumps(record(), indent=1))
+            fit(run, task(), path, steps=steps)
+
+        sources = [*inputs, *([init] if init is not None else [])]
+        ref = self.add(name, work, inputs=sources, params=params, steps=steps, init=init)
+        self.trainings.append(ref)
+        return ref
+
+    def label(self, name: str, *, teacher: Source, stems: Sequence[str] | Callable[[], Sequence[str]],
+              policy: Any, which: Which = "best", tta_scales: Sequence[float] = (1.0,), tta_flip: bool = False,
+              previous: Sequence[StageRef] = (), batch_size: int | None = None, inputs: Sequence[Source] = (),
+              params: dict[str, Any] | None = None) -> StageRef:
+        """A stage writing one pseudo-label round of ``stems`` with ``teacher``'s model through ``policy``
+        (see :mod:`semiseg.pipeline.labeling`). ``stems`` may be a callable of upstream outputs; their stage
+        goes in ``inputs``. ``previous``: earlier rounds, for the flip rate."""
+        work = label_work(self.run, model=lambda: teacher.resolve().model(which=which), stems=stems, policy=policy,
+                          tta_scales=tta_scales, tta_flip=tta_flip, batch_size=batch_size,
+                          previous=lambda: [p.path for p in previous] or None,
+                          checkpoint=lambda: teacher.resolve().checkpoint(which=which))
+        label_params = {**labeling_params(self.run, policy, tta_scales, tta_flip), "batch_size": batch_size,
+                        "which": which, "stems": None if callable(stems) else list(stems), **(params or {})}
+        return self.add(name, work, inputs=[teacher, *inputs, *previous], params=label_params)
+
+    def last_training(self) -> StageRef:
+        if not self.trainings:
+            raise ValueError("the pipeline has no training stage")
+        return self.trainings[-1]
+
+    def steps_behind(self, source: Source) -> int:
+        """Optimizer steps behind ``source``'s model, from the shared initialisation: its own steps plus those
+        of the stage it started from, and so on (read after the stages ran when a :class:`BestOf` decides)."""
+        ref = source.resolve()
+        own = ref.steps or 0
+        return own + (self.steps_behind(ref.init) if ref.init is not None else 0)
