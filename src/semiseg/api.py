@@ -15,11 +15,12 @@ from typing import Any
 
 import torch
 
+from semiseg.atomic import atomic_write_text
 from semiseg.config import RunConfig, dump_config, load_config
 from semiseg.data.presets import load_source
 from semiseg.data.splits import SPLIT_NAMES, Splits, make_splits
 from semiseg.deploy.outputs import Predicted
-from semiseg.engine.checkpoint import OUTPUT_ERRNOS, atomic_write_text, output_error, seed_everything
+from semiseg.engine.checkpoint import OUTPUT_ERRNOS, output_error, seed_everything
 from semiseg.engine.distributed import barrier, init_distributed, resolve_device
 from semiseg.errors import (
     CheckpointError,

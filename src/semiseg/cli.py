@@ -109,7 +109,7 @@ def evaluate(run: Annotated[Path, typer.Argument(help="finished run directory")]
              no_progress: NoProgress = False) -> None:
     """Evaluate a run's model at original resolution."""
     from semiseg import api
-    from semiseg.engine.checkpoint import atomic_write_text
+    from semiseg.atomic import atomic_write_text
     from semiseg.pipeline.preflight import check_writable_file
 
     if json_out:

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -27,10 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from semiseg.atomic import atomic_path, atomic_write_text
 from semiseg.data.decode import read_image
 from semiseg.deploy.onnx_predict import INSTALL_HINT, METADATA_KEY, OnnxSegmenter, sidecar_path
-from semiseg.engine.checkpoint import atomic_write_text, output_error
-from semiseg.errors import ConfigError, SemisegError
+from semiseg.errors import ConfigError, SemisegError, output_error
 from semiseg.pipeline.preflight import check_writable_file
 
 FORMATS = ("onnx",)
@@ -162,31 +160,25 @@ def export_run(run_dir: Path, out: Path | None = None, *, fmt: str = "onnx", ops
     meta = metadata(ctx, opset)
     meta["exported_with"].update(onnx=onnx.__version__, onnxruntime=onnxruntime.__version__)
     proto = onnx.load_from_string(to_onnx_bytes(model, tuple(ctx.config.data.size), opset))
-    try:
-        fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".onnx")
-    except OSError as err:
-        raise output_error(out, err) from None
-    os.close(fd)
-    tmp = Path(tmp_name)
     sidecar, replaced = sidecar_path(out), out.exists()
     try:
-        onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(meta)})
-        onnx.checker.check_model(proto)
-        onnx.save(proto, str(tmp))
-        parity = check_parity(model, OnnxSegmenter(tmp), _check_images(ctx, check_images), ctx, tolerance)
-        log(parity.describe())
-        if not parity.ok:
-            raise SemisegError(f"export of {run_dir} failed its parity check: onnxruntime and PyTorch differ by "
-                               f"{parity.max_abs_diff:.2e} > {tolerance:.0e}; nothing written to {out}")
-        meta["parity"] = asdict(parity)
-        onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(meta)})
-        onnx.save(proto, str(tmp))
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 is for secrets; a model is meant to be copied around
-        # the sidecar first: a model file never appears without its preprocessing
-        atomic_write_text(sidecar, json.dumps(meta, indent=1) + "\n")
-        os.replace(tmp, out)
+        # mkstemp's 0600 is for secrets; a model is meant to be copied around
+        with atomic_path(out, mode=0o644) as tmp:
+            onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(meta)})
+            onnx.checker.check_model(proto)
+            onnx.save(proto, str(tmp))
+            parity = check_parity(model, OnnxSegmenter(tmp), _check_images(ctx, check_images), ctx, tolerance)
+            log(parity.describe())
+            if not parity.ok:
+                raise SemisegError(f"export of {run_dir} failed its parity check: onnxruntime and PyTorch differ "
+                                   f"by {parity.max_abs_diff:.2e} > {tolerance:.0e}; nothing written to {out}")
+            meta["parity"] = asdict(parity)
+            onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(meta)})
+            onnx.save(proto, str(tmp))
+            # the sidecar first: a model file never appears without its preprocessing (the model is renamed
+            # into place when the block ends)
+            atomic_write_text(sidecar, json.dumps(meta, indent=1) + "\n")
     except BaseException as err:
-        tmp.unlink(missing_ok=True)
         if not replaced and not out.exists():
             sidecar.unlink(missing_ok=True)
         if isinstance(err, OSError):

@@ -10,7 +10,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from semiseg.engine.checkpoint import atomic_write_text
+from semiseg.atomic import atomic_write_text
 
 BASELINES = ("supervised", "oracle")
 # BENCHMARK.md's validity gate: a split seed whose oracle beats its supervised run by less than this (3 points)

@@ -40,9 +40,10 @@ from typing import Any
 import cv2
 import numpy as np
 
+from semiseg.atomic import atomic_path
 from semiseg.data.decode import read_image
 from semiseg.data.types import MaskDecoder, Sample
-from semiseg.errors import DataError
+from semiseg.errors import DataError, OutputError
 
 CACHE_VERSION = 1
 SETTLE_NS = 2_000_000_000
@@ -184,7 +185,7 @@ class _HashMemo:
         if self.enabled and self.dirty:
             try:
                 _atomic_write(self.path, json.dumps(self.data).encode())
-            except OSError:
+            except (OSError, OutputError):
                 pass  # the memo is an optimisation; a read-only cache dir just re-hashes next time
 
 
@@ -197,17 +198,9 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)  # mkstemp makes 0600; a cache shared between users must be readable
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # mkstemp makes 0600; a cache shared between users must be readable
+    with atomic_path(path, mode=mode) as tmp, open(tmp, "wb") as f:
+        f.write(data)
 
 
 def resize_image(img: np.ndarray, h: int, w: int) -> np.ndarray:

@@ -20,6 +20,7 @@ import numpy as np
 from semiseg.data.cache import _atomic_write, _HashMemo, default_cache_dir
 from semiseg.data.classes import IGNORE_INDEX, ClassTable
 from semiseg.data.decode import IndexMask
+from semiseg.errors import OutputError
 
 _MEMO_NAME = "mask-values.json"
 _PROBE = IndexMask(ClassTable(tuple(f"class_{i}" for i in range(255))))  # raw indices, 255 = void
@@ -53,7 +54,7 @@ def mask_values(paths: Sequence[Path], cache_dir: Path | None = None) -> list[fr
     if usable and fresh:
         try:
             _atomic_write(memo_path, json.dumps({**memo, **fresh}).encode())
-        except OSError:
+        except (OSError, OutputError):
             pass  # an optimisation only: a read-only cache folder reads the masks again next time
     return [v for _, v in found]
 

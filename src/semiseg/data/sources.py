@@ -9,11 +9,10 @@ folder and the files, raised when the source is built rather than in the middle 
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
+from semiseg.atomic import atomic_write_text
 from semiseg.data.classes import ClassTable
 from semiseg.data.decode import choose_mask_format, make_mask_decoder
 from semiseg.data.mask_values import mask_values, table_from_values
@@ -98,17 +97,7 @@ def write_stem_list(path: Path, stems: Iterable[str], known: Iterable[str] | Non
         raise DataError(f"{path}: stems listed twice: {_show(sorted({s for s in stems if stems.count(s) > 1}))}")
     if known is not None:
         _check_known(path, stems, known)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write("".join(f"{s}\n" for s in stems))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, "".join(f"{s}\n" for s in stems))  # utf-8, "\n" on every platform
     return path
 
 

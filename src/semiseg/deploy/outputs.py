@@ -7,7 +7,6 @@ writes on a background thread while the next batch is predicted.
 
 from __future__ import annotations
 
-import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -18,12 +17,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from semiseg.atomic import atomic_path
+
 
 def save_atomic(image: Image.Image, path: Path) -> None:
     """Write to a hidden temporary name in the same folder, then rename: no half-written file at ``path``."""
-    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
-    image.save(tmp)
-    os.replace(tmp, path)
+    with atomic_path(path, mode=0o644) as tmp:  # the temporary name keeps the suffix PIL picks the format by
+        image.save(tmp)
 
 
 class MaskWriter:
@@ -131,9 +131,9 @@ def write_predictions(out_dir: Path, palette: Sequence[Sequence[int]], files: Se
                 writer.write(path.stem, image, labels(prediction))
                 done.written.append(path)
                 update(len(done.written) + len(done.skipped), len(files))
-    except OSError as err:
-        if err.errno not in OUTPUT_ERRNOS:
+    except (OSError, OutputError) as err:
+        if isinstance(err, OSError) and err.errno not in OUTPUT_ERRNOS:
             raise
-        raise OutputError(f"{output_error(Path(out_dir) / 'masks', err)}; at most {len(done.written)} of "
-                          f"{len(files)} images were written before") from None
+        failed = output_error(Path(out_dir) / "masks", err) if isinstance(err, OSError) else err
+        raise OutputError(f"{failed}; at most {len(done.written)} of {len(files)} images were written before") from None
     return done

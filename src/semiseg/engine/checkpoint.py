@@ -13,7 +13,6 @@ import pickle
 import random
 import re
 import shutil
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -21,29 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
+# atomic_write_bytes / atomic_write_text: re-exported, kept for modules being migrated to semiseg.atomic
+from semiseg.atomic import atomic_path, atomic_write_bytes, atomic_write_text  # noqa: F401
 from semiseg.errors import OUTPUT_ERRNOS, CheckpointError, OutputError, output_error
-
-
-# errno values that mean "the output location cannot take this file" (not a bug in semiseg)
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OSError) and err.errno in OUTPUT_ERRNOS:
-            raise output_error(path, err) from None
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -51,26 +30,21 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     checkpoint; the previous file stays intact. A failed write is an :class:`OutputError` naming ``path``."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as err:
         raise output_error(path, err) from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
+
+    def failed(err: BaseException, tmp: Path) -> BaseException:
         # torch's zip writer reports a full disk as a RuntimeError without the errno: look at the disk
         # while the partial temporary file still fills it
-        full = isinstance(err, RuntimeError) and _nearly_full(path.parent)
-        Path(tmp).unlink(missing_ok=True)
-        if full:
+        if isinstance(err, RuntimeError) and _nearly_full(path.parent):
             err = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         if isinstance(err, OSError) and err.errno in OUTPUT_ERRNOS:
             kept = " (the previous file is intact)" if path.exists() else ""
-            raise OutputError(f"{output_error(path, err)}{kept}") from None
-        raise
+            return OutputError(f"{output_error(path, err)}{kept}")
+        return err
+
+    with atomic_path(path, on_error=failed) as tmp, open(tmp, "wb") as fh:
+        torch.save(state, fh)
 
 
 def _nearly_full(folder: Path) -> bool:

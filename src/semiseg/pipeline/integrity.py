@@ -15,11 +15,11 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from semiseg.atomic import atomic_write_text
 from semiseg.config import RunConfig
 from semiseg.data.cache import file_digests
 from semiseg.data.splits import SPLIT_NAMES, Splits
 from semiseg.data.types import DataSource
-from semiseg.engine.checkpoint import atomic_write_text
 from semiseg.errors import RunChangedError
 
 FINGERPRINT = "fingerprint.json"

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from semiseg.engine.checkpoint import atomic_write_text
+from semiseg.atomic import atomic_write_text
 from semiseg.errors import ConfigError, SemisegError
 from semiseg.report import figures
 from semiseg.report.gallery import image_score, predict_stem, thumbs, torch_threads

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from semiseg.atomic import atomic_write_text
 from semiseg.data.classes import ClassTable
-from semiseg.engine.checkpoint import atomic_write_text
 from semiseg.errors import SemisegError
 from semiseg.progress import progress_bar
 from semiseg.report import figures
