@@ -321,3 +321,101 @@ def test_a_supervised_row_recorded_before_trained_steps_pairs_by_its_budget():
                entry("self-learning", 0, 0.66, trained_steps=2000)]
     row = {r["method"]: r for r in summarize(entries, "p")}["self-learning"]
     assert row["control"] == "supervised-2x" and row["control_gain_mean"] == pytest.approx(0.04)
+
+
+def claim_entries():
+    """Split seeds 0-2 pass the validity gate (oracle +10 pts), seed 3 fails it (+2), seed 4 has no oracle."""
+    base = [entry(m, s, t) for s in (0, 1, 2) for m, t in (("supervised", 0.60), ("oracle", 0.70))]
+    base += [entry("supervised", 3, 0.60), entry("oracle", 3, 0.62), entry("supervised", 4, 0.60)]
+    rows = {"gta-seg": (0.66, 0.64, 0.61), "mean-teacher": (0.62, 0.63, 0.62),  # +4, +1, -1: confirmed
+            "self-training": (0.62, 0.61, 0.62), "dst-cbc": (0.70, 0.60, 0.61),  # +8, -1, -1: 1 of 3 ahead
+            "st++": (0.616, 0.611, 0.614),  # vs self-training -0.4, +0.1, -0.6: mean -0.3, within noise
+            "stso": (0.614, 0.604, 0.614),  # vs self-learning -0.6 on each seed: beyond noise
+            "self-learning": (0.62, 0.61, 0.62)}
+    base += [entry(m, s, t) for m, ts in rows.items() for s, t in enumerate(ts)]
+    base += [entry("atso", 0, 0.65),  # one common seed with stso: pending
+             entry("momentum-pl", 0, 0.70), entry("momentum-pl", 1, 0.72),  # no offline row: pending, 0 seeds
+             entry("gta-seg", 3, 0.90), entry("mean-teacher", 3, 0.10),  # a seed the gate leaves out
+             entry("mean-teacher", 4, 0.10)]  # a seed without an oracle
+    return base
+
+
+def test_claims_verdicts_by_hand():
+    from semiseg.bench.claims import CLAIMS, check, seeds_passing_gate
+
+    entries = claim_entries()
+    assert seeds_passing_gate(entries, "p") == ([0, 1, 2], {3: "gate", 4: "no oracle"})
+    result = {(c.better, c.other): check(entries, "p", c) for c in CLAIMS}
+    gta = result["gta-seg", "mean-teacher"]
+    assert gta["seeds"] == [0, 1, 2] and gta["excluded"] == {3: "gate", 4: "no oracle"}
+    assert gta["diff"] == pytest.approx((0.04 + 0.01 - 0.01) / 3) and gta["ahead"] == 2
+    assert gta["verdict"] == "confirmed"
+    dst = result["dst-cbc", "self-training"]  # mean +2 points but ahead on 1 of 3 seeds only
+    assert dst["diff"] == pytest.approx(0.02) and dst["ahead"] == 1 and dst["verdict"] == "not confirmed"
+    st = result["st++", "self-training"]  # a "≥" claim 0.3 points behind: within noise
+    assert st["diff"] == pytest.approx(-0.003) and st["ahead"] == 1 and st["verdict"] == "confirmed (within noise)"
+    stso = result["stso", "self-learning"]  # a "≥" claim 0.6 points behind: beyond noise
+    assert stso["diff"] == pytest.approx(-0.006) and stso["ahead"] == 0 and stso["verdict"] == "not confirmed"
+    atso = result["atso", "stso"]
+    assert atso["seeds"] == [0] and atso["diff"] == pytest.approx(0.036) and atso["verdict"] == "pending (1 seed)"
+    mpl = result["momentum-pl", "momentum-pl-offline"]
+    assert mpl["seeds"] == [] and mpl["diff"] is None and mpl["verdict"] == "pending (0 seeds)"
+    assert result["dst-cbc", "dst-no-cbc"]["verdict"] == "pending (0 seeds)"
+
+
+def test_claims_thresholds_are_inclusive_where_the_rule_says_so():
+    from semiseg.bench.claims import Claim, check
+
+    gate = [entry(m, s, t) for s in (0, 1) for m, t in (("supervised", 0.60), ("oracle", 0.70))]
+    at_least, beats = Claim("a ≥ b", "x", "a", "b", "≥"), Claim("a > b", "x", "a", "b")
+    # exactly 0.5 points behind on both seeds (0.615 - 0.62 is a hair below -0.005 in floating point)
+    half = gate + [entry("a", 0, 0.615), entry("a", 1, 0.605), entry("b", 0, 0.62), entry("b", 1, 0.61)]
+    assert check(half, "p", at_least)["verdict"] == "confirmed (within noise)"
+    assert check(half, "p", beats)["verdict"] == "not confirmed"
+    # ahead on 1 of 2 seeds is no majority, even with a positive mean; a tie is not ahead
+    split = gate + [entry("a", 0, 0.70), entry("a", 1, 0.61), entry("b", 0, 0.62), entry("b", 1, 0.61)]
+    result = check(split, "p", beats)
+    assert result["ahead"] == 1 and result["diff"] == pytest.approx(0.04) and result["verdict"] == "not confirmed"
+    assert check(split, "p", at_least)["verdict"] == "confirmed (within noise)"
+
+
+def test_claims_section_in_benchmarks_md(tmp_path):
+    results = tmp_path / "results"
+    save_entries(results / "p.json", claim_entries())
+    md = write_benchmarks_md(results, tmp_path / "B.md").read_text()
+    section = md[md.index("## The papers' own claims, checked"):]
+    assert "≥ −0.5 points, i.e. within noise" in section and "fewer than 2 common seeds" in section
+    assert ("| GTA-Seg beats mean teacher (GTA-Seg, Table 4) | `p` (Dice) | 0,1,2; seed 3 out: gate; seed 4 out: "
+            "no oracle | `gta-seg`: 63.7 ± 2.5 | `mean-teacher`: 62.3 ± 0.6 | +1.33 | 2 of 3 | **confirmed** |"
+            ) in section
+    assert "| `st++`: 61.4 ± 0.3 | `self-training`: 61.7 ± 0.6 | -0.30 | 1 of 3 | **confirmed** (within noise) |" \
+        in section
+    assert "| `dst-cbc`: 63.7 ± 5.5 | `self-training`: 61.7 ± 0.6 | +2.00 | 1 of 3 | **not confirmed** |" in section
+    assert "| 0 | `atso`: 65.0 | `stso`: 61.4 | +3.60 | 1 of 1 | pending (1 seed) |" in section
+    assert ("| none | `momentum-pl`: 71.0 ± 1.4 (seeds 0,1) | `momentum-pl-offline`: no row |  |  | "
+            "pending (0 seeds) |") in section
+    assert "| none | `dst-cbc`: 63.7 ± 5.5 (seeds 0,1,2) | `dst-no-cbc`: no row |  |  | pending (0 seeds) |" in section
+    assert "- `dst-no-cbc`: `dst-cbc` with `ratios: [1.0, 1.0, 1.0, 1.0, 1.0]`" in section
+    assert md == write_benchmarks_md(results, tmp_path / "B.md").read_text()  # deterministic
+
+
+@pytest.mark.parametrize("protocol", ["polyp", "camvid"])
+def test_every_claim_has_its_rows_in_the_bench_matrix(protocol, tmp_path):
+    from semiseg.bench.claims import CLAIMS, VARIANTS
+
+    spec = bench_spec(protocol)["methods"]
+    assert {c.better for c in CLAIMS} | {c.other for c in CLAIMS} <= set(spec)
+    assert set(VARIANTS) <= set(spec)
+    # a named variant runs its method with the paper's ablation option (validated by the method's options)
+    offline = run_config(protocol, "momentum-pl-offline", spec["momentum-pl-offline"], 0, tmp_path, [])
+    assert offline.name == f"{protocol}-s0-momentum-pl-offline" and offline.method["name"] == "momentum-pl"
+    assert offline.method_options().teacher_update == "offline"
+    assert offline.method_options().pseudo_from == "momentum"  # only the teacher update differs
+    online = run_config(protocol, "momentum-pl", spec["momentum-pl"], 0, tmp_path, []).method_options()
+    assert online.teacher_update == "online"
+    assert offline.method_options().model_dump(exclude={"teacher_update"}) == online.model_dump(
+        exclude={"teacher_update"})
+    no_cbc = run_config(protocol, "dst-no-cbc", spec["dst-no-cbc"], 0, tmp_path, []).method_options()
+    assert no_cbc.ratios == [1.0] * 5
+    assert no_cbc.model_dump(exclude={"ratios"}) == run_config(
+        protocol, "dst-cbc", spec["dst-cbc"], 0, tmp_path, []).method_options().model_dump(exclude={"ratios"})
