@@ -174,12 +174,13 @@ def test_pil_save_picks_the_format_from_the_suffix(tmp_path):
 
 
 def test_split_file_and_cache_file(tmp_path):
-    from semiseg.data.cache import _atomic_write
+    from semiseg.atomic import atomic_write_bytes
+    from semiseg.data.cache import CACHE_FILE_MODE
     from semiseg.data.sources import write_stem_list
 
     write_stem_list(tmp_path / "splits" / "train.txt", ["a", "ü"])
     assert (tmp_path / "splits" / "train.txt").read_bytes() == "a\nü\n".encode()
-    _atomic_write(tmp_path / "memo.json", b"{}")
+    atomic_write_bytes(tmp_path / "memo.json", b"{}", mode=CACHE_FILE_MODE)
     assert (tmp_path / "memo.json").stat().st_mode & 0o777 == 0o644
 
 

@@ -7,10 +7,12 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
 from semiseg.errors import ConfigError, SemisegError
 
@@ -196,40 +198,64 @@ def data_inspect(spec: Annotated[str, typer.Argument(help="preset name or folder
         raise typer.Exit(1)
 
 
-@app.command()
-def bench(protocol: Annotated[str, typer.Argument(help="polyp | camvid | demo, or: throughput, tables")],
-          methods: Annotated[str | None, typer.Option(help="comma-separated methods (default: the matrix)")] = None,
-          seeds: Annotated[str | None, typer.Option(help="comma-separated split seeds")] = None,
-          out_dir: Annotated[Path, typer.Option(help="run directories of the bench")] = Path("bench-runs"),
-          results: Annotated[Path, typer.Option(help="folder of the merged result JSONs")] = Path("benchmarks/results"),
-          markdown: Annotated[Path, typer.Option(help="generated tables")] = Path("BENCHMARKS.md"),
-          set_: SetOption = None,
-          steps: Annotated[int, typer.Option(help="throughput: timed steps")] = 30,
-          size: Annotated[int, typer.Option(help="throughput: square input size")] = 128,
-          threads: Annotated[int | None, typer.Option(help="throughput: torch threads")] = None) -> None:
-    """Run a protocol's method matrix (resumable, merged into RESULTS/PROTOCOL.json, then BENCHMARKS.md);
-    `bench tables` regenerates BENCHMARKS.md from the JSON; `bench throughput` compares engine vs bare loop."""
-    if protocol == "throughput":
-        from semiseg.bench.throughput import run_throughput
+class _ProtocolShorthand(TyperGroup):
+    """``semiseg bench polyp`` is short for ``semiseg bench run polyp`` (the commands BENCHMARKS.md records)."""
 
-        run_throughput(steps=steps, batch=8, size=size, threads=threads, out=out)
-        return
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple:
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["run", *args]
+        return super().resolve_command(ctx, args)
+
+
+bench_app = typer.Typer(cls=_ProtocolShorthand, no_args_is_help=True, help=(
+    "Benchmarks: run a protocol's method matrix (`bench run polyp`, or `bench polyp`), rebuild BENCHMARKS.md "
+    "(`bench tables`), time the engine against a bare loop (`bench throughput`)."))
+app.add_typer(bench_app, name="bench")
+ResultsOption = Annotated[Path, typer.Option(help="folder of the merged result JSONs")]
+MarkdownOption = Annotated[Path, typer.Option(help="generated tables")]
+
+
+@bench_app.command("run")
+def bench_run(protocol: Annotated[str, typer.Argument(help="a bundled protocol: polyp | camvid | demo")],
+              methods: Annotated[str | None, typer.Option(help="comma-separated methods (default: the matrix)")] = None,
+              seeds: Annotated[str | None, typer.Option(help="comma-separated split seeds")] = None,
+              out_dir: Annotated[Path, typer.Option(help="run directories of the bench")] = Path("bench-runs"),
+              results: ResultsOption = Path("benchmarks/results"), markdown: MarkdownOption = Path("BENCHMARKS.md"),
+              set_: SetOption = None) -> None:
+    """Run a protocol's method matrix (resumable), merged into RESULTS/PROTOCOL.json, then BENCHMARKS.md."""
+    from semiseg.bench.matrix import run_bench
     from semiseg.bench.tables import write_benchmarks_md
 
-    if protocol == "tables" and not any(results.glob("*.json")):
-        raise ConfigError(f"{results}: no <protocol>.json result files to build tables from")
     try:
-        if protocol != "tables":
-            from semiseg.bench.matrix import run_bench
-
-            run_bench(protocol, methods=methods.split(",") if methods else None,
-                      seeds=[int(s) for s in seeds.split(",")] if seeds else None, out_dir=out_dir,
-                      results_path=results / f"{protocol}.json", overrides=set_ or [], log=log_line,
-                      console=console)
+        run_bench(protocol, methods=methods.split(",") if methods else None,
+                  seeds=[int(s) for s in seeds.split(",")] if seeds else None, out_dir=out_dir,
+                  results_path=results / f"{protocol}.json", overrides=set_ or [], log=log_line, console=console)
     finally:  # runs that finished reach the tables even when others failed (the exit code says so)
         if any(results.glob("*.json")):
             write_benchmarks_md(results, markdown)
             out.print(f"wrote {markdown}")
+
+
+@bench_app.command("tables")
+def bench_tables(results: ResultsOption = Path("benchmarks/results"),
+                 markdown: MarkdownOption = Path("BENCHMARKS.md")) -> None:
+    """Regenerate BENCHMARKS.md from the result JSONs (no training)."""
+    from semiseg.bench.tables import write_benchmarks_md
+
+    if not any(results.glob("*.json")):
+        raise ConfigError(f"{results}: no <protocol>.json result files to build tables from")
+    write_benchmarks_md(results, markdown)
+    out.print(f"wrote {markdown}")
+
+
+@bench_app.command("throughput")
+def bench_throughput(steps: Annotated[int, typer.Option(help="timed steps")] = 30,
+                     size: Annotated[int, typer.Option(help="square input size")] = 128,
+                     threads: Annotated[int | None, typer.Option(help="torch threads")] = None) -> None:
+    """Training and inference speed of the engine against a bare PyTorch loop on the same model and batch."""
+    from semiseg.bench.throughput import run_throughput
+
+    run_throughput(steps=steps, batch=8, size=size, threads=threads, out=out)
 
 
 @app.command()
@@ -254,8 +280,6 @@ def report(runs: Annotated[list[Path], typer.Argument(help="run directory (sever
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: every error a user can cause ends in one line on stderr and a non-zero exit status."""
-    import click
-
     try:
         code = app(args=argv, standalone_mode=False)
     except SemisegError as err:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from semiseg.bench.tables import VALIDITY_GATE, mean_std
+from semiseg.bench.stats import VALIDITY_GATE, mean_std
 
 # a "≥" claim also holds when the claimed side is behind by no more than this (0.5 points): within noise
 NOISE = 0.005

@@ -11,11 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from semiseg.atomic import atomic_write_text
+from semiseg.bench.stats import VALIDITY_GATE, mean_std
 
 BASELINES = ("supervised", "oracle")
-# BENCHMARK.md's validity gate: a split seed whose oracle beats its supervised run by less than this (3 points)
-# says nothing about unlabeled data; it is marked and left out of "gap recovered".
-VALIDITY_GATE = 0.03
 
 
 def budget_of(config: Any) -> str:
@@ -69,12 +67,6 @@ def save_entries(path: Path, entries: list[dict], sessions: list[dict] | None = 
     """Write the entries; the file's bench sessions are kept unless new ones are given."""
     sessions = load_sessions(path) if sessions is None else sessions
     atomic_write_text(path, json.dumps({"entries": entries, "sessions": sessions}, indent=1) + "\n")
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def gap_recovered(method: float, supervised: float, oracle: float) -> float | None:

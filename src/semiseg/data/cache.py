@@ -40,7 +40,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from semiseg.atomic import atomic_path
+from semiseg.atomic import atomic_write_bytes
 from semiseg.data.decode import read_image
 from semiseg.data.types import MaskDecoder, Sample
 from semiseg.errors import DataError, OutputError
@@ -48,6 +48,8 @@ from semiseg.errors import DataError, OutputError
 CACHE_VERSION = 1
 SETTLE_NS = 2_000_000_000
 _MEMO_NAME = "file-hashes.json"
+
+CACHE_FILE_MODE = 0o644  # atomic writes make 0600 files; a cache shared between users must be readable
 
 
 def default_cache_dir() -> Path:
@@ -184,7 +186,7 @@ class _HashMemo:
     def save(self) -> None:
         if self.enabled and self.dirty:
             try:
-                _atomic_write(self.path, json.dumps(self.data).encode())
+                atomic_write_bytes(self.path, json.dumps(self.data).encode(), mode=CACHE_FILE_MODE)
             except (OSError, OutputError):
                 pass  # the memo is an optimisation; a read-only cache dir just re-hashes next time
 
@@ -195,12 +197,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    # mkstemp makes 0600; a cache shared between users must be readable
-    with atomic_path(path, mode=mode) as tmp, open(tmp, "wb") as f:
-        f.write(data)
 
 
 def resize_image(img: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -339,7 +335,7 @@ def _build(entry: Path, key: str, samples: Sequence[Sample], digests: list[tuple
                 "has_mask": [decode_mask is not None and s.mask is not None for s in samples],
                 "image_digests": [d[0] for d in digests], "mask_digests": [d[1] for d in digests],
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        _atomic_write(tmp / "meta.json", json.dumps(meta).encode())
+        atomic_write_bytes(tmp / "meta.json", json.dumps(meta).encode(), mode=CACHE_FILE_MODE)
         _fsync_dir(tmp)
         if entry.exists():  # a broken or foreign entry: move it aside (open memmaps of it stay valid)
             old = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".old", dir=family))

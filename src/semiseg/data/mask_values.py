@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from semiseg.data.cache import _atomic_write, _HashMemo, default_cache_dir
+from semiseg.atomic import atomic_write_bytes
+from semiseg.data.cache import CACHE_FILE_MODE, _HashMemo, default_cache_dir
 from semiseg.data.classes import IGNORE_INDEX, ClassTable
 from semiseg.data.decode import IndexMask
 from semiseg.errors import OutputError
@@ -53,7 +54,7 @@ def mask_values(paths: Sequence[Path], cache_dir: Path | None = None) -> list[fr
     fresh = {d: sorted(v) for d, v in found if d not in memo}
     if usable and fresh:
         try:
-            _atomic_write(memo_path, json.dumps({**memo, **fresh}).encode())
+            atomic_write_bytes(memo_path, json.dumps({**memo, **fresh}).encode(), mode=CACHE_FILE_MODE)
         except (OSError, OutputError):
             pass  # an optimisation only: a read-only cache folder reads the masks again next time
     return [v for _, v in found]

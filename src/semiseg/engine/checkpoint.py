@@ -20,8 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-# atomic_write_bytes / atomic_write_text: re-exported, kept for modules being migrated to semiseg.atomic
-from semiseg.atomic import atomic_path, atomic_write_bytes, atomic_write_text  # noqa: F401
+from semiseg.atomic import atomic_path
 from semiseg.errors import OUTPUT_ERRNOS, CheckpointError, OutputError, output_error
 
 

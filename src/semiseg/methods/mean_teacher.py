@@ -126,7 +126,7 @@ class MeanTeacherTask(TrainingTask):
         ctx.optimize("student", loss)
         decay = self.ema.update(ctx.step - self.warmup_steps)
         return {"loss": loss.item(), "loss_labeled": loss_l.item(), "loss_unlabeled": loss_u.item(),
-                "unlabeled_weight": weight, "pseudo_coverage": (pseudo != 255).float().mean().item(),
+                "unlabeled_weight": weight, "pseudo_coverage": (pseudo != IGNORE_INDEX).float().mean().item(),
                 "ema_decay": decay}
 
     def state_dict(self) -> dict[str, Any]:

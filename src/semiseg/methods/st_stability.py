@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from semiseg.engine.checkpoint import atomic_write_text, load_checkpoint, save_checkpoint
+from semiseg.atomic import atomic_write_text
+from semiseg.engine.checkpoint import load_checkpoint, save_checkpoint
 from semiseg.engine.task import StepContext
 from semiseg.methods.supervised import SupervisedTask
 from semiseg.models.factory import unwrap

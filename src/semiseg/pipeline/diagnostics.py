@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from semiseg.atomic import atomic_write_text
 from semiseg.data.classes import IGNORE_INDEX
-from semiseg.engine.checkpoint import atomic_write_text, load_checkpoint
+from semiseg.engine.checkpoint import load_checkpoint
 from semiseg.evaluation.evaluator import evaluate_arrays, evaluate_source, foreground_index
 from semiseg.evaluation.metrics import ConfusionMatrix, ForegroundScores
 from semiseg.pipeline.context import RunContext

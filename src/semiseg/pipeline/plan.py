@@ -17,7 +17,8 @@ from typing import Any, Literal
 
 from torch import nn
 
-from semiseg.engine.checkpoint import atomic_write_text, load_checkpoint, seed_everything
+from semiseg.atomic import atomic_write_text
+from semiseg.engine.checkpoint import load_checkpoint, seed_everything
 from semiseg.engine.task import TrainingTask
 from semiseg.engine.trainer import best_file
 from semiseg.models.factory import build_model

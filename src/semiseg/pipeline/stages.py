@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from semiseg.engine.checkpoint import atomic_write_text
+from semiseg.atomic import atomic_write_text
 from semiseg.engine.distributed import DistInfo, barrier
 
 
