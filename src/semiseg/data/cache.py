@@ -40,7 +40,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from semiseg.atomic import atomic_write_bytes
+from semiseg.atomic import atomic_write_bytes, fsync_dir
 from semiseg.data.decode import read_image
 from semiseg.data.types import MaskDecoder, Sample
 from semiseg.errors import DataError, OutputError
@@ -191,13 +191,6 @@ class _HashMemo:
                 pass  # the memo is an optimisation; a read-only cache dir just re-hashes next time
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def resize_image(img: np.ndarray, h: int, w: int) -> np.ndarray:
     """Image to (h, w): area interpolation when shrinking both sides, bilinear otherwise."""
@@ -336,13 +329,13 @@ def _build(entry: Path, key: str, samples: Sequence[Sample], digests: list[tuple
                 "image_digests": [d[0] for d in digests], "mask_digests": [d[1] for d in digests],
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         atomic_write_bytes(tmp / "meta.json", json.dumps(meta).encode(), mode=CACHE_FILE_MODE)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if entry.exists():  # a broken or foreign entry: move it aside (open memmaps of it stay valid)
             old = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".old", dir=family))
             os.replace(entry, old / "entry")
             shutil.rmtree(old, ignore_errors=True)
         os.replace(tmp, entry)
-        _fsync_dir(family)
+        fsync_dir(family)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from semiseg.atomic import fsync_dir
 from semiseg.data.classes import IGNORE_INDEX
 from semiseg.errors import ConfigError, DataError
 from semiseg.evaluation.metrics import ConfusionMatrix, ForegroundScores
@@ -41,19 +42,6 @@ _TMP = ".tmp-"
 
 
 # ------------------------------------------------------------------------------------------- files
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # platforms without directory descriptors
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write_bytes(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
@@ -409,12 +397,12 @@ class PseudoLabelStore:
         _write_bytes(tmp / "provenance.json", json.dumps(prov, indent=2, sort_keys=True).encode("utf-8"))
         _write_bytes(tmp / "stats.json", json.dumps(w.stats(), indent=2, allow_nan=False).encode("utf-8"))
         for d in (tmp / "labels", tmp / "confidence", tmp):
-            _fsync_dir(d)
+            fsync_dir(d)
         if final.exists():  # an old round being overwritten, or a killed commit's round without DONE
             trash = self.root / f".{final.name}.old{_TMP}{os.getpid()}"
             os.replace(final, trash)
             shutil.rmtree(trash, ignore_errors=True)
         os.replace(tmp, final)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         _write_bytes(final / "DONE", b"done\n")
-        _fsync_dir(final)
+        fsync_dir(final)
