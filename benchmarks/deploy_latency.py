@@ -48,7 +48,7 @@ def main() -> None:
 
     import onnxruntime as ort
 
-    from semiseg.config import load_config
+    from semiseg.api import load_config
     from semiseg.deploy.onnx_predict import OnnxSegmenter
     from semiseg.evaluation.inference import predict_probs
     from semiseg.export import OPSET, metadata, to_onnx_bytes

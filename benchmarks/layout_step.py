@@ -13,9 +13,10 @@ import time
 
 import torch
 
+from semiseg.config import ModelConfig
 from semiseg.data.normalization import set_channels_last
 from semiseg.losses import cross_entropy
-from semiseg.models.factory import ModelConfig, build_model
+from semiseg.models.factory import build_model
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ def main(mnt: Path, out: Path) -> int:
     if mount.returncode:
         print(f"cannot mount a tmpfs ({mount.stderr.strip()})")
         return 77
-    from semiseg.config import load_config
+    from semiseg.api import load_config
     from semiseg.models.factory import build_model
     from semiseg.pipeline.preflight import checkpoint_bytes
 

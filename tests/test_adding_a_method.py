@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from semiseg import api
-from semiseg.config import config_from_dict
+from semiseg.api import config_from_dict
 from semiseg.methods.registry import _REGISTRY, get_method
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "adding-a-method.md"

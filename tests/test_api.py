@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from semiseg import api
-from semiseg.config import config_from_dict
+from semiseg.api import config_from_dict
 from semiseg.errors import ConfigError
 
 

@@ -13,8 +13,9 @@ import torch
 from PIL import Image
 
 from semiseg import api
-from semiseg.config import load_config
-from semiseg.models.factory import ModelConfig, build_model
+from semiseg.api import load_config
+from semiseg.config import ModelConfig
+from semiseg.models.factory import build_model
 from tests.safety_helpers import TINY, cli, copy_run, make_folder, plant_pickle, set_mask_value, sets, tree
 
 

@@ -11,12 +11,13 @@ import torch.nn.functional as F
 from PIL import Image
 from rich.console import Console
 
+from semiseg.config import ModelConfig
 from semiseg.data.classes import ClassTable
 from semiseg.data.prefetch import group_batches, prefetch
 from semiseg.data.types import DataSource, Sample
 from semiseg.deploy.onnx_predict import bilinear_resize
 from semiseg.evaluation.evaluator import evaluate_source
-from semiseg.models.factory import ModelConfig, build_model
+from semiseg.models.factory import build_model
 from semiseg.progress import progress_bar
 
 TINY_ENCODER = "tu-mobilenetv3_small_050"

@@ -124,7 +124,7 @@ def test_matrix_wall_clock_spans_benches_run_side_by_side():
 def test_an_entry_may_run_another_method_under_its_own_row(tmp_path):
     # a compute-matched control: supervised, trained longer, as a row of its own
     cfg = run_config("demo", "supervised-2x", {"method": "supervised", "set": ["train.steps=14"]}, 1, tmp_path, [])
-    assert cfg.method["name"] == "supervised" and cfg.train.steps == 14 and cfg.name == "demo-s1-supervised-2x"
+    assert cfg.method.name == "supervised" and cfg.train.steps == 14 and cfg.name == "demo-s1-supervised-2x"
     results = {"method": "supervised", "split_seed": 1, "test": {"headline": 0.75}, "val_metric": "dice"}
     row = entry_from_results("p", results, entry="supervised-2x")
     assert (row["method"], row["algorithm"]) == ("supervised-2x", "supervised")
@@ -149,7 +149,7 @@ def test_every_bundled_bench_entry_is_a_valid_run_config(protocol, tmp_path):
     for method, options in spec["methods"].items():
         for seed in spec.get("seeds", [0]):
             cfg = run_config(protocol, method, options or {}, seed, tmp_path, [])
-            assert cfg.method["name"] == (options or {}).get("method", method) and cfg.split.seed == seed
+            assert cfg.method.name == (options or {}).get("method", method) and cfg.split.seed == seed
 
 
 def test_tables_show_the_recorded_budget_and_the_hand_written_reading(tmp_path):
@@ -165,7 +165,7 @@ def test_tables_show_the_recorded_budget_and_the_hand_written_reading(tmp_path):
 
 
 def test_budget_line_from_a_run_config():
-    from semiseg.config import load_config
+    from semiseg.api import load_config
 
     cfg = load_config("polyp")
     h, w = cfg.data.size
@@ -180,7 +180,7 @@ def test_a_failing_run_does_not_stop_the_bench_but_fails_its_exit(tmp_path, monk
     def fake_run(cfg, **_):
         if cfg.name == "demo-s0-oracle":
             raise RuntimeError("out of memory")
-        return {"method": cfg.method["name"], "split_seed": cfg.split.seed, "val_metric": "dice",
+        return {"method": cfg.method.name, "split_seed": cfg.split.seed, "val_metric": "dice",
                 "test": {"headline": 0.5}, "name": cfg.name}
 
     monkeypatch.setattr(api, "run", fake_run)
@@ -221,7 +221,7 @@ def test_a_matrix_entry_sets_its_own_config_and_the_command_still_wins(tmp_path)
     cfg = run_config("demo", "oracle", entry_options, 0, tmp_path, [], ["train.steps=5"])
     assert cfg.train.steps == 1600 and cfg.train.eval_every == 100  # the entry beats the spec-wide override
     cfg = run_config("demo", "oracle", entry_options, 0, tmp_path, ["train.steps=7"], ["train.steps=5"])
-    assert cfg.train.steps == 7 and cfg.method == {"name": "oracle"}  # the command beats both
+    assert cfg.train.steps == 7 and cfg.model_dump()["method"] == {"name": "oracle"}  # the command beats both
     assert entry_options == {"set": ["train.steps=1600", "train.eval_every=100"]}  # the spec is not consumed
 
 
@@ -293,11 +293,11 @@ def test_every_bench_method_has_its_compute_matched_control(protocol, labeled, u
     controls, needs = set(), {}
     for name, options in spec["methods"].items():
         cfg = run_config(protocol, name, options or {}, 0, tmp_path, [])
-        if cfg.method["name"] == "supervised":
+        if cfg.method.name == "supervised":
             controls.add(cfg.train.steps)
-        elif cfg.method["name"] != "oracle":
+        elif cfg.method.name != "oracle":
             run = RunContext(cfg, tmp_path / name, source, splits, torch.device("cpu"))
-            needs[name] = get_method(cfg.method["name"])(run, cfg.method_options()).trained_steps()
+            needs[name] = get_method(cfg.method.name)(run, cfg.method).trained_steps()
     assert {name: steps for name, steps in needs.items() if steps not in controls} == {}
     assert needs["self-training"] == needs["st++"] == needs["dst-cbc"] == 2000 and needs["self-learning"] == 1500
 
@@ -408,14 +408,14 @@ def test_every_claim_has_its_rows_in_the_bench_matrix(protocol, tmp_path):
     assert set(VARIANTS) <= set(spec)
     # a named variant runs its method with the paper's ablation option (validated by the method's options)
     offline = run_config(protocol, "momentum-pl-offline", spec["momentum-pl-offline"], 0, tmp_path, [])
-    assert offline.name == f"{protocol}-s0-momentum-pl-offline" and offline.method["name"] == "momentum-pl"
-    assert offline.method_options().teacher_update == "offline"
-    assert offline.method_options().pseudo_from == "momentum"  # only the teacher update differs
-    online = run_config(protocol, "momentum-pl", spec["momentum-pl"], 0, tmp_path, []).method_options()
+    assert offline.name == f"{protocol}-s0-momentum-pl-offline" and offline.method.name == "momentum-pl"
+    assert offline.method.teacher_update == "offline"
+    assert offline.method.pseudo_from == "momentum"  # only the teacher update differs
+    online = run_config(protocol, "momentum-pl", spec["momentum-pl"], 0, tmp_path, []).method
     assert online.teacher_update == "online"
-    assert offline.method_options().model_dump(exclude={"teacher_update"}) == online.model_dump(
+    assert offline.method.model_dump(exclude={"teacher_update"}) == online.model_dump(
         exclude={"teacher_update"})
-    no_cbc = run_config(protocol, "dst-no-cbc", spec["dst-no-cbc"], 0, tmp_path, []).method_options()
+    no_cbc = run_config(protocol, "dst-no-cbc", spec["dst-no-cbc"], 0, tmp_path, []).method
     assert no_cbc.ratios == [1.0] * 5
     assert no_cbc.model_dump(exclude={"ratios"}) == run_config(
-        protocol, "dst-cbc", spec["dst-cbc"], 0, tmp_path, []).method_options().model_dump(exclude={"ratios"})
+        protocol, "dst-cbc", spec["dst-cbc"], 0, tmp_path, []).method.model_dump(exclude={"ratios"})

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from semiseg.config import config_from_dict
+from semiseg.api import config_from_dict
 from semiseg.data.cache import CachedArrays
 from semiseg.data.classes import ClassTable
 from semiseg.data.splits import Splits
@@ -60,7 +60,7 @@ def synthetic_run(out: Path, method: str, options: dict, *, size: int = 48, n: i
     seed_everything(0)
     torch.use_deterministic_algorithms(True, warn_only=True)
     run = RunContext(cfg, run_dir, source, splits, torch.device("cpu"))
-    return run, get_method(method)(run, cfg.method_options())
+    return run, get_method(method)(run, cfg.method)
 
 
 def execute(method_obj, out: Path) -> list[Path]:  # noqa: ANN001

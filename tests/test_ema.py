@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from semiseg.config import ModelConfig
 from semiseg.models.ema import EMA, frozen_copy
-from semiseg.models.factory import ModelConfig, build_model, param_group_of
+from semiseg.models.factory import build_model, param_group_of
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from semiseg.config import load_config
+from semiseg.api import load_config
 from semiseg.errors import RunChangedError
 from semiseg.pipeline.integrity import check_run, config_changes, data_changes, new_options
 

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from semiseg.config import load_config
+from semiseg.api import load_config
 from semiseg.pipeline.training import MOVED_WARNING, barely_moved_warning, moved_from_init, new_model
 
 

@@ -10,12 +10,20 @@ import pytest
 import torch
 import yaml
 
-from semiseg.config import load_config
-from semiseg.data.normalization import IMAGENET, SYMMETRIC, Normalization, pad_with_mean
+from semiseg.api import load_config
+from semiseg.config import ModelConfig
+from semiseg.data.normalization import (
+    IMAGENET,
+    OFFLINE_ENCODERS,
+    SYMMETRIC,
+    Normalization,
+    default_normalization,
+    pad_with_mean,
+)
 from semiseg.engine.trainer import warmup_factor
 from semiseg.errors import ConfigError
-from semiseg.models.factory import ModelConfig, build_model
-from semiseg.models.pretrained import EFFICIENTNET_LITE0
+from semiseg.models.factory import build_model
+from semiseg.models.pretrained import EFFICIENTNET_LITE0, OFFLINE_WEIGHTS
 from tests.cli_helpers import semiseg, train_args
 
 
@@ -67,6 +75,14 @@ def test_model_applies_its_normalisation_before_the_network() -> None:
     padded = pad_with_mean(model, x, (0, 2, 0, 1))
     assert padded.shape == (2, 3, 33, 34) and torch.equal(padded[..., :32, :32], x)
     assert torch.equal(padded[0, :, 32, 33], torch.tensor([0.2, 0.4, 0.6]))  # zero once normalised
+
+
+def test_the_config_and_the_models_agree_on_the_offline_encoders() -> None:
+    # the names live below the config (data.normalization), the weight files with the models: one list each
+    assert tuple(OFFLINE_WEIGHTS) == OFFLINE_ENCODERS
+    for offline in OFFLINE_WEIGHTS.values():  # by our name or by the smp encoder it builds: the same statistics
+        assert default_normalization(offline.smp_encoder) == default_normalization(offline.name)
+    assert default_normalization("efficientnet-lite0") == SYMMETRIC
 
 
 def test_normalisation_is_resolved_once_per_encoder() -> None:

@@ -95,7 +95,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
 
     from semiseg import api
-    from semiseg.config import config_from_dict
+    from semiseg.api import config_from_dict
     from semiseg.pseudo.store import PseudoLabelStore
 
     torch.set_num_threads(1)

@@ -13,10 +13,11 @@ import torch
 from PIL import Image
 
 from semiseg import api
-from semiseg.config import load_config
+from semiseg.api import load_config
+from semiseg.config import ModelConfig
 from semiseg.data.inspect import inspect_spec
 from semiseg.data.presets import load_source
-from semiseg.models.factory import ModelConfig, build_model
+from semiseg.models.factory import build_model
 from tests.safety_helpers import (
     TINY,
     cli,

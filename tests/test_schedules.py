@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from semiseg.config import config_from_dict, load_config
+from semiseg.api import config_from_dict, load_config
 from semiseg.data.classes import ClassTable
 from semiseg.data.splits import Splits
 from semiseg.data.types import DataSource
@@ -96,7 +96,7 @@ def method_for(name: str, *, labeled: int = 4, unlabeled: int = 10, steps: int =
     source = DataSource("fake", None, ClassTable.binary("obj"), [], lambda p: None)
     splits = Splits(labeled=[f"l{i}" for i in range(labeled)], unlabeled=[f"u{i}" for i in range(unlabeled)])
     run = RunContext(cfg, Path("/nonexistent/run"), source, splits, torch.device("cpu"))
-    return get_method(name)(run, cfg.method_options())
+    return get_method(name)(run, cfg.method)
 
 
 def test_self_training_retrain_steps_epoch_rule_scale_and_steps():

@@ -18,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from semiseg.config import config_from_dict
+from semiseg.api import config_from_dict
 from semiseg.data.cache import CachedArrays
 from semiseg.data.classes import ClassTable
 from semiseg.data.sources import folder_source
@@ -313,7 +313,7 @@ def synthetic_run(data: Path, out: Path, name: str, method: str, *, steps: int =
     splits = make_splits(source, seed=0, labeled=0.15, val=0.15, test=0.2, fixed={})
     seed_everything(0)
     run = RunContext(cfg, out / name, source, splits, torch.device("cpu"))
-    return run, get_method(method)(run, cfg.method_options())
+    return run, get_method(method)(run, cfg.method)
 
 
 # the CLI's tiny st++ run: 12 supervised steps (snapshots at 4 and 8), 8 steps per re-training

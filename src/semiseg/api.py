@@ -1,4 +1,4 @@
-"""The Python API behind the CLI: run, resume, evaluate, predict."""
+"""The Python API behind the CLI: load a config, run, resume, evaluate, predict."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
+from semiseg import config as config_layer
 from semiseg.atomic import atomic_write_text
-from semiseg.config import RunConfig, dump_config, load_config
+from semiseg.config import RunConfig, dump_config
 from semiseg.data.presets import load_source
 from semiseg.data.splits import SPLIT_NAMES, Splits, make_splits
 from semiseg.deploy.outputs import Predicted
@@ -36,6 +37,18 @@ from semiseg.pipeline.context import RunContext
 from semiseg.pipeline.integrity import check_run, make_fingerprint, write_fingerprint
 from semiseg.pipeline.preflight import check_output_dir, check_split_masks, checkpoint_bytes
 from semiseg.pipeline.stages import run_stages
+
+
+def config_from_dict(raw: dict[str, Any], origin: str = "config") -> RunConfig:
+    """Validate a whole config (:func:`semiseg.config.config_from_dict`) against the registered methods: the
+    ``method`` section becomes the chosen method's options model, checked by its ``Method.check_config``."""
+    return config_layer.config_from_dict(raw, origin, methods=get_method)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (a file or a bundled protocol; defaults when ``path`` is None), apply ``--set``
+    overrides and validate it against the registered methods (:func:`semiseg.config.load_config`)."""
+    return config_layer.load_config(path, overrides, methods=get_method)
 
 
 def git_commit() -> str | None:
@@ -168,7 +181,7 @@ def _guarded(run_dir: Path, work: Any, *, fresh: bool) -> dict[str, Any]:
 
 def _execute(ctx: RunContext, log: Any) -> dict[str, Any]:
     t0 = time.time()
-    method = get_method(ctx.config.method["name"])(ctx, ctx.config.method_options())
+    method = get_method(ctx.config.method.name)(ctx, ctx.config.method)
     stage_dirs = run_stages(ctx.run_dir, method.stages(), out_dir=ctx.run_dir.parent, dist=ctx.dist, log=log)
     results: dict[str, Any] = {}
     if ctx.dist.is_main:
@@ -206,7 +219,7 @@ def final_results(ctx: RunContext, model: torch.nn.Module, stage_dirs: list[Path
     return {
         "pseudo_label_quality": last_pseudo_label_quality(stage_dirs, ctx.classes.is_binary),
         "diagnostics": json.loads(diagnostics.read_text()) if diagnostics.is_file() else None,
-        "name": cfg.name, "method": cfg.method["name"], "split_seed": cfg.split.seed, "seed": cfg.seed,
+        "name": cfg.name, "method": cfg.method.name, "split_seed": cfg.split.seed, "seed": cfg.seed,
         "val_metric": ctx.val_metric, "val": val, "test": test, "moved_from_init": moved, "warnings": warnings,
         "trained_steps": trained_steps,
         "stage_seconds": round(sum(s.get("seconds", 0.0) for s in stages), 1),
@@ -262,7 +275,7 @@ def load_run(run_dir: Path, *, console: Any = None, check: tuple[str, ...] = (),
         config.train.device = "cpu"
     ctx = prepare(config, run_dir, console=console, fresh=False, check=check,
                   accept_changed_data=accept_changed_data, command="evaluate", log=log)
-    model = get_method(config.method["name"])(ctx, config.method_options()).final_model()
+    model = get_method(config.method.name)(ctx, config.method).final_model()
     bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise CheckpointError(f"{run_dir}: the delivered model holds non-finite weights ({', '.join(bad[:3])}): "

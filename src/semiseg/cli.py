@@ -66,9 +66,8 @@ def train(config: Annotated[str | None, typer.Argument(
           set_: SetOption = None) -> None:
     """Train a method as CONFIG says; the run directory is OUT_DIR/NAME."""
     from semiseg import api
-    from semiseg.config import load_config
 
-    cfg = load_config(config, set_ or [])
+    cfg = api.load_config(config, set_ or [])
     results = api.run(cfg, console=console, log=log_line)
     if results:
         _print_results(results)
@@ -78,7 +77,8 @@ def train(config: Annotated[str | None, typer.Argument(
 def show_config(config: Annotated[str | None, typer.Argument(help="YAML file or bundled protocol")] = None,
                 set_: SetOption = None) -> None:
     """Print the fully resolved config (every default visible), as `train` would use it."""
-    from semiseg.config import dump_config, load_config
+    from semiseg.api import load_config
+    from semiseg.config import dump_config
 
     out.print(dump_config(load_config(config, set_ or [])), highlight=False, markup=False)
 
@@ -173,6 +173,8 @@ def methods() -> None:
     for name, cls in list_methods().items():
         out.print(f"[bold]{name}[/bold]  {cls.summary}" + (f"  [dim]({cls.paper})[/dim]" if cls.paper else ""))
         for field, info in cls.options_model.model_fields.items():
+            if field == "name":  # which method, printed above: not one of its options
+                continue
             desc = f"  {info.description}" if info.description else ""
             out.print(f"    {field} = {info.default!r}{desc}")
 

@@ -1,15 +1,32 @@
-"""Run configuration: YAML validated with pydantic, ``--set a.b=c`` overrides, errors that name the key."""
+"""Run configuration: every section as a pydantic model, YAML loading, ``--set a.b=c`` overrides, errors that
+name the key.
+
+The config sits low in the layers (``docs/architecture.md``, "Layers"): models, engine, pipeline and methods
+all read it, so it imports none of them. Loading still needs the chosen method's own options model, which
+lives with the method above; :func:`config_from_dict` and :func:`load_config` therefore take the method
+lookup as an argument. Everyone else calls the bound versions in :mod:`semiseg.api`.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_serializer,
+    field_validator,
+)
 
+from semiseg.data.normalization import OFFLINE_ENCODERS, Normalization, default_normalization
 from semiseg.errors import ConfigError
-from semiseg.models.factory import ModelConfig, check_weights
 
 
 class _Strict(BaseModel):
@@ -81,6 +98,59 @@ class EvalConfig(_Strict):
     val_metric: str | None = Field(None, description="selection metric (default dice for binary, miou else)")
 
 
+class ModelConfig(BaseModel):
+    """Which network to build: by default the ImageNet-pretrained EfficientNet-Lite0 Unet (weights installed
+    with semiseg, no download). Any smp architecture and encoder; weights are offline-only."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    arch: str = Field("Unet", description="smp architecture: Unet, UnetPlusPlus, FPN, DeepLabV3Plus, PSPNet, ...")
+    encoder: str = Field("efficientnet-lite0", description=(
+        f"efficientnet-lite0 (offline ImageNet weights) or any smp encoder name (resnet18, resnet50, "
+        f"densenet169, tu-<timm name>, ...); offline weights: {', '.join(OFFLINE_ENCODERS)}"))
+    weights: str = Field("imagenet", description=(
+        "imagenet (offline, for " + ", ".join(OFFLINE_ENCODERS) + ") | none (from scratch) | path to a .pt "
+        "state dict"))
+    decoder_channels: list[int] | None = Field(
+        [128, 64, 32, 16, 8], description="Unet-family decoder widths (null: smp's default)")
+    normalization: Literal["auto"] | Normalization = Field("auto", description=(
+        "input mean/std on [0, 1]; auto: the encoder's pretraining statistics (efficientnet-lite0: 0.5/0.5, "
+        "smp's ImageNet encoders: torchvision's), resolved once and recorded in the run's config.yaml"))
+    options: dict = Field(default_factory=dict, description="further keyword arguments for the smp model")
+
+    def resolved(self) -> ModelConfig:
+        """This config with ``normalization`` decided (what a run records and every later use reads)."""
+        if self.normalization != "auto":
+            return self
+        return self.model_copy(update={"normalization": default_normalization(self.encoder)})
+
+    def input_normalization(self) -> Normalization:
+        norm = self.resolved().normalization
+        assert isinstance(norm, Normalization)
+        return norm
+
+
+def check_weights(config: ModelConfig) -> None:
+    """Fail at once (before anything is built or written) for ``imagenet`` without offline weights."""
+    if config.weights == "imagenet" and config.encoder not in OFFLINE_ENCODERS:
+        names = ", ".join(sorted(OFFLINE_ENCODERS))
+        raise ConfigError(
+            f"model.weights=imagenet: no offline ImageNet weights for encoder {config.encoder!r} (semiseg never "
+            f"downloads at run time); offline weights exist for: {names}. Use model.encoder={names.split(',')[0]}, "
+            "pass model.weights=<path/to/encoder_state_dict.pt>, or train from scratch with model.weights=none.")
+
+
+class MethodOptions(BaseModel):
+    """Base of every method's options (each method declares a subclass, ``Method.options_model``): unknown
+    keys are errors. A loaded :class:`RunConfig` holds an instance of the chosen method's subclass."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Which method, not one of its options: left out of the options' own dump, which stage keys hash (atso's
+    # method_key), and put back first by RunConfig's dump, so neither changes shape for runs already on disk.
+    name: str = Field("supervised", exclude=True, description="the method (`semiseg methods` lists them)")
+
+
 class RunConfig(_Strict):
     name: str = Field("run", description="run directory name under out_dir (one folder name, no path)")
     out_dir: str = Field("runs", description="run directories are created under it")
@@ -90,7 +160,9 @@ class RunConfig(_Strict):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
-    method: dict[str, Any] = Field(default_factory=lambda: {"name": "supervised"})
+    # SerializeAsAny: dump the subclass's options, not just the base's fields
+    method: SerializeAsAny[MethodOptions] = Field(default_factory=MethodOptions, description=(
+        "method.name and that method's options (`semiseg methods`); after loading, its own options model"))
 
     @field_validator("name")
     @classmethod
@@ -101,11 +173,30 @@ class RunConfig(_Strict):
                              "(choose the parent folder with out_dir)")
         return name
 
-    def method_options(self) -> BaseModel:
-        from semiseg.methods.registry import get_method
+    @field_serializer("method", mode="wrap")
+    def _method_with_name(self, options: MethodOptions, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # config.yaml and the fingerprint keep the shape they always had: {"name": ..., <options in order>}
+        return {"name": options.name, **handler(options)}
 
-        options = dict(self.method)
-        return get_method(options.pop("name")).options_model(**options)
+
+class _UnresolvedRunConfig(RunConfig):
+    """Step one of :func:`config_from_dict`: every section validated except ``method``, kept as the mapping
+    it was, since its model is known only once its name is looked up (so errors read as they always did)."""
+
+    method: dict[str, Any] = Field(default_factory=dict)  # type: ignore[assignment]
+
+
+class MethodSpec(Protocol):
+    """What loading a config needs of a method class (``semiseg.methods.registry.Method`` is one)."""
+
+    @property
+    def options_model(self) -> type[MethodOptions]: ...
+
+    def check_config(self, config: RunConfig, options: MethodOptions) -> None: ...
+
+
+# ``name -> method class``, raising KeyError("unknown method ...; known: ...") (``methods.registry.get_method``)
+MethodLookup = Callable[[str], MethodSpec]
 
 
 def _format_errors(err: ValidationError, origin: str, prefix: str = "") -> str:
@@ -142,25 +233,24 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
-def config_from_dict(raw: dict[str, Any], origin: str = "config") -> RunConfig:
-    """Validate a whole config; the ``method`` section against the chosen method's own options model."""
-    from semiseg.methods.registry import get_method
-
+def config_from_dict(raw: dict[str, Any], origin: str = "config", *, methods: MethodLookup) -> RunConfig:
+    """Validate a whole config; the ``method`` section against the chosen method's own options model (looked
+    up with ``methods``), which the returned config then holds. Callers: :func:`semiseg.api.config_from_dict`."""
     try:
-        config = RunConfig.model_validate(raw)
+        unresolved = _UnresolvedRunConfig.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_format_errors(err, origin)) from None
-    options = dict(config.method)
+    options = dict(unresolved.method)
     name = options.pop("name", "supervised")
     try:
-        method = get_method(name)
+        method = methods(name)
     except KeyError as err:
         raise ConfigError(f"{origin}: method.name: {err.args[0]}") from None
     try:
-        resolved = method.options_model.model_validate(options)
+        resolved = method.options_model.model_validate({"name": name, **options})
     except ValidationError as err:
         raise ConfigError(_format_errors(err, origin, prefix="method.")) from None
-    config.method = {"name": name, **resolved.model_dump(mode="json")}
+    config = RunConfig.model_validate({**dict(unresolved), "method": resolved})
     try:
         check_weights(config.model)
     except ConfigError as err:
@@ -201,8 +291,11 @@ def bundled_config(name: str | Path) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML config (or start from defaults when ``path`` is None) and apply ``--set`` overrides."""
+def load_config(path: str | Path | None, overrides: list[str] | None = None, *,
+                methods: MethodLookup) -> RunConfig:
+    """Read a YAML config (or start from defaults when ``path`` is None) and apply ``--set`` overrides; the
+    method options are resolved with ``methods`` (see :func:`config_from_dict`). Callers:
+    :func:`semiseg.api.load_config`."""
     raw: dict[str, Any] = {}
     origin = "defaults"
     if path is not None:
@@ -223,7 +316,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{path}: cannot read the config ({err})") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    return config_from_dict(apply_overrides(raw, overrides or []), origin)
+    return config_from_dict(apply_overrides(raw, overrides or []), origin, methods=methods)
 
 
 def dump_config(config: RunConfig) -> str:

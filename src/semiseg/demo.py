@@ -15,7 +15,7 @@ from typing import Any
 
 from rich.table import Table
 
-from semiseg.config import config_from_dict
+from semiseg.api import config_from_dict
 
 
 @dataclass(frozen=True)

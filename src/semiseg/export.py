@@ -88,7 +88,7 @@ def metadata(ctx: Any, opset: int) -> dict[str, Any]:
                           "upsample": "probabilities, bilinear, half-pixel centres (align_corners=False)"},
         "classes": {"names": list(classes.names), "colors": [list(c) for c in classes.palette()],
                     "foreground": classes.foreground, "ignore_index": classes.ignore_index},
-        "run": {"name": cfg.name, "method": cfg.method["name"], "arch": cfg.model.arch, "encoder": cfg.model.encoder,
+        "run": {"name": cfg.name, "method": cfg.method.name, "arch": cfg.model.arch, "encoder": cfg.model.encoder,
                 "test_headline": (results.get("test") or {}).get("headline"), "trained_commit": results.get("commit")},
         "exported_with": {"semiseg_commit": git_commit(), "torch": torch.__version__},
     }

@@ -20,8 +20,9 @@ from typing import Any
 
 import yaml
 
+from semiseg.api import config_from_dict
 from semiseg.bench.tables import budget_of, entry_from_results, load_entries, load_sessions, merge, save_entries
-from semiseg.config import apply_overrides, bundled_config, config_from_dict
+from semiseg.config import apply_overrides, bundled_config
 from semiseg.errors import ConfigError, SemisegError
 
 
@@ -156,7 +157,7 @@ def run_bench(protocol: str, *, methods: list[str] | None = None, seeds: list[in
                 log(f"    FAILED {failures[-1]} (the bench goes on; `semiseg resume {run_dir}` retries it)")
                 continue
             done_times.append(time.time() - t0)
-        if results.get("trained_steps") is None and cfg.method["name"] in ("supervised", "oracle"):
+        if results.get("trained_steps") is None and cfg.method.name in ("supervised", "oracle"):
             results = {**results, "trained_steps": cfg.train.steps}  # read back from a run that predates the field
         record(results_path, entry_from_results(protocol, results, budget=budget_of(cfg), entry=entry))
         remaining = [m for _, m in jobs[k + 1:]]

@@ -14,13 +14,13 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from semiseg.config import TrainConfig
+from semiseg.config import ModelConfig, TrainConfig
 from semiseg.data.normalization import set_channels_last
 from semiseg.engine.loader import EndlessLoader
 from semiseg.engine.trainer import Trainer
 from semiseg.losses import cross_entropy
 from semiseg.methods.supervised import SupervisedTask
-from semiseg.models.factory import ModelConfig, build_model
+from semiseg.models.factory import build_model
 
 
 class InMemory(Dataset):

@@ -33,6 +33,26 @@ IMAGENET = Normalization(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 # TF EfficientNet-Lite: inputs scaled to [-1, 1] (timm's tf_efficientnet_lite0 pretrained_cfg)
 SYMMETRIC = Normalization(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
+# Encoder facts that both the config (which refuses ``weights: imagenet`` without offline weights and resolves
+# ``normalization: auto``) and the models (which load the weights) need. Plain data, kept here below both so
+# that validating a config imports no model code.
+
+# encoders whose ImageNet weights install with semiseg (``semiseg.models.pretrained`` loads them)
+OFFLINE_ENCODERS: tuple[str, ...] = ("efficientnet-lite0",)
+
+# encoders pretrained with other statistics than torchvision's ImageNet ones, by our name and by the smp
+# encoder that name builds (``semiseg.models.pretrained``); every other encoder: IMAGENET
+_PRETRAINED_WITH: dict[str, Normalization] = {
+    "efficientnet-lite0": SYMMETRIC,
+    "tu-tf_efficientnet_lite0": SYMMETRIC,
+}
+
+
+def default_normalization(encoder: str) -> Normalization:
+    """The input statistics the encoder family was pretrained with (used with or without its weights, so a
+    from-scratch and a pretrained run of one encoder see the same inputs)."""
+    return _PRETRAINED_WITH.get(encoder, IMAGENET)
+
 
 class InputNormalization:
     """Forward pre-hook: ``(x - mean) / std`` on the model's input, then the chosen memory format.

