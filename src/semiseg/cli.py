@@ -181,11 +181,13 @@ def methods() -> None:
 
 @app.command()
 def demo(out_dir: Annotated[Path, typer.Option(help="where the demo runs go")] = Path("runs/demo"),
-         fast: Annotated[bool, typer.Option(help="a much shorter budget (smoke test)")] = False) -> None:
+         fast: Annotated[bool, typer.Option(help="a much shorter budget (smoke test)")] = False,
+         seed: Annotated[int, typer.Option(help="draws the split and the trainings (the data stay the same)")] = 0,
+         ) -> None:
     """The main job on built-in synthetic data: supervised vs semi-supervised vs all labels."""
     from semiseg.demo import run_demo
 
-    run_demo(out_dir, fast=fast, console=console, out=out)
+    run_demo(out_dir, fast=fast, seed=seed, console=console, out=out)
 
 
 @data_app.command("inspect")
