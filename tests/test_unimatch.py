@@ -39,10 +39,10 @@ def tiny_run(tmp_path, n_lab: int = 4, n_unl: int = 6):
     return fake_run(tmp_path, unl, labeled=lab, labeled_masks=(lab[..., 0] > 128).astype(np.uint8))
 
 
-def task_for(tmp_path, options, cls=FixMatchTask, views: int = 1):
+def task_for(tmp_path, options, cls=FixMatchTask, views: int = 1, steps: int | None = None):
     run = tiny_run(tmp_path)
     torch.manual_seed(0)
-    task = cls(TinySeg(), weak_strong_streams(run, 7, options, views), options, seed=11, views=views)
+    task = cls(TinySeg(), weak_strong_streams(run, 7, options, views), options, seed=11, views=views, steps=steps)
     return task, trainer_for(task, tmp_path)
 
 
@@ -202,6 +202,25 @@ def test_unimatch_step_loss_is_the_released_line_and_leaves_the_eval_net_plain(t
     log = run_steps(fm_trainer, 1)[0]
     assert "loss_fp" not in log and log["loss"] == pytest.approx(0.5 * (log["loss_labeled"] + log["loss_strong"]),
                                                                   rel=1e-5)
+
+
+@pytest.mark.parametrize("cls, options", [(FixMatchTask, FixMatchOptions(sup_warmup=0.25)),
+                                          (UniMatchTask, UniMatchOptions(sup_warmup=0.25))])
+def test_supervised_warmup_learns_the_labeled_batch_only(tmp_path, cls, options):
+    task, trainer = task_for(tmp_path, options, cls, 2 if cls is UniMatchTask else 1, steps=8)
+    assert task.warmup_steps == 2  # a quarter of 8 steps
+    net = task.nets["model"]
+    calls = Recorder(net)
+    lab = peek(task.loaders["labeled"])
+    logs = run_steps(trainer, 2)
+    # the warm-up steps: one train-mode forward each, of the labeled batch, and loss_scale x its CE
+    assert len(calls.calls) == 2 and all(training for training, _, _ in calls.calls)
+    assert torch.equal(calls.calls[0][1], lab["image"])
+    assert all(set(log) == {"loss", "loss_labeled"} for log in logs)
+    assert logs[0]["loss"] == pytest.approx(0.5 * logs[0]["loss_labeled"], rel=1e-6)
+    logs += run_steps(trainer, 1)  # then the whole method: the mix labels, [x; weak u], the strong views
+    assert len(calls.calls) >= 5
+    assert "loss_strong" in logs[2] and "pseudo_coverage" in logs[2]
 
 
 def test_unlabeled_ce_divides_by_every_real_pixel():

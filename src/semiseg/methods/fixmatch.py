@@ -44,6 +44,7 @@ from semiseg.methods.online import (
     unlabeled_stream,
 )
 from semiseg.methods.registry import Method, MethodOptions, register
+from semiseg.methods.schedules import share_of
 from semiseg.models.factory import unwrap
 from semiseg.pipeline.context import RunContext
 from semiseg.pipeline.plan import Pipeline
@@ -72,6 +73,10 @@ class FixMatchOptions(MethodOptions):
     oversample_labeled: bool = Field(True, description=(
         "repeat the labeled list to the unlabeled count (code: SemiDataset nsample=len(unlabeled)), so a labeled "
         "epoch is as long as an unlabeled one"))
+    sup_warmup: float = Field(0.0, ge=0, lt=1, description=(
+        "share of the stage trained on labeled images only before the unlabeled losses start (code: 0, from a "
+        "pretrained DeepLabV3+ over 80 epochs; mean-teacher's 0.1 is the same idea for short runs whose decoder "
+        "starts random)"))
 
     @field_validator("cutmix_area", "cutmix_ratio")
     @classmethod
@@ -105,8 +110,9 @@ def weak_strong_streams(run: RunContext, seed: int, options: FixMatchOptions, vi
 
 class FixMatchTask(TrainingTask):
     def __init__(self, model: nn.Module, loaders: dict[str, EndlessLoader], options: FixMatchOptions, *,
-                 seed: int, rank: int = 0, views: int = 1) -> None:
+                 seed: int, rank: int = 0, views: int = 1, steps: int | None = None) -> None:
         self.opt, self.seed, self.rank, self.views = options, seed, rank, views
+        self.warmup_steps = share_of(options.sup_warmup, steps) if steps else 0
         self.nets = {"model": model}
         self.loaders = loaders
         self.optimized = [Optimized("model")]
@@ -137,6 +143,12 @@ class FixMatchTask(TrainingTask):
     def train_step(self, batches: dict[str, Any], ctx: StepContext) -> dict[str, float]:
         lab, unl, mix = batches["labeled"], batches["unlabeled"], batches["mix"]
         model, rng, n = self.nets["model"], self.step_rng(ctx.step), lab["image"].shape[0]
+        if ctx.step < self.warmup_steps:  # supervised warm-up: labeled images only
+            with ctx.autocast():
+                loss_x = cross_entropy(model(lab["image"]), lab["mask"])
+                loss = self.opt.loss_scale * loss_x
+            ctx.optimize("model", loss)
+            return {"loss": loss.item(), "loss_labeled": loss_x.item()}
         # Step 1: the unmixed mix images labelled by the same network in eval mode, without gradients
         mix_label, mix_valid = self.pseudo(teacher_forward(unwrap(model), mix["image"], train_mode=False),
                                            mix["mask"])
@@ -179,6 +191,6 @@ class FixMatch(Method[FixMatchOptions]):
 
         def task() -> FixMatchTask:
             return self.task_class(new_model(run), weak_strong_streams(run, seed, opt, views), opt, seed=seed + 3,
-                                   rank=run.dist.rank, views=views)
+                                   rank=run.dist.rank, views=views, steps=run.config.train.steps)
 
         p.train(self.name, task, params={"options": opt.model_dump(mode="json")})
