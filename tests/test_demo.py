@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from semiseg.demo import CONTROL_RUN, DEMO_RUNS, SSL_RUN
+from semiseg.demo import DEMO_RUNS, SSL_RUNS
 from tests.cli_helpers import semiseg
 
 
@@ -26,11 +26,17 @@ def test_fast_demo_prints_what_its_runs_measured(tmp_path):
         assert cells[name][1] == f"{dice[name]:.3f}"
         if name != "supervised":
             assert cells[name][2] == f"{100 * (dice[name] - dice['supervised']):+.1f} pts"
-    # the control trains supervised for the teacher's steps plus the student's
+    # each semi-supervised run is set against supervised trained for its own steps
     steps = {n: c["train"]["steps"] for n, c in configs.items()}
-    assert steps[CONTROL_RUN.name] == 2 * steps["supervised"] == 2 * steps[SSL_RUN.name]
-    assert configs[SSL_RUN.name]["method"].get("generation_steps") is None  # = train.steps
-    teacher = tmp_path / "demo" / SSL_RUN.name / "stages" / "0-supervised" / "DONE"
+    results = {r.name: json.loads((tmp_path / "demo" / r.dir_name / "results.json").read_text()) for r in DEMO_RUNS}
+    assert results["mean-teacher"]["trained_steps"] == steps["supervised"]
+    assert results["self-learning"]["trained_steps"] == steps["supervised 2x"] == 2 * steps["supervised"]
+    teacher = tmp_path / "demo" / "self-learning" / "stages" / "0-supervised" / "DONE"
     assert "reused_from" in json.loads(teacher.read_text())  # the same teacher as the supervised row
-    share = 100 * (dice[SSL_RUN.name] - dice[CONTROL_RUN.name])
-    assert f"vs supervised trained for the same steps: {share:+.1f} pts" in " ".join(proc.stdout.split())
+    text = " ".join(proc.stdout.split())
+    for run, control in (("mean-teacher", "supervised"), ("self-learning", "supervised 2x")):
+        share = 100 * (dice[run] - dice[control])
+        assert cells[run][3] == f"{share:+.1f} pts"
+        assert f"did for {run}: vs supervised trained for the same steps ({results[run]['trained_steps']}): " \
+               f"{share:+.1f} pts" in text
+    assert {r.name for r in SSL_RUNS} == {"mean-teacher", "self-learning"}
