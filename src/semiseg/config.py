@@ -146,8 +146,8 @@ class MethodOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    # Which method, not one of its options: left out of the options' own dump, which stage keys hash (atso's
-    # method_key), and put back first by RunConfig's dump, so neither changes shape for runs already on disk.
+    # Which method, not one of its options: left out of the options' own dump (what stage keys hash as a
+    # method's params) and put back first by RunConfig's dump, so config.yaml keeps its shape for runs on disk.
     name: str = Field("supervised", exclude=True, description="the method (`semiseg methods` lists them)")
 
 
