@@ -409,7 +409,8 @@ def _assert_same_run(a, b, stages: list[str]) -> None:
     assert ra["val"] == rb["val"] and ra["test"]["dice"] == rb["test"]["dice"]
 
 
-DETERMINISTIC = ["train.deterministic=true", "train.checkpoint_every=4", "train.eval_every=8", "train.steps=24"]
+# 40 steps, killed at step 12: 28 steps left, so the run is still going when the poll sees the checkpoint
+DETERMINISTIC = ["train.deterministic=true", "train.checkpoint_every=4", "train.eval_every=8", "train.steps=40"]
 
 
 @pytest.mark.slow
@@ -438,7 +439,7 @@ def test_momentum_pl_sigkill_resume_equals_uninterrupted(tmp_path):
     for pseudo, best in [("momentum", "best-momentum.pt"), ("raw", "best.pt")]:
         name = f"offline-{pseudo}"
         variant = [*extra, "method.teacher_update=offline", f"method.pseudo_from={pseudo}",
-                   "method.teacher_steps=24", "train.steps=4"]
+                   "method.teacher_steps=40", "train.steps=4"]
         proc = semiseg(train_args(name, tmp_path / "runs", variant), tmp_path)
         assert "reused" in proc.stdout + proc.stderr  # same teacher stage as the runs above
         run = tmp_path / "runs" / name
