@@ -45,3 +45,8 @@ def test_the_guide_methods_train_end_to_end(registered, tmp_path: Path, method: 
         provenance = (run_dir / "stages" / "1-label" / "pseudo" / "provenance.json").read_text()
         assert '"threshold": 0.6' in provenance
     assert api.resume(run_dir, log=lambda *_: None)["test"] == results["test"]  # finished: nothing re-trained
+    # the same config under another name in the same out_dir: every stage is reused (keys derived by the pipeline)
+    again = api.run(cfg.model_copy(update={"name": f"{method}-again"}), log=lambda *_: None)
+    for stage in EXAMPLES[method]:
+        assert "reused_from" in (tmp_path / "runs" / f"{method}-again" / "stages" / stage / "DONE").read_text()
+    assert again["test"] == results["test"]

@@ -366,8 +366,12 @@ def _last(run_dir, stage):
     return torch.load(run_dir / "stages" / stage / "checkpoints" / "last.pt", weights_only=False)
 
 
+KILLED = "killed-runs"  # an out_dir of its own: a run beside the straight one would reuse its finished stages
+
+
 def _kill_and_resume(tmp_path, name: str, extra: list[str], stage: str, at_step: int) -> None:
-    """Start a run, SIGKILL it once ``stage`` checkpointed ``at_step``, then ``semiseg resume`` it."""
+    """Start a run in ``tmp_path/KILLED``, SIGKILL it once ``stage`` checkpointed ``at_step``, then ``semiseg
+    resume`` it."""
     import signal
     import subprocess
     import sys
@@ -375,10 +379,10 @@ def _kill_and_resume(tmp_path, name: str, extra: list[str], stage: str, at_step:
 
     from tests.cli_helpers import env, semiseg, train_args
 
-    cmd = [sys.executable, "-m", "semiseg", *train_args(name, tmp_path / "runs", extra)]
+    cmd = [sys.executable, "-m", "semiseg", *train_args(name, tmp_path / KILLED, extra)]
     proc = subprocess.Popen(cmd, env=env(tmp_path), cwd=tmp_path, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    last = tmp_path / "runs" / name / "stages" / stage / "checkpoints" / "last.pt"
+    last = tmp_path / KILLED / name / "stages" / stage / "checkpoints" / "last.pt"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if last.exists() and torch.load(last, weights_only=False)["step"] >= at_step:
@@ -387,8 +391,8 @@ def _kill_and_resume(tmp_path, name: str, extra: list[str], stage: str, at_step:
     assert proc.poll() is None, "training finished before it could be killed; make it longer"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (tmp_path / "runs" / name / "results.json").exists()
-    semiseg(["resume", str(tmp_path / "runs" / name)], tmp_path)
+    assert not (tmp_path / KILLED / name / "results.json").exists()
+    semiseg(["resume", str(tmp_path / KILLED / name)], tmp_path)
 
 
 def _assert_same_run(a, b, stages: list[str]) -> None:
@@ -409,8 +413,7 @@ def _assert_same_run(a, b, stages: list[str]) -> None:
     assert ra["val"] == rb["val"] and ra["test"]["dice"] == rb["test"]["dice"]
 
 
-# 40 steps, killed at step 12: 28 steps left, so the run is still going when the poll sees the checkpoint
-DETERMINISTIC = ["train.deterministic=true", "train.checkpoint_every=4", "train.eval_every=8", "train.steps=40"]
+DETERMINISTIC = ["train.deterministic=true", "train.checkpoint_every=4", "train.eval_every=8", "train.steps=24"]
 
 
 @pytest.mark.slow
@@ -421,7 +424,7 @@ def test_gta_seg_sigkill_resume_equals_uninterrupted(tmp_path):
     extra = [*DETERMINISTIC, "method.name=gta-seg"]
     semiseg(train_args("straight", tmp_path / "runs", extra), tmp_path)
     _kill_and_resume(tmp_path, "killed", extra, "0-gta-seg", at_step=12)
-    _assert_same_run(tmp_path / "runs" / "straight", tmp_path / "runs" / "killed", ["0-gta-seg"])
+    _assert_same_run(tmp_path / "runs" / "straight", tmp_path / KILLED / "killed", ["0-gta-seg"])
 
 
 @pytest.mark.slow
@@ -435,11 +438,11 @@ def test_momentum_pl_sigkill_resume_equals_uninterrupted(tmp_path):
     semiseg(train_args("straight", tmp_path / "runs", extra), tmp_path)
     _kill_and_resume(tmp_path, "killed", extra, "1-student", at_step=12)
     stages = ["0-teacher", "1-student"]
-    _assert_same_run(tmp_path / "runs" / "straight", tmp_path / "runs" / "killed", stages)
+    _assert_same_run(tmp_path / "runs" / "straight", tmp_path / KILLED / "killed", stages)
     for pseudo, best in [("momentum", "best-momentum.pt"), ("raw", "best.pt")]:
         name = f"offline-{pseudo}"
         variant = [*extra, "method.teacher_update=offline", f"method.pseudo_from={pseudo}",
-                   "method.teacher_steps=40", "train.steps=4"]
+                   "method.teacher_steps=24", "train.steps=4"]
         proc = semiseg(train_args(name, tmp_path / "runs", variant), tmp_path)
         assert "reused" in proc.stdout + proc.stderr  # same teacher stage as the runs above
         run = tmp_path / "runs" / name

@@ -20,6 +20,7 @@ from semiseg.methods.unimatch import UniMatchOptions, UniMatchTask
 from semiseg.pseudo.policies import ClassBalanced, FixedThreshold
 from tests.test_online_methods import (
     DETERMINISTIC,
+    KILLED,
     TinySeg,
     _assert_same_run,
     _kill_and_resume,
@@ -241,7 +242,7 @@ def test_unimatch_sigkill_resume_equals_uninterrupted(tmp_path):
     extra = [*DETERMINISTIC, "method.name=unimatch", "train.batch_size=2"]
     semiseg(train_args("straight", tmp_path / "runs", extra), tmp_path)
     _kill_and_resume(tmp_path, "killed", extra, "0-unimatch", at_step=12)
-    _assert_same_run(tmp_path / "runs" / "straight", tmp_path / "runs" / "killed", ["0-unimatch"])
+    _assert_same_run(tmp_path / "runs" / "straight", tmp_path / KILLED / "killed", ["0-unimatch"])
 
 
 @pytest.mark.parametrize("method", ["unimatch", "fixmatch"])
