@@ -116,13 +116,13 @@ Source = StageRef | BestOf
 def stage_key(run: RunContext, name: str, *, inputs: Sequence[Source] = (), params: dict[str, Any] | None = None,
               steps: int | None = None) -> dict[str, Any] | None:
     """The content key of a stage: everything of the run it may read (data, split, model, training section,
-    selection metric, seeds), the keys of its input stages and its own ``params``. None when an input is never
-    reused (its outputs cannot be named by content)."""
+    selection metric, seeds, number of processes: the global batch), the keys of its input stages and its own
+    ``params``. None when an input is never reused (its outputs cannot be named by content)."""
     hashes = [ref.key_hash for source in inputs for ref in source.refs]
     if any(h is None for h in hashes):
         return None
     cfg, splits = run.config, run.splits
-    return {"stage": name, "seed": cfg.seed, "init_seed": run.init_seed,
+    return {"stage": name, "seed": cfg.seed, "init_seed": run.init_seed, "world_size": run.dist.world_size,
             "split": {"labeled": splits.labeled, "unlabeled": splits.unlabeled, "val": splits.val},
             "data": cfg.data.model_dump(mode="json", exclude={"benchmark_gt"}),
             "model": cfg.model.model_dump(mode="json"),
