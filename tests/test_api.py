@@ -51,3 +51,21 @@ def test_oracle_is_supervised_with_every_label(tmp_path):
         weights[method] = load_checkpoint(stage / "checkpoints" / "last.pt")["nets"]["model"]
     for name, tensor in weights["supervised"].items():
         torch.testing.assert_close(weights["oracle"][name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_a_search_run_with_test_off_never_reads_the_test_images(tmp_path, monkeypatch):
+    """``eval.test: false`` is for choosing hyper-parameters: validation only, no test figure anywhere."""
+    from semiseg.evaluation import evaluator
+
+    read = []
+    real = evaluator.evaluate_source
+    monkeypatch.setattr(evaluator, "evaluate_source", lambda model, source, stems, **kw: read.append(list(stems))
+                        or real(model, source, stems, **kw))
+    cfg = config_from_dict({**tiny_config(tmp_path).model_dump(mode="json"), "eval": {"test": False}})
+    results = api.run(cfg, log=lambda *_: None)
+    test_stems = (tmp_path / "runs" / "tiny" / "splits" / "test.txt").read_text().split()
+    assert test_stems and results["test"] is None and results["val"]
+    assert not any(set(stems) & set(test_stems) for stems in read)
+    saved = api.run(config_from_dict({**cfg.model_dump(mode="json"), "name": "tiny-with-test",
+                                      "eval": {"test": True}}), log=lambda *_: None)
+    assert saved["test"] is not None and read[-1] == test_stems  # the switch is what kept test unread

@@ -205,8 +205,8 @@ def final_results(ctx: RunContext, model: torch.nn.Module, stage_dirs: list[Path
     moved = moved_from_init(ctx, model)
     warnings = [w for w in [barely_moved_warning(moved)] if w]
     test = None
-    if ctx.splits.test:
-        res = evaluate_source(model, ctx.source, ctx.splits.test, protocol=cfg.eval.protocol,
+    if ctx.test_stems:
+        res = evaluate_source(model, ctx.source, ctx.test_stems, protocol=cfg.eval.protocol,
                               size=tuple(cfg.data.size), window=cfg.eval.window, stride=cfg.eval.stride,
                               device=ctx.device)
         test = res.to_dict()

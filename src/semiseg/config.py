@@ -96,6 +96,9 @@ class EvalConfig(_Strict):
     window: tuple[int, int] | None = None
     stride: tuple[int, int] | None = None
     val_metric: str | None = Field(None, description="selection metric (default dice for binary, miou else)")
+    test: bool = Field(True, description=(
+        "score the test split at the end; false for hyper-parameter searches, which choose on validation and "
+        "must leave test unread (results then carry no test figures)"))
 
 
 class ModelConfig(BaseModel):

@@ -45,6 +45,11 @@ class RunContext:
             return self.config.eval.val_metric
         return "dice" if self.classes.is_binary else "miou"
 
+    @property
+    def test_stems(self) -> list[str]:
+        """The test split, or nothing when ``eval.test`` is off (a search run must not read test)."""
+        return list(self.splits.test or []) if self.config.eval.test else []
+
     def _samples(self, stems: list[str]):  # noqa: ANN202
         by_stem = self.source.by_stem()
         return [by_stem[s] for s in stems]

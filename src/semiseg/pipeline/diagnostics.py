@@ -73,10 +73,10 @@ def _headline(result: Any, metric: str) -> dict[str, Any]:
 
 def scores_on_test(run: RunContext, model: nn.Module) -> dict[str, Any] | None:
     """Test figures of a model at original resolution, as ``results.json`` reports them."""
-    if not run.splits.test:
+    if not run.test_stems:
         return None
     cfg = run.config
-    res = evaluate_source(model, run.source, run.splits.test, protocol=cfg.eval.protocol,
+    res = evaluate_source(model, run.source, run.test_stems, protocol=cfg.eval.protocol,
                           size=tuple(cfg.data.size), window=cfg.eval.window, stride=cfg.eval.stride,
                           device=run.device)
     return _headline(res, run.val_metric)

@@ -310,12 +310,12 @@ def _rank_and_predict(ctx: Any, model: Any, run: RunInfo, max_gallery: int, max_
                       thumb_px: int, log: Callable[[str], None], progress: bool = False,
                       console: Any = None) -> tuple[Gallery, str | None, str]:
     """One pass over the test images: score each (as the evaluator does), keep a thumbnail-sized copy."""
-    stems = list(ctx.splits.test)
+    stems = ctx.test_stems
     note = None
     if max_ranked is not None and len(stems) > max_ranked:
         idx = np.linspace(0, len(stems) - 1, max_ranked).round().astype(int)
         stems = [stems[i] for i in sorted(set(idx.tolist()))]
-        note = f"ranked among {len(stems)} of {len(ctx.splits.test)} test images (evenly spaced)"
+        note = f"ranked among {len(stems)} of {len(ctx.test_stems)} test images (evenly spaced)"
     scorer = Scorer(ctx.classes)
     if not stems or max_gallery <= 0:
         return [], "no test images", scorer.metric
