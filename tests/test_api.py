@@ -69,3 +69,11 @@ def test_a_search_run_with_test_off_never_reads_the_test_images(tmp_path, monkey
     saved = api.run(config_from_dict({**cfg.model_dump(mode="json"), "name": "tiny-with-test",
                                       "eval": {"test": True}}), log=lambda *_: None)
     assert saved["test"] is not None and read[-1] == test_stems  # the switch is what kept test unread
+
+
+def test_recorded_commands_carry_no_path_of_this_machine(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = ["bench", "polyp", "--out-dir", "/srv/me/work/bench-runs", "--set", "data.root=/srv/me/shared/data",
+            "--set", f"out_dir={tmp_path}/runs", "--set", "train.steps=10", "--seeds", "1"]
+    assert api.recorded_command(argv) == ("semiseg bench polyp --out-dir bench-runs --set data.root=data "
+                                          "--set out_dir=runs --set train.steps=10 --seeds 1")

@@ -65,6 +65,23 @@ def git_commit() -> str | None:
     return head + ("-dirty" if changed else "") if head else None
 
 
+def recorded_command(argv: list[str] | None = None) -> str:
+    """The command line as results record it, with no path of this machine: an absolute path (alone, or as the
+    value of ``key=path``) becomes relative to the working directory when it lies inside it, else its last
+    component (``--out-dir /home/me/bench-runs`` -> ``--out-dir bench-runs``)."""
+    cwd = Path.cwd()
+
+    def portable(token: str) -> str:
+        key, sep, value = token.rpartition("=") if "=" in token else ("", "", token)
+        if not value.startswith("/"):
+            return token
+        path = Path(value)
+        short = str(path.relative_to(cwd)) if path.is_relative_to(cwd) and path != cwd else path.name or "/"
+        return f"{key}{sep}{short}"
+
+    return " ".join(["semiseg", *map(portable, sys.argv[1:] if argv is None else argv)])
+
+
 def _splits_for(config: RunConfig, source: Any) -> Splits:
     if config.split.files:
         splits = Splits.read(Path(config.split.files), known=source.by_stem())
@@ -225,7 +242,7 @@ def final_results(ctx: RunContext, model: torch.nn.Module, stage_dirs: list[Path
         "stage_seconds": round(sum(s.get("seconds", 0.0) for s in stages), 1),
         "session_seconds": round(seconds, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "stages": stages, "command": " ".join(["semiseg", *sys.argv[1:]]), "commit": git_commit(),
+        "stages": stages, "command": recorded_command(), "commit": git_commit(),
     }
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 import time
 from collections.abc import Callable, Iterator
 from importlib.resources import files
@@ -168,7 +167,7 @@ def run_bench(protocol: str, *, methods: list[str] | None = None, seeds: list[in
     record_session(results_path, {
         "seeds": seeds, "methods": methods, "executed": len(done_times), "read_back": read_back,
         "failed": failures, "elapsed_seconds": round(elapsed, 1), "cpu_cores": os.cpu_count(),
-        "overrides": spec_overrides + overrides, "command": " ".join(["semiseg", *sys.argv[1:]]),
+        "overrides": spec_overrides + overrides, "command": api.recorded_command(),
         "commit": api.git_commit(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     log(f"bench {protocol}: {len(done_times)} runs executed, {read_back} read back, {len(failures)} failed "
