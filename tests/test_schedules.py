@@ -177,18 +177,20 @@ def test_mean_teacher_warmup_has_no_unlabeled_loss_then_copies_and_ramps(tmp_pat
     out = run_steps(trainer, 1)[0]
     for k, v in student.items():  # step W labels with a copy of the warmed-up student (U2PL)
         assert torch.equal(calls[0][k], v), k
-    assert out["unlabeled_weight"] == pytest.approx(math.exp(-5)) and seen[-1] == 4  # labeled + unlabeled
+    # λ w(t) with the default λ = 0.5
+    assert out["unlabeled_weight"] == pytest.approx(0.5 * math.exp(-5)) and seen[-1] == 4  # labeled + unlabeled
     assert out["ema_decay"] == 0.0 and task.eval_net() is task.nets["teacher"]
     out = run_steps(trainer, 5)
-    assert out[-1]["unlabeled_weight"] == pytest.approx(math.exp(-5 * 0.5 ** 2))  # t = 9: (9 - 4) / 10
+    assert out[-1]["unlabeled_weight"] == pytest.approx(0.5 * math.exp(-5 * 0.5 ** 2))  # t = 9: (9 - 4) / 10
     assert out[-1]["ema_decay"] == pytest.approx(5 / 6)  # t - W = 5: min(1 - 1/6, 7/8)
     out = run_steps(trainer, 10)
-    assert out[-1]["unlabeled_weight"] == 1.0 and out[-1]["ema_decay"] == pytest.approx(7 / 8)  # capped
+    assert out[-1]["unlabeled_weight"] == 0.5 and out[-1]["ema_decay"] == pytest.approx(7 / 8)  # capped
 
 
 def test_mean_teacher_defaults_are_the_documented_ones():
     o = MeanTeacherOptions()
-    assert (o.sup_warmup, o.rampup, o.conf_threshold, o.ema_momentum, o.ema_horizon) == (0.1, 0.2, 0.95, 0.99, 0.1)
+    assert (o.sup_warmup, o.rampup, o.conf_threshold, o.ema_momentum, o.ema_horizon, o.unsup_weight) == (
+        0.1, 0.2, 0.95, 0.99, 0.1, 0.5)
 
 
 # ------------------------------------------------------------------------------------ gta-seg, momentum-pl
