@@ -339,3 +339,18 @@ def test_html_escapes_text_and_attributes() -> None:
 
 def test_default_budget_constants() -> None:
     assert THUMB_PX <= 160 and MAX_GALLERY <= 12 and RUN_REPORT_BUDGET <= 3 * 1024 * 1024
+
+
+def test_two_variants_of_one_method_are_labelled_by_what_differs(tmp_path):
+    from semiseg.report.compare import group_runs
+    from semiseg.report.rundata import RunInfo
+
+    def run(name: str, method: dict) -> RunInfo:
+        config = {"data": {"source": "polyp", "size": [64, 64]}, "split": {"labeled": 0.05}, "method": method}
+        return RunInfo(tmp_path / name, {"method": method["name"], "name": name}, config, {}, [])
+
+    runs = [run("a", {"name": "dst-cbc", "ratios": [0.2, 1.0]}), run("b", {"name": "dst-cbc", "ratios": [1.0, 1.0]}),
+            run("c", {"name": "supervised"}), run("d", {"name": "dst-cbc", "ratios": [0.2, 1.0]})]
+    (_, groups), = group_runs(runs).values()
+    assert [(g.label, len(g.runs)) for g in groups] == [
+        ("supervised", 1), ("dst-cbc", 2), ("dst-cbc (ratios=[1.0, 1.0])", 1)]

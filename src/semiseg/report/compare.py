@@ -96,19 +96,26 @@ def setting_of(run: RunInfo) -> tuple[str, str]:
     return key, label
 
 
+def variant_label(name: str, first: dict, options: dict) -> str:
+    """A method's name, plus the options where this variant differs from the method's first group
+    (``dst-cbc (ratios=[1.0, 1.0])``), so that two variants of one method read apart."""
+    changed = [f"{k}={options.get(k)}" for k in sorted(set(first) | set(options)) if first.get(k) != options.get(k)]
+    return f"{name} ({', '.join(changed)})" if changed else name
+
+
 def group_runs(runs: Sequence[RunInfo]) -> dict[str, tuple[str, list[MethodGroup]]]:
     """setting key -> (label, method groups in first-seen order)."""
     out: dict[str, tuple[str, list[MethodGroup]]] = {}
     index: dict[tuple[str, str], MethodGroup] = {}
+    first_options: dict[tuple[str, str], dict] = {}  # (setting, method) -> options of its first group
     for run in runs:
         skey, slabel = setting_of(run)
         method = dict(run.config.get("method") or {"name": run.method})
         mkey = json.dumps(method, sort_keys=True, default=str)
         if (skey, mkey) not in index:
             groups = out.setdefault(skey, (slabel, []))[1]
-            same = sum(1 for g in groups if g.method == run.method)
-            label = run.method if same == 0 else f"{run.method} #{same + 1}"
-            index[(skey, mkey)] = MethodGroup(label, run.method)
+            first = first_options.setdefault((skey, run.method), method)
+            index[(skey, mkey)] = MethodGroup(variant_label(run.method, first, method), run.method)
             groups.append(index[(skey, mkey)])
         index[(skey, mkey)].runs.append(run)
     rank = {"supervised": 0, "oracle": 2}
