@@ -196,6 +196,9 @@ def test_a_failing_run_does_not_stop_the_bench_but_fails_its_exit(tmp_path, monk
 
 
 def test_a_run_made_with_another_config_is_not_read_back(tmp_path):
+    import yaml
+
+    from semiseg.api import config_from_dict
     from semiseg.bench.matrix import config_drift, run_bench
     from semiseg.config import dump_config
     from semiseg.errors import ConfigError
@@ -209,6 +212,13 @@ def test_a_run_made_with_another_config_is_not_read_back(tmp_path):
     # where it ran does not matter ...
     assert config_drift(run_dir, run_config("demo", "supervised", {}, 0, tmp_path / "b",
                                             ["train.threads=1", "data.cache_dir=/x"])) == []
+    # ... nor a field added to the config since, at its default (the old run computed the same)
+    older = yaml.safe_load(dump_config(cfg))
+    del older["eval"]["test"]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(older))
+    assert config_drift(run_dir, cfg) == []
+    assert config_drift(run_dir, config_from_dict({**cfg.model_dump(mode="json"), "eval": {"test": False}})) == [
+        "eval.test: True -> False"]
     # ... what it computed does
     with pytest.raises(ConfigError, match=r"demo-s0-supervised: train.steps: \d+ -> 7"):
         run_bench("demo", methods=["supervised"], seeds=[0], out_dir=tmp_path / "b",

@@ -84,9 +84,15 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def config_drift(run_dir: Path, wanted: Any) -> list[str]:
     """Keys where an existing run directory's config differs from the one the bench would run now."""
-    if not (run_dir / "config.yaml").is_file():
+    path = run_dir / "config.yaml"
+    if not path.is_file():
         return []
-    have = _flat(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
+    raw = yaml.safe_load(path.read_text()) or {}
+    try:  # read as a resume reads it: a field added since the run was made takes its default
+        raw = config_from_dict(raw, origin=str(path)).model_dump(mode="json")
+    except SemisegError:
+        pass  # a config today's code rejects is compared as written
+    have = _flat(raw)
     want = _flat(wanted.model_dump(mode="json"))
     return [f"{k}: {have.get(k)!r} -> {want.get(k)!r}" for k in sorted(set(have) | set(want))
             if k not in _RUNTIME_KEYS and have.get(k) != want.get(k)]
