@@ -63,6 +63,31 @@ def test_merge_combines_sessions_and_newer_wins(tmp_path):
     assert {(e["method"], e["split_seed"]): e["test"] for e in entries}[("supervised", 0)] == 0.71
 
 
+def test_merging_a_stale_result_file_never_hides_a_newer_run(tmp_path):
+    from tests.cli_helpers import semiseg
+
+    results, other = tmp_path / "benchmarks" / "results", tmp_path / "other"
+    session = {"seeds": [0], "methods": ["mt"], "executed": 1, "read_back": 0, "failed": [], "elapsed_seconds": 60.0,
+               "cpu_cores": 2, "overrides": [], "commit": "abc", "finished": "2026-11-02T10:00:00Z",
+               "command": "semiseg bench p --methods mt"}
+    save_entries(results / "p.json", [entry("supervised", 0, 0.70, finished="2026-11-01T10:00:00Z"),
+                                      entry("mt", 0, 0.75, finished="2026-11-03T10:00:00Z")])
+    save_entries(other / "p.json", [entry("supervised", 0, 0.71, finished="2026-11-02T10:00:00Z"),
+                                    entry("mt", 0, 0.60, finished="2026-11-02T10:00:00Z"),  # stale: re-run since
+                                    entry("mt", 1, 0.65)], [session])
+    for _ in range(2):  # merging twice adds nothing the second time
+        proc = semiseg(["bench", "merge", str(other / "p.json")], tmp_path)
+    assert "0 rows taken, 0 bench sessions added" in proc.stdout
+    got = {(e["method"], e["split_seed"]): e["test"] for e in load_entries(results / "p.json")}
+    assert got == {("supervised", 0): 0.71, ("mt", 0): 0.75, ("mt", 1): 0.65}
+    assert load_sessions(results / "p.json") == [session]
+    assert "`mt`" in (tmp_path / "BENCHMARKS.md").read_text()
+    (other / "camvid.json").write_text((other / "p.json").read_text())  # rows of protocol p under another name
+    proc = semiseg(["bench", "merge", str(other / "camvid.json")], tmp_path, check=False)
+    assert proc.returncode != 0 and "holds protocol(s) ['p'], not 'camvid'" in proc.stderr
+    assert not (results / "camvid.json").exists()
+
+
 def test_summarize_mean_std_gain_and_gap():
     entries = [entry("supervised", 0, 0.70), entry("supervised", 1, 0.60),
                entry("oracle", 0, 0.80), entry("oracle", 1, 0.80),

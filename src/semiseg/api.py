@@ -243,6 +243,7 @@ def final_results(ctx: RunContext, model: torch.nn.Module, stage_dirs: list[Path
         "session_seconds": round(seconds, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "stages": stages, "command": recorded_command(), "commit": git_commit(),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),  # UTC: result files merge by it
     }
 
 

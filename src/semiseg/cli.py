@@ -213,7 +213,8 @@ class _ProtocolShorthand(TyperGroup):
 
 bench_app = typer.Typer(cls=_ProtocolShorthand, no_args_is_help=True, help=(
     "Benchmarks: run a protocol's method matrix (`bench run polyp`, or `bench polyp`), rebuild BENCHMARKS.md "
-    "(`bench tables`), time the engine against a bare loop (`bench throughput`)."))
+    "(`bench tables`), merge other checkouts' result files (`bench merge`), time the engine against a bare loop "
+    "(`bench throughput`)."))
 app.add_typer(bench_app, name="bench")
 ResultsOption = Annotated[Path, typer.Option(help="folder of the merged result JSONs")]
 MarkdownOption = Annotated[Path, typer.Option(help="generated tables")]
@@ -248,6 +249,24 @@ def bench_tables(results: ResultsOption = Path("benchmarks/results"),
 
     if not any(results.glob("*.json")):
         raise ConfigError(f"{results}: no <protocol>.json result files to build tables from")
+    write_benchmarks_md(results, markdown)
+    out.print(f"wrote {markdown}")
+
+
+@bench_app.command("merge")
+def bench_merge(files: Annotated[list[Path], typer.Argument(help="result files <protocol>.json of another "
+                                                                 "checkout or machine")],
+                results: ResultsOption = Path("benchmarks/results"),
+                markdown: MarkdownOption = Path("BENCHMARKS.md")) -> None:
+    """Merge other benches' result files into RESULTS (the later run of a row wins), then BENCHMARKS.md."""
+    from semiseg.bench.tables import merge_result_files, write_benchmarks_md
+
+    for path in files:
+        if not path.is_file():
+            raise ConfigError(f"{path}: no such result file")
+        taken, added = merge_result_files(path, results / path.name)
+        out.print(f"{path}: {taken} rows taken, {added} bench sessions added -> {results / path.name}",
+                  soft_wrap=True)  # paths stay whole
     write_benchmarks_md(results, markdown)
     out.print(f"wrote {markdown}")
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from semiseg.atomic import atomic_write_text
 from semiseg.bench.stats import VALIDITY_GATE, mean_std
+from semiseg.errors import ConfigError
 
 BASELINES = ("supervised", "oracle")
 
@@ -41,17 +42,47 @@ def entry_from_results(protocol: str, results: dict[str, Any], *, wall_seconds: 
         "wall_seconds": wall_seconds if wall_seconds is not None else results.get("stage_seconds"),
         "peak_rss_mb": results.get("peak_rss_mb"), "command": results.get("command"),
         "commit": results.get("commit"), "run": results.get("name"), "budget": budget,
-        "trained_steps": results.get("trained_steps"),
+        "trained_steps": results.get("trained_steps"), "finished": results.get("finished"),
     }
     return row
 
 
+def _key(e: dict) -> tuple:
+    return e["protocol"], e["method"], e["split_seed"], e.get("seed", 0)
+
+
 def merge(existing: list[dict], new: list[dict]) -> list[dict]:
-    """Entries keyed by (protocol, method, split seed, seed); a newer entry replaces an older one."""
-    table = {(e["protocol"], e["method"], e["split_seed"], e.get("seed", 0)): e for e in existing}
+    """Entries keyed by (protocol, method, split seed, seed). A new entry replaces the existing one unless that
+    run finished later (UTC ``finished`` of its results; entries from before the field count as oldest), so a
+    stale result file merged in, or an old run read back, never hides a newer run."""
+    table = {_key(e): e for e in existing}
     for e in new:
-        table[(e["protocol"], e["method"], e["split_seed"], e.get("seed", 0))] = e
-    return sorted(table.values(), key=lambda e: (e["protocol"], e["method"], e["split_seed"], e.get("seed", 0)))
+        old = table.get(_key(e))
+        if old is None or (old.get("finished") or "") <= (e.get("finished") or ""):
+            table[_key(e)] = e
+    return sorted(table.values(), key=_key)
+
+
+def merge_result_files(source: Path, target: Path) -> tuple[int, int]:
+    """Merge a result file (another checkout's or machine's ``<protocol>.json``) into ``target``: entries by
+    :func:`merge`, bench sessions once each. Returns (rows that changed ``target``, sessions added)."""
+    try:
+        incoming = json.loads(source.read_text())
+        entries, sessions = incoming["entries"], incoming.get("sessions", [])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"{source}: not a bench result file ({type(err).__name__}: {err})") from err
+    protocols = {e.get("protocol") for e in entries}
+    if protocols - {target.stem}:
+        raise ConfigError(f"{source}: holds protocol(s) {sorted(map(str, protocols))}, not {target.stem!r}")
+    before = {_key(e): e for e in load_entries(target)}
+    merged = merge(list(before.values()), entries)
+    after = {_key(e): e for e in merged}
+    taken = sum(1 for e in entries if after[_key(e)] is e and before.get(_key(e)) != e)
+    have = load_sessions(target)
+    seen = {(s.get("command"), s.get("commit"), s.get("finished")) for s in have}
+    added = [s for s in sessions if (s.get("command"), s.get("commit"), s.get("finished")) not in seen]
+    save_entries(target, merged, sorted(have + added, key=lambda s: s.get("finished") or ""))
+    return taken, len(added)
 
 
 def load_entries(path: Path) -> list[dict]:
