@@ -63,6 +63,11 @@ def merge(existing: list[dict], new: list[dict]) -> list[dict]:
     return sorted(table.values(), key=_key)
 
 
+def _finished_at(session: dict) -> float:
+    """When a bench invocation ended (its ``finished`` carries a UTC offset), 0 when unknown."""
+    return datetime.fromisoformat(session["finished"]).timestamp() if session.get("finished") else 0.0
+
+
 def merge_result_files(source: Path, target: Path) -> tuple[int, int]:
     """Merge a result file (another checkout's or machine's ``<protocol>.json``) into ``target``: entries by
     :func:`merge`, bench sessions once each. Returns (rows that changed ``target``, sessions added)."""
@@ -81,7 +86,7 @@ def merge_result_files(source: Path, target: Path) -> tuple[int, int]:
     have = load_sessions(target)
     seen = {(s.get("command"), s.get("commit"), s.get("finished")) for s in have}
     added = [s for s in sessions if (s.get("command"), s.get("commit"), s.get("finished")) not in seen]
-    save_entries(target, merged, sorted(have + added, key=lambda s: s.get("finished") or ""))
+    save_entries(target, merged, sorted(have + added, key=_finished_at))
     return taken, len(added)
 
 
