@@ -72,8 +72,10 @@ def test_a_search_run_with_test_off_never_reads_the_test_images(tmp_path, monkey
 
 
 def test_recorded_commands_carry_no_path_of_this_machine(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    argv = ["bench", "polyp", "--out-dir", "/srv/me/work/bench-runs", "--set", "data.root=/srv/me/shared/data",
-            "--set", f"out_dir={tmp_path}/runs", "--set", "train.steps=10", "--seeds", "1"]
+    here, elsewhere = tmp_path / "project", tmp_path / "elsewhere"  # absolute, outside and inside the cwd
+    here.mkdir()
+    monkeypatch.chdir(here)
+    argv = ["bench", "polyp", "--out-dir", f"{elsewhere}/bench-runs", "--set", f"data.root={elsewhere}/data",
+            "--set", f"out_dir={here}/runs", "--set", "train.steps=10", "--seeds", "1"]
     assert api.recorded_command(argv) == ("semiseg bench polyp --out-dir bench-runs --set data.root=data "
                                           "--set out_dir=runs --set train.steps=10 --seeds 1")

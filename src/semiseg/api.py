@@ -68,7 +68,7 @@ def git_commit() -> str | None:
 def recorded_command(argv: list[str] | None = None) -> str:
     """The command line as results record it, with no path of this machine: an absolute path (alone, or as the
     value of ``key=path``) becomes relative to the working directory when it lies inside it, else its last
-    component (``--out-dir /home/me/bench-runs`` -> ``--out-dir bench-runs``)."""
+    component (an absolute ``--out-dir`` elsewhere becomes ``--out-dir bench-runs``)."""
     cwd = Path.cwd()
 
     def portable(token: str) -> str:
