@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +34,11 @@ from semiseg.errors import (
     RunInterrupted,
     SemisegError,
 )
+from semiseg.locks import exclusive, run_lock_path
 from semiseg.methods.registry import get_method
 from semiseg.pipeline.context import RunContext
 from semiseg.pipeline.integrity import check_run, make_fingerprint, write_fingerprint
-from semiseg.pipeline.preflight import check_output_dir, check_split_masks, checkpoint_bytes
+from semiseg.pipeline.preflight import check_output_dir, check_output_folder, check_split_masks, checkpoint_bytes
 from semiseg.pipeline.stages import run_stages
 
 
@@ -196,10 +199,11 @@ def _guarded(run_dir: Path, work: Any, *, fresh: bool) -> dict[str, Any]:
         raise
 
 
-def _execute(ctx: RunContext, log: Any) -> dict[str, Any]:
+def _execute(ctx: RunContext, log: Any, wait_for_shared: bool = True) -> dict[str, Any]:
     t0 = time.time()
     method = get_method(ctx.config.method.name)(ctx, ctx.config.method)
-    stage_dirs = run_stages(ctx.run_dir, method.stages(), out_dir=ctx.run_dir.parent, dist=ctx.dist, log=log)
+    stage_dirs = run_stages(ctx.run_dir, method.stages(), out_dir=ctx.run_dir.parent, dist=ctx.dist, log=log,
+                            wait_for_shared=wait_for_shared)
     results: dict[str, Any] = {}
     if ctx.dist.is_main:
         model = method.final_model()
@@ -257,11 +261,34 @@ def last_pseudo_label_quality(stage_dirs: list[Path], binary: bool) -> float | N
     return None
 
 
-def run(config: RunConfig, *, console: Any = None, log: Any = print) -> dict[str, Any]:
-    """Train ``config``'s method from scratch in ``out_dir/name``; returns ``results.json``'s content."""
+def run(config: RunConfig, *, console: Any = None, log: Any = print, wait_for_shared: bool = True) -> dict[str, Any]:
+    """Train ``config``'s method from scratch in ``out_dir/name``; returns ``results.json``'s content.
+
+    :class:`RunBusyError` when another process trains this run; a stage another process is computing is
+    waited for, or with ``wait_for_shared=False`` raises :class:`StageBusyError` (the run stays resumable)."""
     run_dir = Path(config.out_dir) / config.name
-    ctx = prepare(config, run_dir, console=console, fresh=True, log=log)
-    return _guarded(run_dir, lambda: _execute(ctx, log), fresh=True)
+    with _run_lock(run_dir):
+        ctx = prepare(config, run_dir, console=console, fresh=True, log=log)
+        return _guarded(run_dir, lambda: _execute(ctx, log, wait_for_shared), fresh=True)
+
+
+@contextlib.contextmanager
+def _run_lock(run_dir: Path) -> Iterator[None]:
+    """One process trains a run at a time; a second one is refused with the holder's pid. Under torchrun the
+    ranks of one launch are one job: rank 0 holds the lock for them. A run that never came to exist (refused
+    input) leaves no lock file, and no ``out_dir`` when this call made it."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
+    check_output_folder(run_dir.parent)  # its own words for an out_dir that is a file or read-only
+    made_out_dir = not run_dir.parent.exists()
+    try:
+        with exclusive(run_lock_path(run_dir), what=f"run {run_dir}", discard=lambda: not run_dir.exists()):
+            yield
+    finally:
+        if made_out_dir:
+            with contextlib.suppress(OSError):
+                run_dir.parent.rmdir()  # only when empty
 
 
 def _read_run_config(run_dir: Path) -> RunConfig:
@@ -270,15 +297,16 @@ def _read_run_config(run_dir: Path) -> RunConfig:
     return load_config(run_dir / "config.yaml")
 
 
-def resume(run_dir: Path, *, console: Any = None, log: Any = print,
-           accept_changed_data: bool = False) -> dict[str, Any]:
+def resume(run_dir: Path, *, console: Any = None, log: Any = print, accept_changed_data: bool = False,
+           wait_for_shared: bool = True) -> dict[str, Any]:
     """Continue a killed or unfinished run: finished stages are skipped, the current one resumes. A run whose
     config or data changed is refused (:mod:`semiseg.pipeline.integrity`)."""
     run_dir = Path(run_dir)
     config = _read_run_config(run_dir)
-    ctx = prepare(config, run_dir, console=console, fresh=False, accept_changed_data=accept_changed_data,
-                  command="resume", log=log)
-    return _guarded(run_dir, lambda: _execute(ctx, log), fresh=False)
+    with _run_lock(run_dir):
+        ctx = prepare(config, run_dir, console=console, fresh=False, accept_changed_data=accept_changed_data,
+                      command="resume", log=log)
+        return _guarded(run_dir, lambda: _execute(ctx, log, wait_for_shared), fresh=False)
 
 
 def load_run(run_dir: Path, *, console: Any = None, check: tuple[str, ...] = (), accept_changed_data: bool = False,

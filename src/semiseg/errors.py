@@ -46,6 +46,17 @@ class TrainingDiverged(SemisegError):
     """The loss or gradients became non-finite; names the stage, the step and the remedies."""
 
 
+class RunBusyError(SemisegError):
+    """Another process is training this run right now (its lock is held); names the holder."""
+
+    exit_code = 75  # EX_TEMPFAIL: the same command works once the other process is done
+
+
+class StageBusyError(RunBusyError):
+    """Another process is computing a stage this run would reuse (raised only where the caller asked not to
+    wait: a bench then trains another run first)."""
+
+
 class RunInterrupted(SemisegError):
     """Ctrl-C (SIGINT) during a run; the message says how to continue it."""
 

@@ -3,7 +3,9 @@
 Resumable (a finished run is read back, an unfinished one resumed), stage-sharing (all runs of a bench
 live under one ``out_dir``, so identical supervised teachers are trained once), and merged: each finished
 run is written into the protocol's results JSON at once, so partial benches and benches of different
-sessions combine into one table.
+sessions combine into one table. Several processes may run the same bench side by side (one per core): a run
+another process trains is skipped, and one whose shared teacher another process is training waits at the
+back of the queue (:mod:`semiseg.locks`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import contextlib
 import json
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from importlib.resources import files
 from pathlib import Path
@@ -22,7 +25,7 @@ import yaml
 from semiseg.api import config_from_dict
 from semiseg.bench.tables import budget_of, entry_from_results, load_entries, load_sessions, merge, save_entries
 from semiseg.config import apply_overrides, bundled_config
-from semiseg.errors import ConfigError, SemisegError
+from semiseg.errors import ConfigError, RunBusyError, SemisegError, StageBusyError
 
 
 class BenchError(SemisegError):
@@ -144,8 +147,11 @@ def run_bench(protocol: str, *, methods: list[str] | None = None, seeds: list[in
                           "--out-dir) to run them again:\n" + "\n".join(
                               f"  {out_dir / name}: {'; '.join(changes[:4])}" for name, changes in drift.items()))
     known = [e for e in load_entries(results_path) if e["protocol"] == protocol]
-    t_start, done_times, failures, read_back = time.time(), [], [], 0
-    for k, (cfg, (_, entry)) in enumerate(zip(configs, jobs, strict=True)):
+    t_start, done_times, failures, busy, read_back = time.time(), [], [], [], 0
+    queue, deferred = deque(range(len(jobs))), set()
+    while queue:
+        k = queue.popleft()
+        cfg, entry = configs[k], jobs[k][1]
         run_dir = out_dir / cfg.name
         t0 = time.time()
         if (run_dir / "results.json").is_file():
@@ -154,9 +160,22 @@ def run_bench(protocol: str, *, methods: list[str] | None = None, seeds: list[in
             read_back += 1
         else:
             log(f"[{k + 1}/{len(jobs)}] {cfg.name}: {'resuming' if run_dir.exists() else 'starting'}")
+            # a run whose shared teacher another process is training now waits for it only when every run left
+            # is in that state; otherwise it goes to the back of the queue and this process trains another
+            wait = all(j in deferred for j in (k, *queue))
             try:
-                results = (api.resume(run_dir, console=console, log=log) if (run_dir / "config.yaml").is_file()
-                           else api.run(cfg, console=console, log=log))
+                results = (api.resume(run_dir, console=console, log=log, wait_for_shared=wait)
+                           if (run_dir / "config.yaml").is_file()
+                           else api.run(cfg, console=console, log=log, wait_for_shared=wait))
+            except StageBusyError as err:
+                deferred.add(k)
+                queue.append(k)
+                log(f"    later: {err}")
+                continue
+            except RunBusyError as err:  # another bench process sharing out_dir trains it: it records it too
+                busy.append(cfg.name)
+                log(f"    skipped: {err}")
+                continue
             except Exception as err:  # noqa: BLE001 - one broken method must not stop the matrix
                 failures.append(f"{cfg.name}: {type(err).__name__}: {err}")
                 log(f"    FAILED {failures[-1]} (the bench goes on; `semiseg resume {run_dir}` retries it)")
@@ -165,19 +184,18 @@ def run_bench(protocol: str, *, methods: list[str] | None = None, seeds: list[in
         if results.get("trained_steps") is None and cfg.method.name in ("supervised", "oracle"):
             results = {**results, "trained_steps": cfg.train.steps}  # read back from a run that predates the field
         record(results_path, entry_from_results(protocol, results, budget=budget_of(cfg), entry=entry))
-        remaining = [m for _, m in jobs[k + 1:]]
-        eta = sum(expected_seconds(m, known, done_times) for m in remaining)
+        eta = sum(expected_seconds(jobs[j][1], known, done_times) for j in queue)
         log(f"    test {results.get('val_metric')}: {(results.get('test') or {}).get('headline')}; "
-            f"elapsed {(time.time() - t_start) / 60:.1f} min, ETA {eta / 60:.1f} min for {len(remaining)} more")
+            f"elapsed {(time.time() - t_start) / 60:.1f} min, ETA {eta / 60:.1f} min for {len(queue)} more")
     elapsed = time.time() - t_start
     record_session(results_path, {
         "seeds": seeds, "methods": methods, "executed": len(done_times), "read_back": read_back,
-        "failed": failures, "elapsed_seconds": round(elapsed, 1), "cpu_cores": os.cpu_count(),
+        "failed": failures, "busy": busy, "elapsed_seconds": round(elapsed, 1), "cpu_cores": os.cpu_count(),
         "overrides": spec_overrides + overrides, "command": api.recorded_command(),
         "commit": api.git_commit(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-    log(f"bench {protocol}: {len(done_times)} runs executed, {read_back} read back, {len(failures)} failed "
-        f"in {elapsed / 60:.1f} min")
+    log(f"bench {protocol}: {len(done_times)} runs executed, {read_back} read back, {len(failures)} failed"
+        + (f", {len(busy)} left to the other process training them" if busy else "") + f" in {elapsed / 60:.1f} min")
     from semiseg.report import write_compare_report
 
     # a failed run has nothing to compare

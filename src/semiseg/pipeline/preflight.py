@@ -44,6 +44,15 @@ def _existing_ancestor(path: Path) -> Path:
 
 def check_output_dir(out_dir: Path, need_bytes: int) -> None:
     """``out_dir`` can be created and written, and has room for about ``need_bytes`` (one checkpoint)."""
+    base = check_output_folder(out_dir)
+    free = shutil.disk_usage(base).free
+    if free < need_bytes:
+        raise OutputError(f"out_dir={out_dir}: {free / MB:.0f} MB free on its disk, a checkpoint of this model "
+                          f"needs about {need_bytes / MB:.0f} MB; free space or choose another out_dir")
+
+
+def check_output_folder(out_dir: Path) -> Path:
+    """``out_dir`` can be created and written; returns its nearest existing folder."""
     base = _existing_ancestor(Path(out_dir))
     if not base.is_dir():
         raise OutputError(f"out_dir={out_dir}: {base} is a file, not a folder")
@@ -54,10 +63,7 @@ def check_output_dir(out_dir: Path, need_bytes: int) -> None:
     except OSError as err:
         raise OutputError(f"out_dir={out_dir}: cannot write in {base} ({err.strerror}); choose another "
                           "folder with --set out_dir=...") from None
-    free = shutil.disk_usage(base).free
-    if free < need_bytes:
-        raise OutputError(f"out_dir={out_dir}: {free / MB:.0f} MB free on its disk, a checkpoint of this model "
-                          f"needs about {need_bytes / MB:.0f} MB; free space or choose another out_dir")
+    return base
 
 
 def checkpoint_bytes(model: object) -> int:

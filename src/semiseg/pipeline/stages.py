@@ -11,13 +11,16 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from semiseg.atomic import atomic_write_text
 from semiseg.engine.distributed import DistInfo, barrier
+from semiseg.errors import StageBusyError
+from semiseg.locks import exclusive
 
 
 @dataclass
@@ -73,8 +76,11 @@ def _peak_rss_mb() -> float:
 
 
 def run_stages(run_dir: Path, stages: list[Stage], *, out_dir: Path | None = None, dist: DistInfo | None = None,
-               log: Callable[[str], None] = print) -> list[Path]:
-    """Run every stage not DONE yet, in order. Returns the stage directories."""
+               log: Callable[[str], None] = print, wait_for_shared: bool = True) -> list[Path]:
+    """Run every stage not DONE yet, in order. Returns the stage directories.
+
+    A stage another process is computing right now (same content key, same ``out_dir``) is waited for and
+    reused; with ``wait_for_shared=False`` (single process only) :class:`StageBusyError` is raised instead."""
     dist = dist or DistInfo()
     out_dir = out_dir or run_dir.parent
     dirs = []
@@ -85,28 +91,51 @@ def run_stages(run_dir: Path, stages: list[Stage], *, out_dir: Path | None = Non
             log(f"stage {i}-{stage.name}: done, skipped")
             continue
         key_hash = stage.key_hash()
-        reusable = find_reusable(out_dir, key_hash) if key_hash else None
-        if reusable is not None and reusable.resolve() != path.resolve():
-            if dist.is_main:
-                log(f"stage {i}-{stage.name}: identical to {reusable}, reused")
-                _copy_stage(reusable, path)
-            barrier()
-            continue
-        path.mkdir(parents=True, exist_ok=True)
-        log(f"stage {i}-{stage.name}: running")
-        t0 = time.time()
-        stage.run(path)
-        barrier()
-        if dist.is_main:
-            info = {"stage": stage.name, "key": key_hash, "seconds": round(time.time() - t0, 2),
-                    "peak_rss_mb": round(_peak_rss_mb(), 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-            atomic_write_text(path / "DONE", json.dumps(info, indent=1))
-            if key_hash:
-                index = _reuse_index(out_dir)
-                index.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(index / key_hash, os.path.relpath(path, out_dir))
-        barrier()
+        wait = wait_for_shared or dist.enabled  # a rank must not leave the others at a barrier
+        with _computing_once(out_dir, key_hash, dist, f"stage {i}-{stage.name}", log, wait=wait):
+            reusable = find_reusable(out_dir, key_hash) if key_hash else None
+            if reusable is not None and reusable.resolve() != path.resolve():
+                if dist.is_main:
+                    log(f"stage {i}-{stage.name}: identical to {reusable}, reused")
+                    _copy_stage(reusable, path)
+                barrier()
+                continue
+            _run_stage(stage, path, key_hash, out_dir, dist, f"stage {i}-{stage.name}", log)
     return dirs
+
+
+def _run_stage(stage: Stage, path: Path, key_hash: str | None, out_dir: Path, dist: DistInfo, label: str,
+               log: Callable[[str], None]) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    log(f"{label}: running")
+    t0 = time.time()
+    stage.run(path)
+    barrier()
+    if dist.is_main:
+        info = {"stage": stage.name, "key": key_hash, "seconds": round(time.time() - t0, 2),
+                "peak_rss_mb": round(_peak_rss_mb(), 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        atomic_write_text(path / "DONE", json.dumps(info, indent=1))
+        if key_hash:
+            index = _reuse_index(out_dir)
+            index.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(index / key_hash, os.path.relpath(path, out_dir))
+    barrier()
+
+
+@contextmanager
+def _computing_once(out_dir: Path, key_hash: str | None, dist: DistInfo, label: str,
+                    log: Callable[[str], None], *, wait: bool) -> Iterator[None]:
+    """A shareable stage is computed by one process at a time: a second bench process that needs the same
+    teacher waits for the first, then finds it finished and reuses it (rank 0 holds the lock for its job)."""
+    if key_hash is None:
+        yield
+        return
+    lock = nullcontext() if not dist.is_main else exclusive(
+        _reuse_index(out_dir) / f"{key_hash}.lock", what=f"the shared {label}", wait=wait, busy=StageBusyError,
+        on_wait=lambda holder: log(f"{label}: {holder} is computing the identical stage; waiting to reuse it"))
+    with lock:
+        barrier()  # the other ranks look for a reusable stage only once rank 0 holds the lock
+        yield
 
 
 def _copy_stage(src: Path, dst: Path) -> None:
