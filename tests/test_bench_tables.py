@@ -274,7 +274,8 @@ def test_gap_recovered_names_the_seeds_it_rests_on(tmp_path):
 
 def test_each_method_gains_over_its_own_compute_matched_control(tmp_path):
     # controls: supervised (1000 steps), supervised-2x (2000); dst-cbc's net trained 2000 steps, self-learning's
-    # 1500 (no such control), mean-teacher's 1000 (its control is supervised itself)
+    # 1500 (no such control: the next longer one, supervised-2x, stands in), atso's 3000 (none at least that
+    # long), mean-teacher's 1000 (its control is supervised itself)
     sup = {"algorithm": "supervised"}
     entries = [entry("supervised", 0, 0.60, trained_steps=1000, **sup),
                entry("supervised", 1, 0.50, trained_steps=1000, **sup),
@@ -282,7 +283,7 @@ def test_each_method_gains_over_its_own_compute_matched_control(tmp_path):
                entry("supervised-2x", 1, 0.58, trained_steps=2000, **sup),
                entry("oracle", 0, 0.80, trained_steps=1000), entry("oracle", 1, 0.70, trained_steps=1000),
                entry("dst-cbc", 0, 0.65, trained_steps=2000), entry("dst-cbc", 1, 0.61, trained_steps=2000),
-               entry("self-learning", 0, 0.64, trained_steps=1500),
+               entry("self-learning", 0, 0.64, trained_steps=1500), entry("atso", 0, 0.67, trained_steps=3000),
                entry("mean-teacher", 0, 0.62, trained_steps=1000), entry("mean-teacher", 1, 0.49, trained_steps=1000),
                entry("st++", 0, 0.70)]  # recorded before trained_steps existed: no control known
     rows = {r["method"]: r for r in summarize(entries, "p")}
@@ -295,7 +296,8 @@ def test_each_method_gains_over_its_own_compute_matched_control(tmp_path):
     assert mt["control"] == "supervised" and mt["control_gain_mean"] == pytest.approx(mt["gain_mean"])
     assert mt["control_gain_mean"] == pytest.approx((0.02 - 0.01) / 2)
     sl = rows["self-learning"]
-    assert sl["control"] == "none at 1500 steps" and sl["control_gain_mean"] is None
+    assert sl["control"] == "supervised-2x" and sl["control_gain_mean"] == pytest.approx(-0.02)
+    assert rows["atso"]["control"] == "none at 3000 steps" and rows["atso"]["control_gain_mean"] is None
     assert rows["st++"]["control"] is None
     for name in ("supervised", "supervised-2x", "oracle"):
         assert rows[name]["control"] is None, name
@@ -303,7 +305,8 @@ def test_each_method_gains_over_its_own_compute_matched_control(tmp_path):
     md = write_benchmarks_md(tmp_path / "results", tmp_path / "B.md").read_text()
     assert "| own control | gain vs own control (pts) |" in md
     assert "| `dst-cbc` | 0,1 | 63.0 ± 2.8 | +8.0 ± 4.2 | `supervised-2x` | +1.0 ± 2.8 | " in md
-    assert "| `self-learning` | 0 | 64.0 | +4.0 | none at 1500 steps |  | " in md
+    assert "| `self-learning` | 0 | 64.0 | +4.0 | `supervised-2x` | -2.0 | " in md
+    assert "| `atso` | 0 | 67.0 | +7.0 | none at 3000 steps |  | " in md
 
 
 def test_trained_steps_reach_the_bench_entry():

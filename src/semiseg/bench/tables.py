@@ -154,13 +154,15 @@ def controls_by_steps(rows: list[dict]) -> dict[tuple[int, int], dict]:
 
 def own_controls(mine: list[dict], controls: dict[tuple[int, int], dict]) -> tuple[list[float], str | None]:
     """A method's gains over its compute-matched control per split seed (the supervised run trained for as many
-    steps as the method's delivered net: ``trained_steps``) and the control's name; the name says which step
-    counts have no control row. Supervised rows are their own control (no gain)."""
+    steps as the method's delivered net: ``trained_steps``; where that split seed has no such row, the one with
+    the fewest steps above it, a conservative control) and the control's name; the name says which step counts
+    have no control row. Supervised rows are their own control (no gain)."""
     gains, names, missing = [], set(), set()
     for e in mine:
         if _algorithm(e) == "supervised" or e["method"] in BASELINES or e.get("trained_steps") is None:
             continue
-        control = controls.get((e["split_seed"], e["trained_steps"]))
+        longer = sorted(steps for seed, steps in controls if seed == e["split_seed"] and steps >= e["trained_steps"])
+        control = controls[(e["split_seed"], longer[0])] if longer else None
         if control is None:
             missing.add(e["trained_steps"])
         else:
@@ -341,7 +343,8 @@ def write_benchmarks_md(results_dir: Path, out_path: Path) -> Path:
                   "run-to-run noise; gap recovered is blank where no split seed passes the validity gate.", "",
                   "Gain and gap recovered are computed per split seed against that seed's `supervised` and "
                   "`oracle` runs. Own control: the supervised run trained for as many steps as the method's "
-                  "delivered network (a fine-tuned net counts its teacher's steps); the gain over it is what the "
+                  "delivered network (a fine-tuned net counts its teacher's steps; where no supervised row has "
+                  "exactly as many, the one with the fewest steps above it); the gain over it is what the "
                   "unlabeled images did beyond more training. Pseudo-label quality: last round against the "
                   "unlabeled images' ground truth "
                   "(benchmark mode). Wall time: sum of the run's stages (a reused teacher counts for every method "
