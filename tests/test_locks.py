@@ -184,14 +184,20 @@ def test_a_bench_skips_a_run_another_process_trains_and_does_not_fail(tmp_path, 
 
 
 @pytest.mark.slow
-def test_two_bench_processes_side_by_side_train_every_run_exactly_once(tmp_path):
-    args = [sys.executable, "-m", "semiseg", "bench", "demo", "--methods", "supervised,oracle", "--seeds", "0,1",
-            "--out-dir", str(tmp_path / "bench"), "--results", str(tmp_path / "results"), "--markdown",
+def test_bench_workers_side_by_side_train_every_run_exactly_once(tmp_path):
+    args = ["bench", "demo", "--workers", "2", "--methods", "supervised,oracle", "--seeds", "0,1", "--out-dir",
+            str(tmp_path / "bench"), "--results", str(tmp_path / "results"), "--markdown",
             str(tmp_path / "BENCHMARKS.md"), *[x for s in TINY for x in ("--set", s)]]
-    procs = [subprocess.Popen(args, env=env(tmp_path), cwd=tmp_path, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    errs = [p.communicate(timeout=600)[1] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], errs
+    out = semiseg(args, tmp_path, timeout=600)
     data = json.loads((tmp_path / "results" / "demo.json").read_text())
-    assert len(data["entries"]) == 4 and len(data["sessions"]) == 2
+    assert len(data["entries"]) == 4 and len(data["sessions"]) == 2  # one session per worker
     assert sum(s["executed"] for s in data["sessions"]) == 4  # no run trained by both
+    assert all(s["command"].endswith("--set train.threads=1") for s in data["sessions"])
+    assert "[worker 1] " in out.stderr and "[worker 2] " in out.stderr
+    assert "| `supervised` | 0,1 |" in (tmp_path / "BENCHMARKS.md").read_text()
+
+
+def test_a_failing_worker_fails_the_bench(tmp_path):
+    out = semiseg(["bench", "demo", "--workers", "2", "--methods", "nosuch", "--out-dir", str(tmp_path / "b"),
+                   "--results", str(tmp_path / "r")], tmp_path, check=False)
+    assert out.returncode == 2 and out.stderr.count("no bench options for ['nosuch']") == 2

@@ -226,11 +226,27 @@ def bench_run(protocol: Annotated[str, typer.Argument(help="a bundled protocol: 
               seeds: Annotated[str | None, typer.Option(help="comma-separated split seeds")] = None,
               out_dir: Annotated[Path, typer.Option(help="run directories of the bench")] = Path("bench-runs"),
               results: ResultsOption = Path("benchmarks/results"), markdown: MarkdownOption = Path("BENCHMARKS.md"),
-              set_: SetOption = None) -> None:
+              set_: SetOption = None,
+              workers: Annotated[int, typer.Option(min=1, help=(
+                  "bench processes of one torch thread each, side by side (CPU: one per core); they split the "
+                  "runs between them"))] = 1) -> None:
     """Run a protocol's method matrix (resumable), merged into RESULTS/PROTOCOL.json, then BENCHMARKS.md."""
     from semiseg.bench.matrix import run_bench
     from semiseg.bench.tables import write_benchmarks_md
 
+    if workers > 1:
+        from semiseg.bench.workers import run_workers
+
+        args = [protocol, "--out-dir", str(out_dir), "--results", str(results), "--markdown", str(markdown),
+                *(["--methods", methods] if methods else []), *(["--seeds", seeds] if seeds else []),
+                *[x for s in set_ or [] for x in ("--set", s)]]
+        code = run_workers(args, workers, write=log_line)
+        if any(results.glob("*.json")):
+            write_benchmarks_md(results, markdown)  # once more, with every worker's runs
+            out.print(f"wrote {markdown}")
+        if code:
+            raise typer.Exit(code)
+        return
     try:
         run_bench(protocol, methods=methods.split(",") if methods else None,
                   seeds=[int(s) for s in seeds.split(",")] if seeds else None, out_dir=out_dir,
