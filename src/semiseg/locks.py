@@ -6,8 +6,9 @@ shared stage (the supervised teacher several methods reuse) is computed once: a 
 the first and then reuses its result.
 
 ``fcntl.flock`` locks: the kernel releases them when the holder exits, however it exits (a SIGKILL leaves no
-stale lock). The lock file stays behind (deleting a lock file races with a process about to take it); it
-holds the holder's pid and host for the message. Where ``fcntl`` is missing (Windows) nothing is locked.
+stale lock). The lock file holds the holder's pid and host for the message and stays behind, except where
+the holder asks to discard it (a run that never came to exist); a process that locked a file meanwhile
+removed checks that and takes the lock again. Where ``fcntl`` is missing (Windows) nothing is locked.
 Standard library only (plus :mod:`semiseg.errors`): every layer may use it.
 """
 

@@ -41,11 +41,12 @@ def run_workers(bench_args: list[str], workers: int, *, write: Callable[[str], N
             relays.append(relay)
         codes = [proc.wait() for proc in procs]
     except BaseException:
-        for proc in procs:
-            if proc.poll() is None:
+        for proc in procs:  # Ctrl-C reached the workers too: let them stop on their own first
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
                 proc.terminate()  # a checkpointed run resumes; nothing is recorded half
-        for proc in procs:
-            proc.wait()
+                proc.wait()
         raise
     finally:
         for relay in relays:
