@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
@@ -59,27 +58,31 @@ def test_waiting_blocks_until_the_holder_is_done(tmp_path, holder):
     path = tmp_path / "s.lock"
     proc = holder(path)
     waited = []
-    release = threading.Timer(0.5, lambda: (proc.stdin.write("\n"), proc.stdin.flush()))
-    t0 = time.monotonic()
-    release.start()
-    with exclusive(path, what="stage", wait=True, on_wait=waited.append):
-        elapsed = time.monotonic() - t0
-    assert elapsed >= 0.4 and len(waited) == 1 and waited[0].startswith(f"pid {proc.pid} on ")
+
+    def release_once_waiting(holder_text):  # called when the lock was found busy, before blocking on it
+        waited.append(holder_text)
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+
+    with exclusive(path, what="stage", wait=True, on_wait=release_once_waiting):
+        assert f"pid {os.getpid()} " in path.read_text()
+    assert len(waited) == 1 and waited[0].startswith(f"pid {proc.pid} on ")
+    assert proc.wait(timeout=30) == 0
 
 
 def test_a_discarded_lock_file_is_not_what_a_waiter_ends_up_holding(tmp_path):
-    path, held = tmp_path / "locks" / "r.lock", threading.Event()
+    path, held, waiting = tmp_path / "locks" / "r.lock", threading.Event(), threading.Event()
 
     def first():
         with exclusive(path, what="r", discard=lambda: True):
             held.set()
-            time.sleep(0.3)
+            waiting.wait(timeout=30)  # the waiter has opened the file this holder now removes
 
     thread = threading.Thread(target=first)
     thread.start()
     held.wait()
-    with exclusive(path, what="r", wait=True):  # opened the file the first one then removed: must re-open
-        assert path.is_file() and f"pid {os.getpid()} " in path.read_text()
+    with exclusive(path, what="r", wait=True, on_wait=lambda _: waiting.set()):  # must re-open the new file
+        assert waiting.is_set() and path.is_file() and f"pid {os.getpid()} " in path.read_text()
         with pytest.raises(RunBusyError):  # and it really is the lock others see
             with exclusive(path, what="r"):
                 pass
@@ -98,28 +101,32 @@ def _finished_stage(out_dir, run, key):
 def test_a_shared_stage_another_process_computes_is_waited_for_then_reused(tmp_path):
     key, calls, messages = {"teacher": 1}, [], []
     lock = tmp_path / ".stage-index" / f"{key_hash(key)}.lock"
-    held, done = threading.Event(), threading.Event()
+    held, waiting, done = threading.Event(), threading.Event(), threading.Event()
 
     def other_process():  # flock locks belong to an open file: a second open conflicts even in one process
         with exclusive(lock, what="x"):
             held.set()
-            time.sleep(0.5)
+            waiting.wait(timeout=30)
             _finished_stage(tmp_path, "other", key)
         done.set()
+
+    def log(message):
+        messages.append(message)
+        if "waiting to reuse it" in message:
+            waiting.set()
 
     thread = threading.Thread(target=other_process)
     thread.start()
     held.wait()
     stage = Stage("teacher", run=calls.append, key=key)
     with pytest.raises(StageBusyError, match="the shared stage 0-teacher is in use by pid"):
-        run_stages(tmp_path / "mine", [stage], wait_for_shared=False, log=messages.append)
+        run_stages(tmp_path / "mine", [stage], wait_for_shared=False, log=log)
     assert not stage_dir(tmp_path / "mine", 0, "teacher").exists()  # nothing started
-    (path,) = run_stages(tmp_path / "mine", [stage], log=messages.append)
+    (path,) = run_stages(tmp_path / "mine", [stage], log=log)
     thread.join()
-    assert done.is_set() and calls == []  # computed once, by the other process
+    assert waiting.is_set() and done.is_set() and calls == []  # computed once, by the other process
     assert json.loads((path / "DONE").read_text())["reused_from"].endswith("0-teacher")
     assert (path / "weights.pt").read_text() == "w"
-    assert any("is computing the identical stage; waiting to reuse it" in m for m in messages)
 
 
 def test_an_unshared_stage_takes_no_lock(tmp_path):
@@ -181,6 +188,17 @@ def test_a_bench_skips_a_run_another_process_trains_and_does_not_fail(tmp_path, 
     calls, entries, (session,) = _fake_bench(tmp_path, monkeypatch, behaviour)
     assert [e["method"] for e in entries] == ["oracle"]  # the other process records its own run
     assert (session["executed"], session["failed"], session["busy"]) == (1, [], ["demo-s0-supervised"])
+
+
+def test_ctrl_c_stops_the_bench_instead_of_going_on_with_the_next_run(tmp_path, monkeypatch):
+    from semiseg.errors import RunInterrupted
+
+    def behaviour(name, wait):
+        raise RunInterrupted("interrupted: `semiseg resume ...` continues")
+
+    with pytest.raises(RunInterrupted):
+        _fake_bench(tmp_path, monkeypatch, behaviour)
+    assert not (tmp_path / "r" / "demo.json").exists()  # no run recorded, no session: the bench did not finish
 
 
 @pytest.mark.slow

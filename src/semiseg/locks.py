@@ -18,6 +18,7 @@ import errno
 import os
 import socket
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -81,6 +82,8 @@ def _acquire(path: Path, what: str, wait: bool, on_wait: Callable[[str], None] |
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             handle = open(path, "a+")  # noqa: SIM115 - held open while the lock is
+        except FileNotFoundError:
+            continue  # a holder discarding its lock removed the folder between mkdir and open
         except OSError as err:
             raise output_error(path, err) from None
         try:
@@ -98,6 +101,8 @@ def _acquire(path: Path, what: str, wait: bool, on_wait: Callable[[str], None] |
         except OSError as err:
             handle.close()
             if err.errno in (errno.ENOLCK, errno.EOPNOTSUPP):
+                warnings.warn(f"{path}: this file system cannot lock files, so processes sharing this folder are not "
+                              "kept apart (give each one its own runs)", RuntimeWarning, stacklevel=3)
                 return None
             raise
         except BaseException:

@@ -25,7 +25,7 @@ import yaml
 from semiseg.api import config_from_dict
 from semiseg.bench.tables import budget_of, entry_from_results, load_entries, load_sessions, merge, save_entries
 from semiseg.config import apply_overrides, bundled_config
-from semiseg.errors import ConfigError, RunBusyError, SemisegError, StageBusyError
+from semiseg.errors import ConfigError, RunBusyError, RunInterrupted, SemisegError, StageBusyError
 
 
 class BenchError(SemisegError):
@@ -172,10 +172,12 @@ def run_bench(protocol: str, *, methods: list[str] | None = None, seeds: list[in
                 queue.append(k)
                 log(f"    later: {err}")
                 continue
-            except RunBusyError as err:  # another bench process sharing out_dir trains it: it records it too
+            except RunBusyError as err:  # another process trains it (a bench sharing out_dir records it)
                 busy.append(cfg.name)
                 log(f"    skipped: {err}")
                 continue
+            except RunInterrupted:
+                raise  # Ctrl-C stops the bench; the run resumes next time
             except Exception as err:  # noqa: BLE001 - one broken method must not stop the matrix
                 failures.append(f"{cfg.name}: {type(err).__name__}: {err}")
                 log(f"    FAILED {failures[-1]} (the bench goes on; `semiseg resume {run_dir}` retries it)")

@@ -27,9 +27,10 @@ def _relay(stream: IO[str], prefix: str, write: Callable[[str], None]) -> None:
 
 
 def run_workers(bench_args: list[str], workers: int, *, write: Callable[[str], None] = print) -> int:
-    """Run ``workers`` bench processes side by side until all end; returns the worst exit status (0: all
-    finished). Ctrl-C reaches every worker (one process group) and each stops resumably."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    """Run ``workers`` bench processes side by side until all end; returns the first failing worker's exit
+    status (1 for one killed by a signal), 0 when all finished. Ctrl-C reaches every worker (one process group),
+    each stops resumably, and the parent waits for them."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     procs, relays = [], []
     try:
         for i in range(workers):

@@ -12,7 +12,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,7 +80,8 @@ def run_stages(run_dir: Path, stages: list[Stage], *, out_dir: Path | None = Non
     """Run every stage not DONE yet, in order. Returns the stage directories.
 
     A stage another process is computing right now (same content key, same ``out_dir``) is waited for and
-    reused; with ``wait_for_shared=False`` (single process only) :class:`StageBusyError` is raised instead."""
+    reused; with ``wait_for_shared=False`` :class:`StageBusyError` is raised instead (under torchrun stages are
+    not locked)."""
     dist = dist or DistInfo()
     out_dir = out_dir or run_dir.parent
     dirs = []
@@ -91,8 +92,7 @@ def run_stages(run_dir: Path, stages: list[Stage], *, out_dir: Path | None = Non
             log(f"stage {i}-{stage.name}: done, skipped")
             continue
         key_hash = stage.key_hash()
-        wait = wait_for_shared or dist.enabled  # a rank must not leave the others at a barrier
-        with _computing_once(out_dir, key_hash, dist, f"stage {i}-{stage.name}", log, wait=wait):
+        with _computing_once(out_dir, key_hash, dist, f"stage {i}-{stage.name}", log, wait=wait_for_shared):
             reusable = find_reusable(out_dir, key_hash) if key_hash else None
             if reusable is not None and reusable.resolve() != path.resolve():
                 if dist.is_main:
@@ -126,15 +126,15 @@ def _run_stage(stage: Stage, path: Path, key_hash: str | None, out_dir: Path, di
 def _computing_once(out_dir: Path, key_hash: str | None, dist: DistInfo, label: str,
                     log: Callable[[str], None], *, wait: bool) -> Iterator[None]:
     """A shareable stage is computed by one process at a time: a second bench process that needs the same
-    teacher waits for the first, then finds it finished and reuses it (rank 0 holds the lock for its job)."""
-    if key_hash is None:
+    teacher waits for the first, then finds it finished and reuses it. Under torchrun nothing is locked: a long
+    wait of rank 0 would time out the other ranks at their barrier."""
+    if key_hash is None or dist.enabled:
         yield
         return
-    lock = nullcontext() if not dist.is_main else exclusive(
+    lock = exclusive(
         _reuse_index(out_dir) / f"{key_hash}.lock", what=f"the shared {label}", wait=wait, busy=StageBusyError,
         on_wait=lambda holder: log(f"{label}: {holder} is computing the identical stage; waiting to reuse it"))
     with lock:
-        barrier()  # the other ranks look for a reusable stage only once rank 0 holds the lock
         yield
 
 
