@@ -153,6 +153,11 @@ CASES = [
     Case("yaml-not-mapping", lambda e: _config(e, "- 1\n- 2\n"), ("c.yaml: the top level must be a mapping",)),
     Case("config-missing", lambda e: ["train", str(e.tmp / "none.yaml")], ("none.yaml: config file not found",)),
     Case("unknown-encoder", lambda e: e.train("model.encoder=nope"), ("encoder='nope'",)),
+    # a wrong data root fails a bench once, before any run, not once per run of the matrix
+    Case("bench-data-root-missing", lambda e: [
+        "bench", "camvid", "--methods", "supervised,oracle", "--seeds", "0,1", "--out-dir", str(e.runs),
+        "--results", str(e.tmp / "no"), "--markdown", str(e.tmp / "no" / "B.md"),
+        "--set", f"data.root={e.tmp / 'nope'}"], ("nope: data folder of preset 'camvid' not found",)),
     # -- model.weights -------------------------------------------------------------------------------------
     Case("weights-missing", lambda e: e.train(f"model.weights={e.tmp / 'no.pt'}"), ("file not found", "no.pt")),
     Case("weights-crafted-pickle", lambda e: e.train(f"model.weights={e.tmp / 'evil.pt'}") if not plant_pickle(
@@ -281,4 +286,4 @@ def test_bad_input(case: Case, finished, tmp_path, capsys, monkeypatch):
     assert not list(env.runs.glob(".*")) if env.runs.exists() else True
     if before is not None:
         assert tree(env._run) == before
-    assert not (tmp_path / "no" / "m.json").exists()
+    assert not (tmp_path / "no" / "m.json").exists() and not (tmp_path / "no" / "B.md").exists()

@@ -202,13 +202,13 @@ def test_a_failing_run_does_not_stop_the_bench_but_fails_its_exit(tmp_path, monk
     from semiseg import api
     from semiseg.bench.matrix import BenchError, run_bench
 
-    def fake_run(cfg, **_):
+    def fake_finish(cfg, **_):
         if cfg.name == "demo-s0-oracle":
             raise RuntimeError("out of memory")
         return {"method": cfg.method.name, "split_seed": cfg.split.seed, "val_metric": "dice",
-                "test": {"headline": 0.5}, "name": cfg.name}
+                "test": {"headline": 0.5}, "name": cfg.name}, True
 
-    monkeypatch.setattr(api, "run", fake_run)
+    monkeypatch.setattr(api, "finish", fake_finish)
     results = tmp_path / "r" / "demo.json"
     with pytest.raises(BenchError, match="1 of 4 runs failed") as err:
         run_bench("demo", methods=["oracle", "supervised"], seeds=[0, 1], out_dir=tmp_path / "b",
@@ -285,7 +285,10 @@ def test_each_method_gains_over_its_own_compute_matched_control(tmp_path):
                entry("dst-cbc", 0, 0.65, trained_steps=2000), entry("dst-cbc", 1, 0.61, trained_steps=2000),
                entry("self-learning", 0, 0.64, trained_steps=1500), entry("atso", 0, 0.67, trained_steps=3000),
                entry("mean-teacher", 0, 0.62, trained_steps=1000), entry("mean-teacher", 1, 0.49, trained_steps=1000),
-               entry("st++", 0, 0.70)]  # recorded before trained_steps existed: no control known
+               entry("st++", 0, 0.70),  # recorded before trained_steps existed: no control known
+               # supervised variants (another loss) are no controls, however long, and have their own control
+               entry("supervised-dice", 0, 0.63, trained_steps=1000, method_options={"loss": "dice"}, **sup),
+               entry("supervised-dice-2x", 0, 0.90, trained_steps=2000, method_options={"loss": "dice"}, **sup)]
     rows = {r["method"]: r for r in summarize(entries, "p")}
     dst = rows["dst-cbc"]
     assert dst["gain_mean"] == pytest.approx((0.05 + 0.11) / 2)  # vs supervised: +5, +11
@@ -299,6 +302,9 @@ def test_each_method_gains_over_its_own_compute_matched_control(tmp_path):
     assert sl["control"] == "supervised-2x" and sl["control_gain_mean"] == pytest.approx(-0.02)
     assert rows["atso"]["control"] == "none at 3000 steps" and rows["atso"]["control_gain_mean"] is None
     assert rows["st++"]["control"] is None
+    assert rows["supervised-dice"]["control"] == "supervised"
+    assert rows["supervised-dice"]["control_gain_mean"] == pytest.approx(0.03)
+    assert rows["supervised-dice-2x"]["control"] == "supervised-2x"
     for name in ("supervised", "supervised-2x", "oracle"):
         assert rows[name]["control"] is None, name
     save_entries(tmp_path / "results" / "p.json", entries)
@@ -313,6 +319,8 @@ def test_trained_steps_reach_the_bench_entry():
     results = {"method": "dst-cbc", "split_seed": 0, "test": {"headline": 0.6}, "val_metric": "dice",
                "trained_steps": 2000}
     assert entry_from_results("p", results)["trained_steps"] == 2000
+    assert entry_from_results("p", {**results, "method_options": {"loss": "dice"}})["method_options"] == \
+        {"loss": "dice"}
 
 
 @pytest.mark.parametrize("protocol,labeled,unlabeled", [("polyp", 65, 1180), ("camvid", 14, 97)])

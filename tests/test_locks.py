@@ -156,13 +156,13 @@ def _fake_bench(tmp_path, monkeypatch, behaviour):
 
     calls = []
 
-    def fake_run(cfg, wait_for_shared=True, **_):
+    def fake_finish(cfg, wait_for_shared=True, **_):
         calls.append((cfg.name, wait_for_shared))
-        behaviour(cfg.name, wait_for_shared)
+        executed = behaviour(cfg.name, wait_for_shared) is not False
         return {"method": cfg.method.name, "split_seed": cfg.split.seed, "val_metric": "dice",
-                "test": {"headline": 0.5}, "name": cfg.name}
+                "test": {"headline": 0.5}, "name": cfg.name}, executed
 
-    monkeypatch.setattr(api, "run", fake_run)
+    monkeypatch.setattr(api, "finish", fake_finish)
     results = tmp_path / "r" / "demo.json"
     run_bench("demo", methods=["oracle", "supervised"], seeds=[0], out_dir=tmp_path / "b", results_path=results,
               log=lambda *_: None)
@@ -188,6 +188,31 @@ def test_a_bench_skips_a_run_another_process_trains_and_does_not_fail(tmp_path, 
     calls, entries, (session,) = _fake_bench(tmp_path, monkeypatch, behaviour)
     assert [e["method"] for e in entries] == ["oracle"]  # the other process records its own run
     assert (session["executed"], session["failed"], session["busy"]) == (1, [], ["demo-s0-supervised"])
+
+
+def test_a_run_another_worker_finished_after_the_check_is_read_back_not_evaluated_again(tmp_path, monkeypatch):
+    def behaviour(name, wait):
+        return name != "demo-s0-supervised"  # api.finish found its results.json under the lock
+
+    calls, entries, (session,) = _fake_bench(tmp_path, monkeypatch, behaviour)
+    assert {e["method"] for e in entries} == {"oracle", "supervised"}
+    assert (session["executed"], session["read_back"]) == (1, 1)
+
+
+def test_finish_reads_a_finished_run_back_under_its_lock_and_refuses_a_busy_one(tmp_path, holder):
+    from semiseg import api
+    from semiseg.api import load_config
+
+    cfg = load_config("demo", [f"out_dir={tmp_path / 'runs'}", "name=r"])
+    run_dir = tmp_path / "runs" / "r"
+    run_dir.mkdir(parents=True)
+    (run_dir / "results.json").write_text(json.dumps({"test": {"headline": 0.5}}))
+    before = sorted(p.name for p in run_dir.iterdir())
+    assert api.finish(cfg, log=lambda *_: None) == ({"test": {"headline": 0.5}}, False)  # no training, no test
+    assert sorted(p.name for p in run_dir.iterdir()) == before
+    proc = holder(run_lock_path(run_dir))
+    with pytest.raises(RunBusyError, match=f"in use by pid {proc.pid}"):
+        api.finish(cfg, log=lambda *_: None)
 
 
 def test_ctrl_c_stops_the_bench_instead_of_going_on_with_the_next_run(tmp_path, monkeypatch):

@@ -237,5 +237,8 @@ def test_a_tiny_momentum_pl_run_delivers_a_net_that_moved(tmp_path, monkeypatch)
         api.run(cfg, log=lambda *_: None)
         results = json.loads((tmp_path / "runs" / name / "results.json").read_text())
         moved[name] = (max(results["moved_from_init"][g] for g in ("decoder", "classifier")), results["warnings"])
+        # the options that make this run a variant are recorded (bench rows tell controls from variants by them)
+        assert results["method_options"] == {"augment": "run", **({"ema_every": "epoch", "ema_horizon": None}
+                                                                   if extra else {})}
     assert moved["step"][0] > MOVED_WARNING and not moved["step"][1]
     assert moved["epoch"][0] < MOVED_WARNING and "barely moved" in moved["epoch"][1][0]

@@ -468,3 +468,38 @@ def test_plans_and_key_chain(tmp_path: Path) -> None:
     _, tta = synthetic_run(data, out, "d", "st++", extra_rounds=1, tta_flip=False)
     assert [a.key_hash() == b.key_hash() for a, b in zip(stages, tta.stages(), strict=True) if a.key] == \
         [True, True, False, False, False, False, False, False]
+
+
+def test_supervised_dice_control_is_its_own_stage_and_minimises_dice(tmp_path: Path) -> None:
+    """``supervised loss=dice`` (momentum-pl's loss without its pseudo labels) must not reuse the cross-entropy
+    teacher every other method shares, and its step must optimise the Dice loss."""
+    from semiseg.losses import cross_entropy, dice_loss
+    from semiseg.methods.supervised import SupervisedTask
+
+    data, out = tmp_path / "data", tmp_path / "runs"
+    _, ce = synthetic_run(data, out, "ce", "supervised")
+    _, st = synthetic_run(data, out, "st", "self-training")
+    _, dice = synthetic_run(data, out, "dice", "supervised", loss="dice")
+    assert ce.stages()[0].key_hash() == st.stages()[0].key_hash()  # the default stays the shared teacher
+    assert dice.stages()[0].key_hash() != ce.stages()[0].key_hash()
+    assert dice.stages()[0].key["params"]["loss"] == "dice"
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 4, 4)
+    mask = torch.randint(0, 3, (2, 4, 4))
+
+    class Ctx:
+        def autocast(self):  # noqa: ANN202
+            return torch.autocast("cpu", enabled=False)
+
+        def optimize(self, name: str, loss: torch.Tensor) -> None:
+            self.loss = loss
+
+    net = nn.Conv2d(3, 3, 1)
+    nn.init.dirac_(net.weight)
+    nn.init.zeros_(net.bias)  # the identity: the net's output is the logits
+    for loss_fn in (dice_loss, cross_entropy):
+        ctx = Ctx()
+        got = SupervisedTask(net, None, loss=loss_fn).train_step({"labeled": {"image": logits, "mask": mask}}, ctx)
+        assert got["loss"] == pytest.approx(loss_fn(logits, mask).item())
+    assert dice_loss(logits, mask).item() != pytest.approx(cross_entropy(logits, mask).item())

@@ -241,6 +241,8 @@ def final_results(ctx: RunContext, model: torch.nn.Module, stage_dirs: list[Path
         "pseudo_label_quality": last_pseudo_label_quality(stage_dirs, ctx.classes.is_binary),
         "diagnostics": json.loads(diagnostics.read_text()) if diagnostics.is_file() else None,
         "name": cfg.name, "method": cfg.method.name, "split_seed": cfg.split.seed, "seed": cfg.seed,
+        # what makes a variant (e.g. supervised with a Dice loss is no compute-matched control)
+        "method_options": cfg.method.model_dump(mode="json", exclude_defaults=True),
         "val_metric": ctx.val_metric, "val": val, "test": test, "moved_from_init": moved, "warnings": warnings,
         "trained_steps": trained_steps,
         "stage_seconds": round(sum(s.get("seconds", 0.0) for s in stages), 1),
@@ -307,6 +309,24 @@ def resume(run_dir: Path, *, console: Any = None, log: Any = print, accept_chang
         ctx = prepare(config, run_dir, console=console, fresh=False, accept_changed_data=accept_changed_data,
                       command="resume", log=log)
         return _guarded(run_dir, lambda: _execute(ctx, log, wait_for_shared), fresh=False)
+
+
+def finish(config: RunConfig, *, console: Any = None, log: Any = print,
+           wait_for_shared: bool = True) -> tuple[dict[str, Any], bool]:
+    """``config``'s run finished, whatever its state: read back when done, resumed when started, else trained.
+    Returns ``(results, executed)``. The state is read under the run lock, so of two processes sharing an
+    ``out_dir`` (``bench --workers``) the second one reads back what the first finished and never evaluates
+    the run on test a second time."""
+    run_dir = Path(config.out_dir) / config.name
+    with _run_lock(run_dir):
+        if (run_dir / "results.json").is_file():
+            return json.loads((run_dir / "results.json").read_text()), False
+        if (run_dir / "config.yaml").is_file():
+            ctx = prepare(_read_run_config(run_dir), run_dir, console=console, fresh=False, command="resume",
+                          log=log)
+            return _guarded(run_dir, lambda: _execute(ctx, log, wait_for_shared), fresh=False), True
+        ctx = prepare(config, run_dir, console=console, fresh=True, log=log)
+        return _guarded(run_dir, lambda: _execute(ctx, log, wait_for_shared), fresh=True), True
 
 
 def load_run(run_dir: Path, *, console: Any = None, check: tuple[str, ...] = (), accept_changed_data: bool = False,

@@ -15,7 +15,7 @@ import json
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ import yaml
 
 from semiseg.api import config_from_dict
 from semiseg.bench.tables import budget_of, entry_from_results, load_entries, load_sessions, merge, save_entries
-from semiseg.config import apply_overrides, bundled_config
+from semiseg.config import RunConfig, apply_overrides, bundled_config
 from semiseg.errors import ConfigError, RunBusyError, RunInterrupted, SemisegError, StageBusyError
 
 
@@ -122,6 +122,16 @@ def expected_seconds(method: str, known: list[dict], done_times: list[float]) ->
     return sum(pool) / len(pool) if pool else 0.0
 
 
+def check_data(configs: Iterable[RunConfig]) -> None:
+    """Open each distinct data source of ``configs`` once: a wrong ``data.root`` fails the bench here, with one
+    message, instead of failing every run of the matrix one after the other."""
+    from semiseg.data.presets import load_source
+
+    distinct = {json.dumps(c.data.model_dump(mode="json"), sort_keys=True): c.data for c in configs}
+    for data in distinct.values():
+        load_source(data.source, data.root, **data.options)
+
+
 def run_bench(protocol: str, *, methods: list[str] | None = None, seeds: list[int] | None = None,
               out_dir: Path = Path("bench-runs"), results_path: Path | None = None,
               overrides: list[str] | None = None, log: Callable[[str], None] = print,
@@ -146,6 +156,7 @@ def run_bench(protocol: str, *, methods: list[str] | None = None, seeds: list[in
         raise ConfigError("these run directories were made with another config; move them away (or use another "
                           "--out-dir) to run them again:\n" + "\n".join(
                               f"  {out_dir / name}: {'; '.join(changes[:4])}" for name, changes in drift.items()))
+    check_data(cfg for cfg in configs if not (out_dir / cfg.name / "results.json").is_file())
     known = [e for e in load_entries(results_path) if e["protocol"] == protocol]
     t_start, done_times, failures, busy, read_back = time.time(), [], [], [], 0
     queue, deferred = deque(range(len(jobs))), set()
@@ -164,9 +175,7 @@ def run_bench(protocol: str, *, methods: list[str] | None = None, seeds: list[in
             # is in that state; otherwise it goes to the back of the queue and this process trains another
             wait = all(j in deferred for j in (k, *queue))
             try:
-                results = (api.resume(run_dir, console=console, log=log, wait_for_shared=wait)
-                           if (run_dir / "config.yaml").is_file()
-                           else api.run(cfg, console=console, log=log, wait_for_shared=wait))
+                results, executed = api.finish(cfg, console=console, log=log, wait_for_shared=wait)
             except StageBusyError as err:
                 deferred.add(k)
                 queue.append(k)
@@ -182,7 +191,11 @@ def run_bench(protocol: str, *, methods: list[str] | None = None, seeds: list[in
                 failures.append(f"{cfg.name}: {type(err).__name__}: {err}")
                 log(f"    FAILED {failures[-1]} (the bench goes on; `semiseg resume {run_dir}` retries it)")
                 continue
-            done_times.append(time.time() - t0)
+            if executed:
+                done_times.append(time.time() - t0)
+            else:  # another process finished it between the check above and taking its lock
+                log("    finished by another process meanwhile, read back")
+                read_back += 1
         if results.get("trained_steps") is None and cfg.method.name in ("supervised", "oracle"):
             results = {**results, "trained_steps": cfg.train.steps}  # read back from a run that predates the field
         record(results_path, entry_from_results(protocol, results, budget=budget_of(cfg), entry=entry))

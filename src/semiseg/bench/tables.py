@@ -43,6 +43,7 @@ def entry_from_results(protocol: str, results: dict[str, Any], *, wall_seconds: 
         "peak_rss_mb": results.get("peak_rss_mb"), "command": results.get("command"),
         "commit": results.get("commit"), "run": results.get("name"), "budget": budget,
         "trained_steps": results.get("trained_steps"), "finished": results.get("finished"),
+        "method_options": results.get("method_options") or {},
     }
     return row
 
@@ -139,12 +140,18 @@ def _supervised_steps(e: dict) -> int | None:
     return int(found.group(1)) if found else None
 
 
+def is_control(e: dict) -> bool:
+    """A compute-matched control: ``supervised`` with its default options, only its steps changed (rows recorded
+    before ``method_options`` existed are all such); ``supervised loss=dice`` is a variant, no control."""
+    return _algorithm(e) == "supervised" and not e.get("method_options")
+
+
 def controls_by_steps(rows: list[dict]) -> dict[tuple[int, int], dict]:
-    """The supervised runs (any row whose algorithm is ``supervised``: ``supervised``, ``supervised-2x``, ...)
-    keyed by (split seed, trained steps); ``supervised`` itself wins a tie."""
+    """The supervised control runs (``supervised``, ``supervised-2x``, ...: :func:`is_control`) keyed by
+    (split seed, trained steps); ``supervised`` itself wins a tie."""
     out: dict[tuple[int, int], dict] = {}
     for e in rows:
-        steps = _supervised_steps(e) if _algorithm(e) == "supervised" else None
+        steps = _supervised_steps(e) if is_control(e) else None
         if steps is not None:
             key = (e["split_seed"], steps)
             if key not in out or e["method"] == "supervised":
@@ -156,10 +163,10 @@ def own_controls(mine: list[dict], controls: dict[tuple[int, int], dict]) -> tup
     """A method's gains over its compute-matched control per split seed (the supervised run trained for as many
     steps as the method's delivered net: ``trained_steps``; where that split seed has no such row, the one with
     the fewest steps above it, a conservative control) and the control's name; the name says which step counts
-    have no control row. Supervised rows are their own control (no gain)."""
+    have no control row. Control rows are their own control (no gain); a supervised variant (Dice loss) is not."""
     gains, names, missing = [], set(), set()
     for e in mine:
-        if _algorithm(e) == "supervised" or e["method"] in BASELINES or e.get("trained_steps") is None:
+        if is_control(e) or e["method"] in BASELINES or e.get("trained_steps") is None:
             continue
         longer = sorted(steps for seed, steps in controls if seed == e["split_seed"] and steps >= e["trained_steps"])
         control = controls[(e["split_seed"], longer[0])] if longer else None

@@ -3,30 +3,36 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from functools import partial
+from typing import Any, Literal
 
-from torch import nn
+from pydantic import Field
+from torch import Tensor, nn
 
 from semiseg.engine.task import Optimized, StepContext, TrainingTask
-from semiseg.losses import cross_entropy
+from semiseg.losses import cross_entropy, dice_loss
 from semiseg.methods.registry import Method, MethodOptions, register
 from semiseg.pipeline.context import RunContext
 from semiseg.pipeline.plan import Pipeline, StageRef
 from semiseg.pipeline.training import labeled_loader, make_dataset, make_loader, new_model
 
+Loss = Callable[[Tensor, Tensor], Tensor]
+SUPERVISED_LOSSES: dict[str, Loss] = {"cross-entropy": cross_entropy, "dice": dice_loss}
+
 
 class SupervisedTask(TrainingTask):
-    """Cross-entropy on labeled batches; the step every other method's teacher stage reuses."""
+    """``loss`` (cross-entropy) on labeled batches; the step every other method's teacher stage reuses."""
 
-    def __init__(self, model: nn.Module, loader: Any) -> None:
+    def __init__(self, model: nn.Module, loader: Any, loss: Loss = cross_entropy) -> None:
         self.nets = {"model": model}
         self.loaders = {"labeled": loader}
         self.optimized = [Optimized("model")]
+        self.loss = loss
 
     def train_step(self, batches: dict[str, Any], ctx: StepContext) -> dict[str, float]:
         batch = batches["labeled"]
         with ctx.autocast():
-            loss = cross_entropy(self.nets["model"](batch["image"]), batch["mask"])
+            loss = self.loss(self.nets["model"](batch["image"]), batch["mask"])
         ctx.optimize("model", loss)
         return {"loss": loss.item()}
 
@@ -59,7 +65,10 @@ def _oracle_loader(run: RunContext, seed: int) -> Any:
 
 
 class SupervisedOptions(MethodOptions):
-    pass
+    loss: Literal["cross-entropy", "dice"] = Field("cross-entropy", description=(
+        "cross-entropy (every method's teacher) or Dice (momentum-pl's loss, the polyp repo's smp DiceLoss: "
+        "batch-global, mean one-vs-rest over classes when there are more than two): the control that tells "
+        "momentum-pl's loss from its pseudo labels"))
 
 
 @register
@@ -68,7 +77,12 @@ class Supervised(Method[SupervisedOptions]):
     summary = "labeled images only (SupOnly baseline)"
 
     def plan(self, pipeline: Pipeline) -> None:
-        train_supervised(pipeline)
+        loss = self.options.loss
+        if loss == "cross-entropy":  # the stage every method's teacher shares: its key holds no loss
+            train_supervised(pipeline)
+        else:
+            train_supervised(pipeline, task=partial(SupervisedTask, loss=SUPERVISED_LOSSES[loss]),
+                             params={"loss": loss})
 
 
 @register
