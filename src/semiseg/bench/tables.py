@@ -352,7 +352,9 @@ def write_benchmarks_md(results_dir: Path, out_path: Path) -> Path:
                   "`oracle` runs. Own control: the supervised run trained for as many steps as the method's "
                   "delivered network (a fine-tuned net counts its teacher's steps; where no supervised row has "
                   "exactly as many, the one with the fewest steps above it); the gain over it is what the "
-                  "unlabeled images did beyond more training. Pseudo-label quality: last round against the "
+                  "unlabeled images did beyond more training. A supervised row with other options "
+                  "(`supervised-dice`: momentum-pl's Dice loss on the labeled images alone) is no control; its "
+                  "own control is the cross-entropy supervised row of as many steps. Pseudo-label quality: last round against the "
                   "unlabeled images' ground truth "
                   "(benchmark mode). Wall time: sum of the run's stages (a reused teacher counts for every method "
                   "that uses it).", "", "Commands:", ""]
