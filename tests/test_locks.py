@@ -188,6 +188,9 @@ def test_a_bench_skips_a_run_another_process_trains_and_does_not_fail(tmp_path, 
     calls, entries, (session,) = _fake_bench(tmp_path, monkeypatch, behaviour)
     assert [e["method"] for e in entries] == ["oracle"]  # the other process records its own run
     assert (session["executed"], session["failed"], session["busy"]) == (1, [], ["demo-s0-supervised"])
+    from semiseg.bench.tables import sessions_table
+
+    assert "| 0 | 2 | 1 / 0 / 1 / 0 |" in "\n".join(sessions_table([session]))  # the skipped run is shown
 
 
 def test_a_run_another_worker_finished_after_the_check_is_read_back_not_evaluated_again(tmp_path, monkeypatch):

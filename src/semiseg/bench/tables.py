@@ -263,12 +263,14 @@ def sessions_table(sessions: list[dict]) -> list[str]:
         return []
     lines = ["Whole bench invocations (elapsed = wall clock of the command; runs read back from an earlier "
              "session cost nothing):", "",
-             "| split seeds | methods | runs executed / read back / failed | elapsed | CPU cores | commit | command |",
+             "| split seeds | methods | runs executed / read back / left to another process / failed | elapsed | "
+             "CPU cores | commit | command |",
              "|" + "---|" * 7]
     for s in sessions:
         lines.append(
             f"| {','.join(map(str, s['seeds']))} | {len(s['methods'])} | {s['executed']} / {s['read_back']} / "
-            f"{len(s['failed'])} | {s['elapsed_seconds'] / 60:.1f} min | {s.get('cpu_cores', '?')} | "
+            f"{len(s.get('busy', []))} / {len(s['failed'])} | {s['elapsed_seconds'] / 60:.1f} min | "
+            f"{s.get('cpu_cores', '?')} | "
             f"{s.get('commit') or '?'} | `{s['command']}` |")
     return lines + [""]
 
@@ -354,8 +356,8 @@ def write_benchmarks_md(results_dir: Path, out_path: Path) -> Path:
                   "exactly as many, the one with the fewest steps above it); the gain over it is what the "
                   "unlabeled images did beyond more training. A supervised row with other options "
                   "(`supervised-dice`: momentum-pl's Dice loss on the labeled images alone) is no control; its "
-                  "own control is the cross-entropy supervised row of as many steps. Pseudo-label quality: last round against the "
-                  "unlabeled images' ground truth "
+                  "own control is the cross-entropy supervised row of as many steps. Pseudo-label quality: last "
+                  "round against the unlabeled images' ground truth "
                   "(benchmark mode). Wall time: sum of the run's stages (a reused teacher counts for every method "
                   "that uses it).", "", "Commands:", ""]
         parts += [f"- `{c}`" for c in commands if c] + [""]
