@@ -118,7 +118,7 @@ def test_bench_sessions_survive_entry_merges_and_reach_the_tables(tmp_path):
     record(path, entry("supervised", 0, 0.70))  # a later entry merge keeps the session
     assert len(load_sessions(path)) == 1 and len(load_entries(path)) == 1
     md = write_benchmarks_md(tmp_path / "results", tmp_path / "B.md").read_text()
-    assert "| 0 | 2 | 2 / 0 / 0 | 90.0 min | 2 | abc | `semiseg bench p --seeds 0` |" in md
+    assert "| 0 | 2 | 2 / 0 / 0 / 0 | 90.0 min | 2 | abc | `semiseg bench p --seeds 0` |" in md
 
 
 def session(seed, methods, start_min, minutes, **kw):
