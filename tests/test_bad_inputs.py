@@ -91,8 +91,13 @@ def _low_space(env: Env) -> list[str]:
     return env.train()
 
 
+SUPERVISED_BLOCK = "name: supervised\n  loss: cross-entropy"  # config.yaml's method block of a supervised run
+
+
 def _edit(path: Path, old: str, new: str) -> None:
-    path.write_text(path.read_text().replace(old, new))
+    text = path.read_text()
+    assert old in text, f"{old!r} not in {path}"  # an edit that misses would test nothing
+    path.write_text(text.replace(old, new))
 
 
 def _first(path: Path) -> str:
@@ -209,9 +214,13 @@ CASES = [
     Case("resume-not-a-run", lambda e: ["resume", e.data], ("not a run directory (no config.yaml)",)),
     Case("evaluate-unfinished", lambda e: _then(lambda: (e.run / "results.json").unlink(), ["evaluate", e.run]),
          ("no finished run here",)),
-    Case("resume-method-edited", lambda e: _then(lambda: _edit(e.run / "config.yaml", "name: supervised",
+    # the method block edited as a whole (supervised's own option would be an unknown key of mean-teacher)
+    Case("resume-method-edited", lambda e: _then(lambda: _edit(e.run / "config.yaml", SUPERVISED_BLOCK,
                                                                "name: mean-teacher"), ["resume", e.run]),
          ("config.yaml changed", "method.name: 'supervised' -> 'mean-teacher'")),
+    Case("resume-method-option-edited", lambda e: _then(lambda: _edit(e.run / "config.yaml", "loss: cross-entropy",
+                                                                      "loss: dice"), ["resume", e.run]),
+         ("config.yaml changed", "method.loss: 'cross-entropy' -> 'dice'")),
     Case("resume-lr-edited", lambda e: _then(lambda: _edit(e.run / "config.yaml", "lr: 0.001", "lr: 0.5"),
                                              ["resume", e.run]), ("train.lr: 0.001 -> 0.5",)),
     Case("evaluate-test-mask-changed",
