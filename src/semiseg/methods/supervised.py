@@ -17,7 +17,15 @@ from semiseg.pipeline.plan import Pipeline, StageRef
 from semiseg.pipeline.training import labeled_loader, make_dataset, make_loader, new_model
 
 Loss = Callable[[Tensor, Tensor], Tensor]
-SUPERVISED_LOSSES: dict[str, Loss] = {"cross-entropy": cross_entropy, "dice": dice_loss}
+
+
+def cross_entropy_plus_dice(logits: Tensor, target: Tensor) -> Tensor:
+    """``CE + Dice``, equal weights: the combination segmentation practice (e.g. nnU-Net) trains with."""
+    return cross_entropy(logits, target) + dice_loss(logits, target)
+
+
+SUPERVISED_LOSSES: dict[str, Loss] = {"cross-entropy": cross_entropy, "dice": dice_loss,
+                                      "cross-entropy+dice": cross_entropy_plus_dice}
 
 
 class SupervisedTask(TrainingTask):
@@ -65,10 +73,10 @@ def _oracle_loader(run: RunContext, seed: int) -> Any:
 
 
 class SupervisedOptions(MethodOptions):
-    loss: Literal["cross-entropy", "dice"] = Field("cross-entropy", description=(
-        "cross-entropy (every method's teacher) or Dice (momentum-pl's loss, the polyp repo's smp DiceLoss: "
-        "batch-global, mean one-vs-rest over classes when there are more than two): the control that tells "
-        "momentum-pl's loss from its pseudo labels"))
+    loss: Literal["cross-entropy", "dice", "cross-entropy+dice"] = Field("cross-entropy", description=(
+        "cross-entropy (every method's teacher), Dice (momentum-pl's loss, the polyp repo's smp DiceLoss: "
+        "batch-global, mean one-vs-rest over classes when there are more than two; the control that tells "
+        "momentum-pl's loss from its pseudo labels) or their sum"))
 
 
 @register
