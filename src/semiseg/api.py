@@ -270,8 +270,15 @@ def run(config: RunConfig, *, console: Any = None, log: Any = print, wait_for_sh
     waited for, or with ``wait_for_shared=False`` raises :class:`StageBusyError` (the run stays resumable)."""
     run_dir = Path(config.out_dir) / config.name
     with _run_lock(run_dir):
-        ctx = prepare(config, run_dir, console=console, fresh=True, log=log)
-        return _guarded(run_dir, lambda: _execute(ctx, log, wait_for_shared), fresh=True)
+        return _train(config, run_dir, fresh=True, console=console, log=log, wait_for_shared=wait_for_shared)
+
+
+def _train(config: RunConfig, run_dir: Path, *, fresh: bool, console: Any, log: Any, wait_for_shared: bool,
+           accept_changed_data: bool = False) -> dict[str, Any]:
+    """Prepare the run (fresh, or resumed and checked) and execute its stages; the caller holds its lock."""
+    ctx = prepare(config, run_dir, console=console, fresh=fresh, accept_changed_data=accept_changed_data,
+                  command="resume", log=log)
+    return _guarded(run_dir, lambda: _execute(ctx, log, wait_for_shared), fresh=fresh)
 
 
 @contextlib.contextmanager
@@ -306,9 +313,8 @@ def resume(run_dir: Path, *, console: Any = None, log: Any = print, accept_chang
     run_dir = Path(run_dir)
     config = _read_run_config(run_dir)
     with _run_lock(run_dir):
-        ctx = prepare(config, run_dir, console=console, fresh=False, accept_changed_data=accept_changed_data,
-                      command="resume", log=log)
-        return _guarded(run_dir, lambda: _execute(ctx, log, wait_for_shared), fresh=False)
+        return _train(config, run_dir, fresh=False, console=console, log=log, wait_for_shared=wait_for_shared,
+                      accept_changed_data=accept_changed_data)
 
 
 def finish(config: RunConfig, *, console: Any = None, log: Any = print,
@@ -321,12 +327,9 @@ def finish(config: RunConfig, *, console: Any = None, log: Any = print,
     with _run_lock(run_dir):
         if (run_dir / "results.json").is_file():
             return json.loads((run_dir / "results.json").read_text()), False
-        if (run_dir / "config.yaml").is_file():
-            ctx = prepare(_read_run_config(run_dir), run_dir, console=console, fresh=False, command="resume",
-                          log=log)
-            return _guarded(run_dir, lambda: _execute(ctx, log, wait_for_shared), fresh=False), True
-        ctx = prepare(config, run_dir, console=console, fresh=True, log=log)
-        return _guarded(run_dir, lambda: _execute(ctx, log, wait_for_shared), fresh=True), True
+        started = (run_dir / "config.yaml").is_file()
+        return _train(_read_run_config(run_dir) if started else config, run_dir, fresh=not started, console=console,
+                      log=log, wait_for_shared=wait_for_shared), True
 
 
 def load_run(run_dir: Path, *, console: Any = None, check: tuple[str, ...] = (), accept_changed_data: bool = False,
