@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -147,6 +148,33 @@ def test_resume_of_a_run_another_process_trains_exits_75_and_touches_nothing(tmp
     assert out.returncode == 75, out.stderr
     assert f"is in use by pid {proc.pid}" in out.stderr and "Traceback" not in out.stderr
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml"]
+
+
+def test_one_run_has_one_lock_whatever_path_names_it(tmp_path):
+    """A real training process holds its run; `resume` through a symlink to the run, or to its out_dir, meets
+    the same lock (it used to take `.locks/link.lock` and train the same stage twice at once)."""
+    runs = tmp_path / "runs"
+    args = [*TINY, "train.steps=100000", "train.eval_every=100000", "train.checkpoint_every=100000", "name=r",
+            f"out_dir={runs}"]
+    trainer = subprocess.Popen([sys.executable, "-m", "semiseg", "train", *[x for s in args for x in ("--set", s)]],
+                               env=env(tmp_path), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (runs / "r" / "stages").is_dir():  # past preflight: the run exists and trains
+            assert trainer.poll() is None, trainer.stderr.read()
+            assert time.monotonic() < deadline, "the training process did not start"
+            time.sleep(0.5)
+        (tmp_path / "link").symlink_to(runs / "r")
+        (tmp_path / "runs-link").symlink_to(runs)
+        for path in ("link", "runs-link/r"):
+            out = semiseg(["resume", path], tmp_path, check=False)
+            assert out.returncode == 75, out.stderr
+            assert f"is in use by pid {trainer.pid}" in out.stderr and "Traceback" not in out.stderr
+        assert not (tmp_path / ".locks").exists() and not (tmp_path / "runs-link" / ".locks" / "link.lock").exists()
+    finally:
+        trainer.kill()
+        trainer.wait()
 
 
 def _fake_bench(tmp_path, monkeypatch, behaviour):

@@ -202,8 +202,8 @@ def _guarded(run_dir: Path, work: Any, *, fresh: bool) -> dict[str, Any]:
 def _execute(ctx: RunContext, log: Any, wait_for_shared: bool = True) -> dict[str, Any]:
     t0 = time.time()
     method = get_method(ctx.config.method.name)(ctx, ctx.config.method)
-    stage_dirs = run_stages(ctx.run_dir, method.stages(), out_dir=ctx.run_dir.parent, dist=ctx.dist, log=log,
-                            wait_for_shared=wait_for_shared)
+    stage_dirs = run_stages(ctx.run_dir, method.stages(), out_dir=ctx.run_dir.resolve().parent, dist=ctx.dist,
+                            log=log, wait_for_shared=wait_for_shared)
     results: dict[str, Any] = {}
     if ctx.dist.is_main:
         model = method.final_model()
@@ -292,7 +292,8 @@ def _run_lock(run_dir: Path) -> Iterator[None]:
     check_output_folder(run_dir.parent)  # its own words for an out_dir that is a file or read-only
     made_out_dir = not run_dir.parent.exists()
     try:
-        with exclusive(run_lock_path(run_dir), what=f"run {run_dir}", discard=lambda: not run_dir.exists()):
+        # keyed by the real path: a symlink to the run (or to out_dir) must meet the same lock
+        with exclusive(run_lock_path(run_dir.resolve()), what=f"run {run_dir}", discard=lambda: not run_dir.exists()):
             yield
     finally:
         if made_out_dir:
