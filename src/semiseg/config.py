@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 import yaml
 from pydantic import (
@@ -79,7 +79,8 @@ class TrainConfig(_Strict):
     grad_clip: float | None = Field(None, description="max gradient norm (none: no clipping)")
     eval_every: int = Field(200, gt=0, description="validate every N steps (and at the end)")
     checkpoint_every: int = Field(100, gt=0, description="write last.pt every N steps")
-    num_workers: int = Field(0, ge=0, description="DataLoader workers per process")
+    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field("auto", description=(
+        "DataLoader worker processes per stream and process; auto: on CUDA up to 4, none on CPU (measured slower)"))
     deterministic: bool = Field(False, description="deterministic algorithms (bit-exact resume on CPU)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     threads: int | None = Field(None, description="torch CPU threads (default: torch's choice)")

@@ -99,7 +99,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
                          pos, has_gauss, cached))
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # a checkpoint loaded with map_location=cuda brings these to the GPU, but generators take CPU byte tensors;
+        # a machine with fewer GPUs than the one that saved restores the ones it has
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"][:torch.cuda.device_count()]])
 
 
 def seed_everything(seed: int) -> None:

@@ -298,6 +298,8 @@ class Trainer:
                     progress.update(bar, completed=self.step)
         if self._tb is not None:
             self._tb.close()
+        for loader in self.task.loaders.values():  # the stage is over: its worker processes go now, not at exit
+            loader.close()
         return FitResult(self.best["metric"], self.best["step"], self.step - start, time.time() - t0)
 
     def _progress(self) -> Any:

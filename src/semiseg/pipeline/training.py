@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from torch import nn
 
 from semiseg.data.datasets import SegmentationDataset
 from semiseg.data.transforms import PairTransform, strong_transform, weak_transform
-from semiseg.engine.loader import EndlessLoader
+from semiseg.engine.loader import EndlessLoader, resolve_num_workers
 from semiseg.engine.task import TrainingTask
 from semiseg.engine.trainer import FitResult, Trainer
 from semiseg.evaluation.evaluator import evaluate_arrays
@@ -40,8 +41,12 @@ def make_dataset(ctx: RunContext, images: np.ndarray, masks: np.ndarray | None, 
 
 
 def make_loader(ctx: RunContext, dataset: SegmentationDataset, batch_size: int, seed: int) -> EndlessLoader:
-    return EndlessLoader(dataset, batch_size, seed=seed, num_workers=ctx.config.train.num_workers,
-                         rank=ctx.dist.rank, world_size=ctx.dist.world_size)
+    """Worker processes per ``train.num_workers`` (``auto``: on CUDA only); on CUDA batches come in pinned memory,
+    so the loop's host-to-device copies are asynchronous."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    workers = resolve_num_workers(ctx.config.train.num_workers, ctx.device, local)
+    return EndlessLoader(dataset, batch_size, seed=seed, num_workers=workers, rank=ctx.dist.rank,
+                         world_size=ctx.dist.world_size, pin_memory=ctx.device.type == "cuda")
 
 
 def labeled_loader(ctx: RunContext, seed: int, batch_size: int | None = None) -> EndlessLoader:
@@ -58,7 +63,7 @@ def validation_fn(ctx: RunContext):  # noqa: ANN201
         result = evaluate_arrays(net, val.images, val.masks, classes=ctx.classes, device=ctx.device,
                                  stems=val.stems)
         flat = result.to_dict()
-        return {k: float(v) for k, v in flat.items() if isinstance(v, int | float) and k != "n_images"}
+        return {k: float(v) for k, v in flat.items() if isinstance(v, int | float) and not k.startswith("n_")}
 
     return evaluate
 
