@@ -119,6 +119,8 @@ def prepare(config: RunConfig, run_dir: Path, *, console: Any = None, fresh: boo
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     if config.train.deterministic:
+        # cuBLAS is deterministic only with a fixed workspace, read when its first handle is made (after this)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     source = load_source(config.data.source, config.data.root, **config.data.options)
