@@ -35,11 +35,16 @@ def test_a_mask_digest_that_was_never_recorded_is_not_a_change() -> None:
     assert fatal == [] and changed == ["val: 1 mask(s) changed (c)"]
 
 
-def test_resume_refuses_a_run_without_fingerprint_but_evaluate_goes_on(tmp_path: Path) -> None:
+def test_a_missing_fingerprint_stops_resume_and_evaluate_unless_evaluate_accepts_it(tmp_path: Path) -> None:
     cfg = _cfg()
     notes: list[str] = []
-    with pytest.raises(RunChangedError, match="made by an older semiseg"):
-        check_run(tmp_path, cfg, None, None, names=(), accept_changed_data=False, command="resume")  # type: ignore[arg-type]
+    for command in ("resume", "evaluate"):  # deleting one file must not bypass the checks
+        with pytest.raises(RunChangedError, match="fingerprint.json is missing"):
+            check_run(tmp_path, cfg, None, None, names=(), accept_changed_data=False, command=command)  # type: ignore[arg-type]
+    with pytest.raises(RunChangedError, match="--accept-missing-fingerprint"):
+        check_run(tmp_path, cfg, None, None, names=(), accept_changed_data=False, command="evaluate")  # type: ignore[arg-type]
     check_run(tmp_path, cfg, None, None, names=(), accept_changed_data=False, command="evaluate",  # type: ignore[arg-type]
+              accept_missing_fingerprint=True, log=notes.append)
+    check_run(tmp_path, cfg, None, None, names=(), accept_changed_data=False, command="predict",  # type: ignore[arg-type]
               log=notes.append)
-    assert "not checked" in notes[0]
+    assert len(notes) == 2 and all("not checked" in n and "older semiseg" not in n for n in notes)

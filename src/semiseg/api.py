@@ -22,11 +22,9 @@ from semiseg.atomic import atomic_write_text
 from semiseg.config import RunConfig, dump_config
 from semiseg.data.presets import load_source
 from semiseg.data.splits import SPLIT_NAMES, Splits, make_splits
-from semiseg.deploy.outputs import Predicted
 from semiseg.engine.checkpoint import OUTPUT_ERRNOS, output_error, seed_everything
 from semiseg.engine.distributed import barrier, init_distributed, resolve_device
 from semiseg.errors import (
-    CheckpointError,
     ConfigError,
     DataError,
     OutputError,
@@ -38,7 +36,7 @@ from semiseg.locks import exclusive, run_lock_path
 from semiseg.methods.registry import get_method
 from semiseg.pipeline.context import RunContext
 from semiseg.pipeline.integrity import check_run, make_fingerprint, write_fingerprint
-from semiseg.pipeline.preflight import check_output_dir, check_output_folder, check_split_masks, checkpoint_bytes
+from semiseg.pipeline.preflight import check_output_folder, check_split_masks, preflight_run, void_stems, void_warning
 from semiseg.pipeline.stages import run_stages
 
 
@@ -94,26 +92,14 @@ def _splits_for(config: RunConfig, source: Any) -> Splits:
                        test=config.split.test, fixed=source.fixed_splits, group_aware=config.split.group_aware)
 
 
-def _preflight(ctx: RunContext) -> None:
-    """Everything a fresh run can fail on before it trains, checked before its directory appears: every
-    mask with a label is decoded (values outside the class table name their files), the model is built
-    (architecture, encoder, ``model.weights``) and ``out_dir`` is writable with room for a checkpoint."""
-    from semiseg.models.factory import build_model
-
-    for split in ("labeled", "val", "test"):
-        if getattr(ctx.splits, split):
-            ctx.arrays(split)
-    model = build_model(ctx.config.model, ctx.classes.num_classes)
-    check_output_dir(ctx.run_dir.parent, checkpoint_bytes(model))
-
-
 def prepare(config: RunConfig, run_dir: Path, *, console: Any = None, fresh: bool,
             check: tuple[str, ...] = SPLIT_NAMES, accept_changed_data: bool = False, command: str = "resume",
-            log: Any = print) -> RunContext:
+            accept_missing_fingerprint: bool = False, source: Any = None, log: Any = print) -> RunContext:
     """Load data and splits, create (or reopen and check) the run directory, set seeds and the device.
 
-    A fresh run is validated completely before its directory appears (:func:`_preflight`); a reopened one
-    is compared with its fingerprint (config, and the data of the splits in ``check``)."""
+    A fresh run is validated completely before its directory appears (:func:`preflight_run`); a reopened one
+    is compared with its fingerprint (config, and the data of the splits in ``check``). ``source``: use it
+    instead of loading the config's data (a reopened run whose own data is not needed)."""
     device = resolve_device(config.train.device, int(os.environ.get("LOCAL_RANK", "0")))
     dist = init_distributed(device)
     if config.train.threads:
@@ -123,7 +109,7 @@ def prepare(config: RunConfig, run_dir: Path, *, console: Any = None, fresh: boo
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
-    source = load_source(config.data.source, config.data.root, **config.data.options)
+    source = source or load_source(config.data.source, config.data.root, **config.data.options)
     if fresh:
         if run_dir.exists() and any(run_dir.iterdir()):
             raise ConfigError(f"run directory {run_dir} already exists: continue it with `semiseg resume {run_dir}` "
@@ -131,7 +117,7 @@ def prepare(config: RunConfig, run_dir: Path, *, console: Any = None, fresh: boo
         splits = _splits_for(config, source)
         ctx = RunContext(config, run_dir, source, splits, device, dist, console)
         if dist.is_main:
-            _preflight(ctx)
+            preflight_run(ctx, log)
             _create_run_dir(run_dir, config, splits, make_fingerprint(config, source, splits))
         barrier()
     else:
@@ -141,7 +127,8 @@ def prepare(config: RunConfig, run_dir: Path, *, console: Any = None, fresh: boo
             raise RunChangedError(f"{run_dir}: the run's split lists are unusable ({err})") from None
         ctx = RunContext(config, run_dir, source, splits, device, dist, console)
         check_run(run_dir, config, source, splits, names=check, accept_changed_data=accept_changed_data,
-                  command=command, log=log, record_acceptance=command == "resume" and dist.is_main)
+                  command=command, log=log, record_acceptance=command == "resume" and dist.is_main,
+                  accept_missing_fingerprint=accept_missing_fingerprint)
     seed_everything(config.seed)
     return ctx
 
@@ -226,7 +213,6 @@ def final_results(ctx: RunContext, model: torch.nn.Module, stage_dirs: list[Path
     cfg = ctx.config
     val = validation_fn(ctx)(model)
     moved = moved_from_init(ctx, model)
-    warnings = [w for w in [barely_moved_warning(moved)] if w]
     test = None
     if ctx.test_stems:
         res = evaluate_source(model, ctx.source, ctx.test_stems, protocol=cfg.eval.protocol,
@@ -234,6 +220,8 @@ def final_results(ctx: RunContext, model: torch.nn.Module, stage_dirs: list[Path
                               device=ctx.device)
         test = res.to_dict()
         test["headline"] = res.headline()
+    void = {"val": void_stems(ctx.arrays("val")) if ctx.splits.val else [], "test": (test or {}).get("void_images", [])}
+    warnings = [w for w in [barely_moved_warning(moved), *(void_warning(k, v) for k, v in void.items())] if w]
     stages = []
     for d in stage_dirs:
         info = json.loads((d / "DONE").read_text()) if (d / "DONE").exists() else {}
@@ -246,6 +234,7 @@ def final_results(ctx: RunContext, model: torch.nn.Module, stage_dirs: list[Path
         # what makes a variant (e.g. supervised with a Dice loss is no compute-matched control)
         "method_options": cfg.method.model_dump(mode="json", exclude_defaults=True),
         "val_metric": ctx.val_metric, "val": val, "test": test, "moved_from_init": moved, "warnings": warnings,
+        "void_images": void,  # masks void everywhere: no score, left out of every mean
         "trained_steps": trained_steps,
         "stage_seconds": round(sum(s.get("seconds", 0.0) for s in stages), 1),
         "session_seconds": round(seconds, 1),
@@ -303,7 +292,7 @@ def _run_lock(run_dir: Path) -> Iterator[None]:
                 run_dir.parent.rmdir()  # only when empty
 
 
-def _read_run_config(run_dir: Path) -> RunConfig:
+def read_run_config(run_dir: Path) -> RunConfig:
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
     return load_config(run_dir / "config.yaml")
@@ -314,7 +303,7 @@ def resume(run_dir: Path, *, console: Any = None, log: Any = print, accept_chang
     """Continue a killed or unfinished run: finished stages are skipped, the current one resumes. A run whose
     config or data changed is refused (:mod:`semiseg.pipeline.integrity`)."""
     run_dir = Path(run_dir)
-    config = _read_run_config(run_dir)
+    config = read_run_config(run_dir)
     with _run_lock(run_dir):
         return _train(config, run_dir, fresh=False, console=console, log=log, wait_for_shared=wait_for_shared,
                       accept_changed_data=accept_changed_data)
@@ -331,90 +320,9 @@ def finish(config: RunConfig, *, console: Any = None, log: Any = print,
         if (run_dir / "results.json").is_file():
             return json.loads((run_dir / "results.json").read_text()), False
         started = (run_dir / "config.yaml").is_file()
-        return _train(_read_run_config(run_dir) if started else config, run_dir, fresh=not started, console=console,
+        return _train(read_run_config(run_dir) if started else config, run_dir, fresh=not started, console=console,
                       log=log, wait_for_shared=wait_for_shared), True
 
 
-def load_run(run_dir: Path, *, console: Any = None, check: tuple[str, ...] = (), accept_changed_data: bool = False,
-             log: Any = print) -> tuple[RunContext, torch.nn.Module]:
-    """The context and delivered model of a finished run (its config checked against its fingerprint, and
-    the data of the splits in ``check``). A model with non-finite weights is refused."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "results.json").is_file():
-        raise ConfigError(f"{run_dir}: no finished run here (no results.json); train or resume it first")
-    config = _read_run_config(run_dir)
-    if not torch.cuda.is_available():  # a run trained on a GPU is still usable here (a runtime key)
-        config.train.device = "cpu"
-    ctx = prepare(config, run_dir, console=console, fresh=False, check=check,
-                  accept_changed_data=accept_changed_data, command="evaluate", log=log)
-    model = get_method(config.method.name)(ctx, config.method).final_model()
-    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
-    if bad:
-        raise CheckpointError(f"{run_dir}: the delivered model holds non-finite weights ({', '.join(bad[:3])}): "
-                              "its training diverged and any score of it would be meaningless; train it again "
-                              "(lower train.lr, set train.grad_clip)")
-    return ctx, model.eval()
-
-
-def evaluate(run_dir: Path, *, data: str | None = None, root: str | None = None, split: str = "test",
-             protocol: str | None = None, window: tuple[int, int] | None = None,
-             stride: tuple[int, int] | None = None, accept_changed_data: bool = False,
-             log: Any = print, progress: bool = True, console: Any = None, batch_size: int = 8) -> dict[str, Any]:
-    """Evaluate a run's model on a split of its own data, or on every labeled image of another source.
-    ``progress``: a bar with images/s and ETA (also off when the run's ``train.progress`` is false)."""
-    from semiseg.evaluation.evaluator import evaluate_source
-    from semiseg.progress import progress_bar
-
-    if split not in ("labeled", "val", "test", "unlabeled"):
-        raise ConfigError(f"--split {split!r}: choose labeled, val, test or unlabeled")
-    ctx, model = load_run(run_dir, check=(split,) if data is None else (), accept_changed_data=accept_changed_data,
-                          log=log)
-    cfg = ctx.config
-    if data is None:
-        source = ctx.source
-        stems = getattr(ctx.splits, split)
-    else:
-        source = load_source(data, root)
-        stems = source.fixed_splits.get(split) or [s.stem for s in source.samples]
-    if source.classes.num_classes != ctx.classes.num_classes:
-        raise ConfigError(f"--data {data}: {source.classes.num_classes} classes, the model has "
-                          f"{ctx.classes.num_classes}")
-    with progress_bar("evaluate", len(stems), enabled=progress and cfg.train.progress, console=console) as update:
-        res = evaluate_source(model, source, stems, protocol=protocol or cfg.eval.protocol,
-                              size=tuple(cfg.data.size), window=window or cfg.eval.window,
-                              stride=stride or cfg.eval.stride, device=ctx.device, progress=update,
-                              batch_size=batch_size)
-    out = res.to_dict()
-    out["headline"] = res.headline()
-    return out
-
-
-def predict(run_dir: Path, images: Path, out_dir: Path, *, protocol: str | None = None, log: Any = print,
-            progress: bool = True, console: Any = None, batch_size: int = 8) -> Predicted:
-    """Write a PNG mask (class indices, palette) and an overlay for every image in ``images``.
-
-    An image that cannot be read is skipped (and listed in the result); the others are still predicted.
-    ``run_dir`` may also be a model exported by ``semiseg export`` (``.onnx``: predicted by onnxruntime through
-    :mod:`semiseg.deploy.onnx_predict`, the same files)."""
-    import numpy as np
-
-    from semiseg.data.sources import list_images
-    from semiseg.deploy.outputs import write_predictions
-    from semiseg.evaluation.batched import BatchPredictor
-
-    files = list(list_images(Path(images)).values())  # before loading the model: a wrong folder fails fast
-    out_dir = Path(out_dir)
-    check_output_dir(out_dir, 0)
-    if Path(run_dir).suffix == ".onnx":
-        from semiseg.deploy.onnx_predict import predict_folder
-
-        return predict_folder(Path(run_dir), images, out_dir, protocol=protocol, batch_size=batch_size,
-                              progress=progress, console=console, log=log)
-    ctx, model = load_run(run_dir, log=log)
-    cfg = ctx.config
-    predictor = BatchPredictor(model, protocol=protocol or cfg.eval.protocol, size=tuple(cfg.data.size),
-                               window=cfg.eval.window, stride=cfg.eval.stride, num_classes=ctx.classes.num_classes,
-                               device=ctx.device, batch_size=batch_size)
-    return write_predictions(out_dir, ctx.classes.palette(), files, predictor.run, predictor.prepare,
-                             lambda pred: pred.labels().cpu().numpy().astype(np.uint8), batch_size=batch_size,
-                             title="predict", progress=progress and cfg.train.progress, console=console)
+# using a finished run lives in its own module; the API keeps offering it
+from semiseg.finished import evaluate, load_run, predict  # noqa: E402,F401

@@ -28,6 +28,13 @@ def log_line(message: str) -> None:
     console.print(message, markup=False, highlight=False, soft_wrap=True)
 
 
+def _display(no_progress: bool = False) -> None:
+    """Progress of this command's long phases: on stderr unless --no-progress (plain lines when not a terminal)."""
+    from semiseg.progress import configure
+
+    configure(enabled=not no_progress, console=console)
+
+
 SetOption = Annotated[list[str] | None, typer.Option("--set", help="override a config key: a.b=c (repeatable)")]
 NoProgress = Annotated[bool, typer.Option("--no-progress", help="no progress bar (also off when not a terminal)")]
 
@@ -41,7 +48,8 @@ def _pair(value: str | None) -> tuple[int, int] | None:
     return int(parts[0]), int(parts[1])
 
 
-def _print_results(results: dict) -> None:
+def _print_results(results: dict, scored: str = "test") -> None:
+    """The result table; ``scored`` labels the rows of ``results["test"]`` (what was evaluated)."""
     test = results.get("test") or {}
     table = Table(title=f"{results.get('name')} ({results.get('method')})")
     for col in ("split", "metric", "value"):
@@ -50,11 +58,11 @@ def _print_results(results: dict) -> None:
         table.add_row("val", key, f"{value:.4f}")
     for key in ("dice", "iou", "dice_pooled", "miou", "pixel_accuracy"):
         if isinstance(test.get(key), int | float):
-            table.add_row("test", key, f"{test[key]:.4f}")
+            table.add_row(scored, key, f"{test[key]:.4f}")
     for subset, values in (test.get("per_subset") or {}).items():
         for key in ("dice", "iou", "miou"):
             if isinstance(values.get(key), int | float):
-                table.add_row(f"test/{subset}", key, f"{values[key]:.4f}")
+                table.add_row(f"{scored}/{subset}", key, f"{values[key]:.4f}")
     out.print(table)
     for warning in results.get("warnings") or []:
         out.print(f"[bold yellow]warning:[/] {warning}")
@@ -108,20 +116,27 @@ def evaluate(run: Annotated[Path, typer.Argument(help="finished run directory")]
              stride: Annotated[str | None, typer.Option(help="sliding stride H,W")] = None,
              json_out: Annotated[Path | None, typer.Option("--json", help="also write metrics here")] = None,
              accept_changed_data: AcceptOption = False,
+             accept_missing_fingerprint: Annotated[bool, typer.Option(
+                 "--accept-missing-fingerprint", help="evaluate a run whose fingerprint.json is gone, unchecked "
+                 "against the config and data it was made from")] = False,
              no_progress: NoProgress = False) -> None:
     """Evaluate a run's model at original resolution."""
     from semiseg import api
     from semiseg.atomic import atomic_write_text
-    from semiseg.pipeline.preflight import check_writable_file
+    from semiseg.pipeline.preflight import check_writable_file, void_warning
 
+    _display(no_progress)
     if json_out:
         check_writable_file(json_out, "--json")  # before the work, not after it
     res = api.evaluate(run, data=data, root=root, split=split, protocol=protocol, window=_pair(window),
-                       stride=_pair(stride), accept_changed_data=accept_changed_data, log=log_line,
+                       stride=_pair(stride), accept_changed_data=accept_changed_data,
+                       accept_missing_fingerprint=accept_missing_fingerprint, log=log_line,
                        progress=not no_progress, console=console)
     if json_out:
         atomic_write_text(json_out, json.dumps(res, indent=1))
-    _print_results({"name": str(run), "method": "evaluate", "test": res})
+    scored = f"{res['data']}/{res['split']}" if "data" in res else res["split"]
+    _print_results({"name": str(run), "method": "evaluate", "test": res,
+                    "warnings": [w for w in [void_warning(scored, res.get("void_images") or [])] if w]}, scored)
 
 
 @app.command()
@@ -132,6 +147,7 @@ def predict(run: Annotated[Path, typer.Argument(help="finished run directory, or
             no_progress: NoProgress = False) -> None:
     """Segment every image of a folder: PNG masks and overlay images. Unreadable images are skipped, listed,
     and make the exit status 1."""
+    _display(no_progress)
     if run.suffix == ".onnx":  # the deploy path: onnxruntime only, torch is never imported
         from semiseg.deploy.onnx_predict import predict_folder
 
@@ -307,6 +323,7 @@ def report(runs: Annotated[list[Path], typer.Argument(help="run directory (sever
     """A self-contained HTML page (images embedded, opens offline) about a run, or comparing methods."""
     from semiseg.report import write_compare_report, write_run_report
 
+    _display(no_progress)
     if compare:
         path = write_compare_report(runs, out_file, threads=threads, log=log_line)
     elif len(runs) != 1:
@@ -319,6 +336,7 @@ def report(runs: Annotated[list[Path], typer.Argument(help="run directory (sever
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: every error a user can cause ends in one line on stderr and a non-zero exit status."""
+    _display()  # a command with --no-progress sets it again
     try:
         code = app(args=argv, standalone_mode=False)
     except SemisegError as err:

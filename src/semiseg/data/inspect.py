@@ -28,7 +28,8 @@ class InspectReport:
 
     ``mask_values`` counts decoded pixels per value (class index or 255); ``class_shares`` are
     fractions of the non-void labeled pixels. ``empty_masks`` lists stems whose mask has no pixel of
-    an object class (all background / void). ``problems`` holds at most ``max_problems`` entries;
+    an object class (all background, some void); ``void_masks`` those void everywhere (each a problem).
+    ``problems`` holds at most ``max_problems`` entries;
     ``num_problems`` counts them all.
     """
 
@@ -42,6 +43,7 @@ class InspectReport:
     class_shares: dict[str, float] = field(default_factory=dict)
     void_share: float = 0.0
     empty_masks: list[str] = field(default_factory=list)
+    void_masks: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     num_problems: int = 0
     seconds: float = 0.0
@@ -124,6 +126,13 @@ def inspect_source(source: DataSource, *, max_problems: int = 50, workers: int |
             if c is None:
                 continue
             counts += c
+            if c[void] == c.sum():  # no labeled pixel: nothing to learn from, no score (training leaves it out)
+                rep.void_masks.append(s.stem)
+                rep.num_problems += 1
+                if len(rep.problems) < max_problems:
+                    rep.problems.append(f"{s.mask}: every pixel is void ({void}): the image has no label to learn "
+                                        "from or score against; fix the mask or move the image to the unlabeled ones")
+                continue
             objects = c[: source.classes.num_classes].copy()
             if bg is not None:
                 objects[bg] = 0
@@ -175,6 +184,8 @@ def render_report(report: InspectReport, console: Console, *, max_sizes: int = 8
                  f"max {_hw(report.max_size)})")
     head.add_row("empty masks", f"{len(report.empty_masks)}" + (
         f"  e.g. {', '.join(report.empty_masks[:3])}" if report.empty_masks else ""))
+    head.add_row("void-only masks", f"{len(report.void_masks)}" + (
+        f"  e.g. {', '.join(report.void_masks[:3])}" if report.void_masks else ""))
     head.add_row("void pixels", f"{100 * report.void_share:.2f} %")
     head.add_row("problems", str(report.num_problems))
     head.add_row("usable", "[green]yes[/green]" if report.usable else "[red]NO[/red]")

@@ -22,6 +22,7 @@ from semiseg.data.cache import CACHE_FILE_MODE, _HashMemo, default_cache_dir
 from semiseg.data.classes import IGNORE_INDEX, ClassTable
 from semiseg.data.decode import IndexMask
 from semiseg.errors import OutputError
+from semiseg.progress import phase
 
 _MEMO_NAME = "mask-values.json"
 _PROBE = IndexMask(ClassTable(tuple(f"class_{i}" for i in range(255))))  # raw indices, 255 = void
@@ -48,8 +49,12 @@ def mask_values(paths: Sequence[Path], cache_dir: Path | None = None) -> list[fr
         m = _PROBE(path)
         return digest, frozenset(int(v) for v in np.flatnonzero(np.bincount(m.ravel(), minlength=256)))
 
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as ex:
-        found = list(ex.map(values, paths))
+    found: list[tuple[str, frozenset[int]]] = []
+    where = f"{paths[0].parent}: reading every mask for the class table" if paths else ""
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as ex, phase(where, len(paths)) as update:
+        for item in ex.map(values, paths):
+            found.append(item)
+            update(len(found), len(paths))
     hashes.save()
     fresh = {d: sorted(v) for d, v in found if d not in memo}
     if usable and fresh:

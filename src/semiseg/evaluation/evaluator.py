@@ -73,6 +73,8 @@ class EvalResult:
 
     ``per_subset`` maps subset name to the same scores restricted to it; ``mean_of_subsets`` is the
     unweighted mean of those (None without subsets). ``per_image`` lists stem/subset/dice/iou/miou.
+    ``void_images``: stems of images whose mask is void everywhere; they have no score, are left out of
+    every mean and ``n_images``, and are counted (``n_void_images``) so that a reader sees them.
     """
 
     class_names: tuple[str, ...]
@@ -90,6 +92,7 @@ class EvalResult:
     mean_of_subsets: dict[str, Any] | None = None
     per_image: list[dict[str, Any]] = field(default_factory=list)
     protocol: str | None = None
+    void_images: list[str | None] = field(default_factory=list)
 
     @property
     def headline_metric(self) -> str:
@@ -120,6 +123,8 @@ class EvalResult:
             "per_subset": self.per_subset,
             "mean_of_subsets": self.mean_of_subsets,
             "n_images": self.n_images,
+            "n_void_images": len(self.void_images),
+            "void_images": self.void_images,
             "headline_metric": self.headline_metric,
             "confusion_matrix": self.confusion,
         }
@@ -141,6 +146,7 @@ class _Accumulator:
         fg = foreground_index(classes)
         self.fg = None if fg is None else ForegroundScores(fg, classes.ignore_index)
         self.per_image: list[dict[str, Any]] = []
+        self.void_images: list[str | None] = []
         self.any_subset = False
 
     def add(self, pred: torch.Tensor, target: torch.Tensor, stems: Sequence[str | None],
@@ -149,6 +155,12 @@ class _Accumulator:
         cms = confusion_matrices(pred, target, c, self.classes.ignore_index)
         self.cm.add_matrix(cms.sum(0))
         m = cms.cpu().numpy()
+        scored = m.sum((1, 2)) > 0  # a void-only image has no score (not a perfect one): counted, left out
+        self.void_images.extend(stem for stem, ok in zip(stems, scored, strict=True) if not ok)
+        if not scored.all():
+            m = m[scored]
+            stems = [stem for stem, ok in zip(stems, scored, strict=True) if ok]
+            subsets = [sub for sub, ok in zip(subsets, scored, strict=True) if ok]
         image_miou = iou_from_confusion(m)
         image_miou = (nanmean(image_miou, -1) if self.absent == "exclude"
                       else np.nan_to_num(image_miou, nan=0.0).mean(-1))
@@ -192,7 +204,7 @@ class _Accumulator:
             pixel_accuracy=overall["pixel_accuracy"], n_images=len(self.per_image),
             dice=fg.get("dice"), iou=fg.get("iou"), dice_pooled=fg.get("dice_pooled"),
             iou_pooled=fg.get("iou_pooled"), per_subset=per_subset, mean_of_subsets=mean_of_subsets,
-            per_image=self.per_image, protocol=protocol)
+            per_image=self.per_image, protocol=protocol, void_images=self.void_images)
 
 
 def _names(values: Sequence[str | None] | None, n: int, what: str) -> list[str | None]:

@@ -8,6 +8,8 @@ Conventions:
   ``miou(absent="exclude")`` (default) averages over the other classes (``np.nanmean``, as ST++ does);
   ``miou(absent="zero")`` counts such a class as 0, the ``intersection / (union + 1e-10)`` convention of
   GTA-Seg / UniMatch (identical up to ``1e-10 / union``).
+- **Void-only images**: an image whose target is ``ignore_index`` everywhere has no score at all (it is not
+  "empty and predicted empty"): it is left out of every per-image mean and counted (``n_void_images``).
 - **Empty-mask rule** for foreground scores: when truth and prediction are both empty (no foreground
   pixel, e.g. a frame without a polyp predicted as such) Dice = IoU = 1; when exactly one of them is
   empty, Dice = IoU = 0 (this is what the formulas give anyway). Matches ``smp.metrics`` with
@@ -252,6 +254,7 @@ class ForegroundScores:
         self.foreground = foreground
         self.ignore_index = ignore_index
         self.records: list[ImageScore] = []
+        self.void: list[str | None] = []  # stems of images without a scored pixel (left out of the means)
 
     def update(self, pred: ArrayLike, target: ArrayLike, stems: str | Sequence[str | None] | None = None,
                subsets: str | Sequence[str | None] | None = None) -> None:
@@ -268,32 +271,40 @@ class ForegroundScores:
         tp = (pf & tf).sum(1)
         fp = (pf & ~tf).sum(1)
         fn = (~pf & tf).sum(1)
-        self.add_counts(tp, fp, fn, stems, subsets)
+        self.add_counts(tp, fp, fn, stems, subsets, scored=(t != self.ignore_index).sum(1))
 
     def add_counts(self, tp: ArrayLike | Sequence[int], fp: ArrayLike | Sequence[int],
                    fn: ArrayLike | Sequence[int], stems: str | Sequence[str | None] | None = None,
-                   subsets: str | Sequence[str | None] | None = None) -> None:
-        """Add per-image foreground counts (e.g. read off per-image confusion matrices)."""
+                   subsets: str | Sequence[str | None] | None = None,
+                   scored: ArrayLike | Sequence[int] | None = None) -> None:
+        """Add per-image foreground counts (e.g. read off per-image confusion matrices). ``scored``: the number
+        of non-ignored pixels per image; an image with none is counted in :attr:`void`, not scored."""
         counts = [np.asarray(torch.as_tensor(v).cpu(), dtype=np.int64).reshape(-1).tolist()
                   for v in (tp, fp, fn)]
         n = len(counts[0])
         if len(counts[1]) != n or len(counts[2]) != n:
             raise ValueError("tp, fp and fn must have one entry per image")
-        for stem, subset, a, b, c in zip(_names(stems, n, "stems"), _names(subsets, n, "subsets"), *counts,
-                                         strict=True):
+        valid = [1] * n if scored is None else np.asarray(torch.as_tensor(scored).cpu()).reshape(-1).tolist()
+        for stem, subset, a, b, c, v in zip(_names(stems, n, "stems"), _names(subsets, n, "subsets"), *counts,
+                                            valid, strict=True):
+            if v == 0:
+                self.void.append(stem)
+                continue
             self.records.append(ImageScore(stem, subset, dice_score(a, b, c), iou_score(a, b, c), a, b, c))
 
     def merge(self, other: ForegroundScores) -> ForegroundScores:
         """Append another accumulator's images (returns self)."""
         self.records.extend(other.records)
+        self.void.extend(other.void)
         return self
 
     def all_gather(self) -> ForegroundScores:
         """Collect every DDP rank's per-image records on every rank; a no-op without torch.distributed."""
         if _dist_ready():
             parts: list[Any] = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(parts, [asdict(r) for r in self.records])
-            self.records = [ImageScore(**r) for part in parts for r in part]
+            torch.distributed.all_gather_object(parts, ([asdict(r) for r in self.records], self.void))
+            self.records = [ImageScore(**r) for records, _ in parts for r in records]
+            self.void = [stem for _, void in parts for stem in void]
         return self
 
     @staticmethod
@@ -312,8 +323,9 @@ class ForegroundScores:
         }
 
     def summary(self) -> dict[str, float | int]:
-        """dice / iou (per-image means), dice_pooled / iou_pooled, n_images over all images."""
-        return self.summarize(self.records)
+        """dice / iou (per-image means), dice_pooled / iou_pooled, n_images over the scored images, and
+        n_void_images (images without a scored pixel, left out)."""
+        return {**self.summarize(self.records), "n_void_images": len(self.void)}
 
     def by_subset(self) -> dict[str, dict[str, float | int]]:
         """The same summary per subset (records without a subset are grouped under ``"unassigned"``)."""

@@ -15,6 +15,7 @@ from semiseg.data.splits import Splits
 from semiseg.data.types import DataSource
 from semiseg.engine.distributed import DistInfo
 from semiseg.errors import SemisegError
+from semiseg.progress import phase
 
 
 class LeakageError(SemisegError):
@@ -60,10 +61,10 @@ class RunContext:
         if split not in self._arrays:
             stems = getattr(self.splits, split)
             cache_dir = Path(self.config.data.cache_dir) if self.config.data.cache_dir else None
-            self._arrays[split] = load_arrays(
-                self._samples(stems), self.source.decode_mask, tuple(self.config.data.size), cache_dir,
-                with_masks=split != "unlabeled",
-            )
+            with phase(f"decoding the {split} images", len(stems)) as update:  # a first run of a big folder
+                self._arrays[split] = load_arrays(
+                    self._samples(stems), self.source.decode_mask, tuple(self.config.data.size), cache_dir,
+                    with_masks=split != "unlabeled", progress=update)
         return self._arrays[split]
 
     def unlabeled_ground_truth(self) -> CachedArrays:

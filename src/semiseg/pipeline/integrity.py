@@ -128,18 +128,24 @@ def data_changes(recorded: dict[str, Any], current: dict[str, Any]) -> tuple[lis
 
 def check_run(run_dir: Path, config: RunConfig, source: DataSource, splits: Splits, *, names: Iterable[str],
               accept_changed_data: bool, command: str, log: Callable[[str], None] = print,
-              record_acceptance: bool = False) -> None:
+              record_acceptance: bool = False, accept_missing_fingerprint: bool = False) -> None:
     """Refuse a run whose config or data changed since it was made (RunChangedError naming what changed).
 
     ``names`` are the splits whose data matter to ``command``; with ``accept_changed_data`` changed file
-    contents are allowed (and, with ``record_acceptance``, recorded as the run's data from now on)."""
+    contents are allowed (and, with ``record_acceptance``, recorded as the run's data from now on). A run
+    without a fingerprint is refused by ``resume`` and, unless ``accept_missing_fingerprint``, by ``evaluate``:
+    deleting one file must not be a way around these checks."""
     path = run_dir / FINGERPRINT
     if not path.is_file():
         if command == "resume":  # today's defaults could silently change what the unfinished stage does
-            raise RunChangedError(f"{run_dir} has no {FINGERPRINT}: it was made by an older semiseg, whose defaults "
-                                  "may differ from this one's; resume it with the version that made it, or train "
-                                  f"a new run: semiseg train {run_dir / 'config.yaml'} --set name=NEW_NAME")
-        log(f"note: {run_dir} has no {FINGERPRINT} (made by an older semiseg): its config and data are not checked")
+            raise RunChangedError(f"{path} is missing (deleted, or the run was made by a semiseg before fingerprints): "
+                                  "its config and data cannot be checked; restore the file, or train a new run: "
+                                  f"semiseg train {run_dir / 'config.yaml'} --set name=NEW_NAME")
+        if command == "evaluate" and not accept_missing_fingerprint:
+            raise RunChangedError(f"{path} is missing (deleted, or the run was made by a semiseg before fingerprints): "
+                                  "whether the run's config and data are still what it was made from cannot be "
+                                  "checked; restore the file, or evaluate unchecked: --accept-missing-fingerprint")
+        log(f"note: {path} is missing: the run's config and data are not checked")
         return
     try:
         fingerprint = json.loads(path.read_text())

@@ -6,8 +6,11 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from semiseg.data.classes import IGNORE_INDEX
 from semiseg.data.splits import Splits
 from semiseg.data.types import DataSource
 from semiseg.errors import ConfigError, DataError, OutputError
@@ -89,3 +92,48 @@ def check_writable_file(path: Path, option: str) -> None:
             raise PermissionError(13, "Permission denied")
     except OSError as err:
         raise OutputError(f"{option} {path}: cannot write there ({err.strerror})") from None
+
+
+def preflight_run(ctx: Any, log: Callable[[str], None]) -> None:
+    """Everything a fresh run (a :class:`~semiseg.pipeline.context.RunContext`) can fail on before it trains,
+    checked before its directory appears: every mask with a label is decoded (values outside the class table
+    name their files), masks void everywhere are named (:func:`check_void_masks`), the model is built
+    (architecture, encoder, ``model.weights``) and ``out_dir`` is writable with room for a checkpoint."""
+    from semiseg.models.factory import build_model
+
+    for split in ("labeled", "val", "test"):
+        if getattr(ctx.splits, split):
+            check_void_masks(split, ctx.arrays(split), ctx.source, log)
+    model = build_model(ctx.config.model, ctx.classes.num_classes)
+    check_output_dir(ctx.run_dir.parent, checkpoint_bytes(model))
+
+
+def check_void_masks(split: str, arrays: Any, source: DataSource, log: Callable[[str], None]) -> None:
+    """An image whose mask is void (255) everywhere has nothing to learn from and no score: a split made only of
+    such images is a DataError naming a mask; some of them are a warning naming them (they are left out of every
+    score and counted in the results)."""
+    void = void_stems(arrays)
+    if not void:
+        return
+    by_stem = source.by_stem()
+    named = ", ".join(str(by_stem[s].mask) for s in void[:3]) + (f", ... ({len(void)} in all)" if len(void) > 3 else "")
+    use = "to learn from" if split == "labeled" else "to score"
+    if len(void) == len(arrays.stems):
+        raise DataError(f"{split}: every mask is void ({IGNORE_INDEX}) everywhere ({named}): nothing {use}; fix "
+                        f"the masks or put labeled images in the {split} split")
+    log(f"warning: {split}: {len(void)} mask(s) void ({IGNORE_INDEX}) everywhere, nothing {use}: {named}"
+        + ("" if split == "labeled" else "; left out of the scores and counted (n_void_images)"))
+
+
+def void_stems(arrays: Any) -> list[str]:
+    """Stems of decoded arrays whose mask is void everywhere (no pixel to learn from or to score)."""
+    return [stem for stem, mask in zip(arrays.stems, arrays.masks, strict=True) if bool((mask == IGNORE_INDEX).all())]
+
+
+def void_warning(split: str, stems: list[str]) -> str | None:
+    """The results' warning about images of ``split`` left out of its scores because their mask is all void."""
+    if not stems:
+        return None
+    shown = ", ".join(stems[:5]) + (f", ... ({len(stems)} in all)" if len(stems) > 5 else "")
+    return (f"{split}: {len(stems)} image(s) whose mask is void ({IGNORE_INDEX}) everywhere have no score and are "
+            f"left out of the {split} scores: {shown}")
