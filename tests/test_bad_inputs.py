@@ -121,6 +121,13 @@ def _nan_best(env: Env) -> list[str]:
     return ["evaluate", env.run]
 
 
+def _nan_last(env: Env) -> list[str]:
+    state = torch.load(env.ckpt / "last.pt")
+    next(v for v in state["nets"]["model"].values() if v.is_floating_point()).fill_(float("nan"))
+    torch.save(state, env.ckpt / "last.pt")
+    return _unfinished(env)
+
+
 def _remove_pair(data: Path, stem: str) -> None:
     (data / "images" / f"{stem}.png").unlink()
     (data / "masks" / f"{stem}.png").unlink()
@@ -255,6 +262,8 @@ CASES = [
     Case("checkpoint-non-finite", _nan_best, ("non-finite weights",)),
     Case("checkpoint-last-truncated", lambda e: _then(lambda: _truncate(e.ckpt / "last.pt", 100), _unfinished(e)),
          ("last.pt: truncated or corrupt",)),
+    # resumed from, not blamed on the learning rate nor called "the last good checkpoint"
+    Case("checkpoint-last-non-finite", _nan_last, ("last.pt: holds non-finite weights", "cannot be resumed from")),
     Case("checkpoint-all-missing", lambda e: _then(lambda: shutil.rmtree(e.ckpt), ["evaluate", e.run]),
          ("last.pt: checkpoint not found",)),
     Case("checkpoint-not-a-dict", lambda e: _then(lambda: torch.save([1, 2], e.ckpt / "best.pt"),

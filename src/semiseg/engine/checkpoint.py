@@ -53,9 +53,10 @@ def _nearly_full(folder: Path) -> bool:
         return False
 
 
-def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu", *, finite: bool = False) -> dict[str, Any]:
     """A checkpoint, loaded with ``weights_only=True``: a file holding anything but tensors and plain
-    values (a pickle that would run code) is refused, as is a truncated or corrupt file, with its path."""
+    values (a pickle that would run code) is refused, as is a truncated or corrupt file, with its path.
+    ``finite``: also refuse non-finite network weights (a training state to resume from must be sound)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
@@ -73,7 +74,21 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
                               "to restart from the one before, or train again") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: not a semiseg checkpoint (holds a {type(state).__name__}, not a dict)")
+    bad = _non_finite(state.get("nets", state.get("net"))) if finite else []
+    if bad:
+        raise CheckpointError(f"{path}: holds non-finite weights ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}"
+                              "), so it cannot be resumed from; semiseg never saves such weights, the file was "
+                              "damaged or replaced. Delete it to train its stage again from the stage's start")
     return state
+
+
+def _non_finite(weights: Any, prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors in (nested dicts of) ``weights`` holding NaN or inf."""
+    if torch.is_tensor(weights):
+        return [prefix] if weights.is_floating_point() and not bool(torch.isfinite(weights).all()) else []
+    if isinstance(weights, dict):
+        return [k for key, v in weights.items() for k in _non_finite(v, f"{prefix}.{key}" if prefix else str(key))]
+    return []
 
 
 def rng_state() -> dict[str, Any]:

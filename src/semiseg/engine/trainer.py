@@ -256,7 +256,7 @@ class Trainer:
     def fit(self) -> FitResult:
         last = self.ckpt_dir / "last.pt"
         if last.exists():
-            self.load_state_dict(load_checkpoint(last, self.device))
+            self.load_state_dict(load_checkpoint(last, self.device, finite=True))
             self._saved_step = self.step
             self._truncate_metrics()
         elif self.dist.is_main:
