@@ -209,3 +209,42 @@ def test_checkpoint_full_disk_from_torch_keeps_its_message(tmp_path, monkeypatch
     assert seen == [True] and _leftovers(tmp_path, {"last.pt"}) == []
     monkeypatch.undo()
     assert torch.equal(checkpoint.load_checkpoint(path)["w"], torch.zeros(2))
+
+
+KILLED_MID_WRITE = """
+import os, signal, sys
+from pathlib import Path
+from semiseg.atomic import atomic_path
+with atomic_path(Path(sys.argv[1])) as tmp:
+    tmp.write_bytes(b"half a checkpoint")
+    print(tmp, flush=True)
+    if sys.argv[2] == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)  # no clean-up code runs
+    sys.stdin.readline()  # a live writer, still writing
+"""
+
+
+def _writer(target: Path, mode: str) -> tuple[subprocess.Popen, Path]:
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_MID_WRITE, str(target), mode], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    return proc, Path(proc.stdout.readline().strip())
+
+
+def test_temporaries_of_killed_writers_are_removed_and_a_live_writers_kept(tmp_path):
+    from semiseg.atomic import remove_stale_temporaries
+
+    (tmp_path / "run" / "ckpt").mkdir(parents=True)
+    killed, dead_tmp = _writer(tmp_path / "run" / "ckpt" / "last.pt", "kill")
+    assert killed.wait() == -9 and dead_tmp.is_file()  # what a SIGKILL during a checkpoint write leaves
+    live, live_tmp = _writer(tmp_path / "run" / "model.onnx", "live")
+    other_host = tmp_path / "run" / ".model.onnx.w1h000000.abc.tmp.onnx"  # pid 1 of a host we cannot see
+    other_host.write_bytes(b"x")
+    try:
+        assert remove_stale_temporaries(tmp_path / "run", recursive=False) == []  # not below the folder
+        assert remove_stale_temporaries(tmp_path / "run") == [dead_tmp]
+        assert not dead_tmp.exists() and live_tmp.is_file() and other_host.is_file()
+    finally:
+        live.stdin.write("\n")
+        live.stdin.close()
+        live.wait()
+    assert (tmp_path / "run" / "model.onnx").read_bytes() == b"half a checkpoint"  # the live write completed

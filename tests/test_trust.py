@@ -139,3 +139,23 @@ def test_evaluate_shows_progress_whatever_the_runs_training_display(trained, tmp
     assert "evaluate all: 4/4 in" in res.err
     quiet = cli(["evaluate", run, "--data", other, "--no-progress"], capsys)
     assert quiet.code == 0 and quiet.err == ""
+
+
+def test_the_next_command_removes_what_a_killed_checkpoint_writer_left(trained, tmp_path, capsys, monkeypatch):
+    import subprocess
+    import sys
+
+    from tests.test_atomic import KILLED_MID_WRITE
+
+    tmp, run = trained
+    monkeypatch.setenv("SEMISEG_CACHE", str(tmp / "cache"))
+    run = copy_run(run, tmp_path / "run")
+    last = run / "stages" / "0-supervised" / "checkpoints" / "last.pt"
+    writer = subprocess.run([sys.executable, "-c", KILLED_MID_WRITE, str(last), "kill"], capture_output=True,
+                            text=True)
+    left = writer.stdout.strip()
+    assert writer.returncode == -9 and left and (last.parent / left.rsplit("/", 1)[-1]).is_file()
+    res = cli(["evaluate", run, "--no-progress"], capsys)
+    assert res.code == 0, res.err
+    assert sorted(p.name for p in last.parent.iterdir()) == ["best.pt", "last.pt"]
+    assert f"removed {left}, left by a writer that was killed" in res.err

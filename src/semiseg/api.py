@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from semiseg import config as config_layer
-from semiseg.atomic import atomic_write_text
+from semiseg.atomic import atomic_write_text, remove_stale_temporaries, writer_tag
 from semiseg.config import RunConfig, dump_config
 from semiseg.data.presets import load_source
 from semiseg.data.splits import SPLIT_NAMES, Splits, make_splits
@@ -121,6 +121,9 @@ def prepare(config: RunConfig, run_dir: Path, *, console: Any = None, fresh: boo
             _create_run_dir(run_dir, config, splits, make_fingerprint(config, source, splits))
         barrier()
     else:
+        if dist.is_main:
+            for path in remove_stale_temporaries(run_dir):
+                log(f"note: removed {path}, left by a writer that was killed")
         try:
             splits = Splits.read(run_dir / "splits")
         except DataError as err:
@@ -138,7 +141,7 @@ def _create_run_dir(run_dir: Path, config: RunConfig, splits: Splits, fingerprin
     directory."""
     try:
         run_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.creating-", dir=run_dir.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.creating.{writer_tag()}.", dir=run_dir.parent))
     except OSError as err:
         raise output_error(run_dir, err) from None
     try:
@@ -149,7 +152,7 @@ def _create_run_dir(run_dir: Path, config: RunConfig, splits: Splits, fingerprin
             run_dir.rmdir()  # empty: checked by the caller
         os.rename(tmp, run_dir)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # (a SIGKILL leaves a hidden .NAME.creating-* behind, nothing else)
+        shutil.rmtree(tmp, ignore_errors=True)  # (a SIGKILL leaves .NAME.creating.*: the next run here removes it)
         raise
 
 
@@ -282,6 +285,8 @@ def _run_lock(run_dir: Path) -> Iterator[None]:
         return
     check_output_folder(run_dir.parent)  # its own words for an out_dir that is a file or read-only
     made_out_dir = not run_dir.parent.exists()
+    if not made_out_dir:
+        remove_stale_temporaries(run_dir.parent, recursive=False)  # run directories a SIGKILL left half made
     try:
         # keyed by the real path: a symlink to the run (or to out_dir) must meet the same lock
         with exclusive(run_lock_path(run_dir.resolve()), what=f"run {run_dir}", discard=lambda: not run_dir.exists()):

@@ -4,13 +4,21 @@ A reader (or a later run after a kill, a crash or a full disk) sees either the p
 never a half-written file. A write that fails because of where it goes (disk full, read-only folder, no
 permission) is an :class:`~semiseg.errors.OutputError` naming the target.
 
+A SIGKILL runs no clean-up, so every temporary name carries its writer (:func:`writer_tag`: pid and host), and
+:func:`remove_stale_temporaries` lets the next command in a folder remove what dead writers left, never what a
+live one is writing.
+
 Standard library only (plus :mod:`semiseg.errors`): every layer may use it. Publishing a whole folder with
 ``os.replace`` is a different operation and is not done here.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
+import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,7 +32,8 @@ def atomic_path(path: Path | str, *, mode: int | None = None,
                 on_error: Callable[[BaseException, Path], BaseException] | None = None) -> Iterator[Path]:
     """A temporary path next to ``path`` to write into; on normal exit it replaces ``path``.
 
-    The temporary file exists (empty) when the block starts; its name is hidden (``.<name>.<random>.tmp<suffix>``)
+    The temporary file exists (empty) when the block starts; its name is hidden
+    (``.<name>.<writer tag>.<random>.tmp<suffix>``)
     and ends in ``path``'s suffix, so a writer that picks the format from the suffix (PIL, onnx) works. On
     normal exit it is fsynced, chmod'ed to ``mode`` when given (otherwise it keeps mkstemp's 0600) and renamed
     over ``path``. On any exception (in the block, the fsync or the rename) it is removed and the exception
@@ -35,7 +44,8 @@ def atomic_path(path: Path | str, *, mode: int | None = None,
     """
     path = Path(path)
     try:
-        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{writer_tag()}.",
+                                    suffix=f".tmp{path.suffix}")
     except OSError as err:
         raise output_error(path, err) from None
     os.close(fd)
@@ -96,3 +106,42 @@ def fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+_HOST = hashlib.blake2b(socket.gethostname().encode(), digest_size=3).hexdigest()
+_TAGGED = re.compile(r"^\..*\.w(\d+)h([0-9a-f]{6})\.")
+
+
+def writer_tag() -> str:
+    """``w<pid>h<host digest>``: put in a temporary's name, it tells a later process whose temporary it is."""
+    return f"w{os.getpid()}h{_HOST}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: Path, *, recursive: bool = True) -> list[Path]:
+    """Remove the hidden temporaries (files and folders named with :func:`writer_tag`) in ``folder`` (and below
+    it) whose writer ran on this host and is dead: what a SIGKILL mid-write left. A live writer's, or one of
+    another host (whose processes cannot be seen from here), stays. Returns what was removed."""
+    removed: list[Path] = []
+    for root, dirs, files in os.walk(folder):
+        for name in [*files, *dirs]:
+            found = _TAGGED.match(name)
+            if found is None or found.group(2) != _HOST or _alive(int(found.group(1))):
+                continue
+            path = Path(root) / name
+            try:
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            except OSError:
+                continue  # a read-only folder: left for a command that can write there
+            removed.append(path)
+        dirs[:] = [d for d in dirs if recursive and not _TAGGED.match(d)]
+    return removed

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from semiseg.atomic import atomic_path, atomic_write_text
+from semiseg.atomic import atomic_path, atomic_write_text, remove_stale_temporaries
 from semiseg.data.decode import read_image
 from semiseg.deploy.onnx_predict import INSTALL_HINT, METADATA_KEY, OnnxSegmenter, sidecar_path
 from semiseg.errors import ConfigError, SemisegError, output_error
@@ -156,6 +156,7 @@ def export_run(run_dir: Path, out: Path | None = None, *, fmt: str = "onnx", ops
     except OSError as err:
         raise output_error(out, err) from None
     check_writable_file(out, "--out")  # before the tracing and the parity check, not after them
+    remove_stale_temporaries(out.parent, recursive=False)  # an export killed before (its run dir: load_run did)
     model = model.to("cpu").eval()
     meta = metadata(ctx, opset)
     meta["exported_with"].update(onnx=onnx.__version__, onnxruntime=onnxruntime.__version__)
