@@ -3,6 +3,7 @@ the exit status, a message naming the culprit, no traceback, and nothing left ha
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -145,6 +146,33 @@ def _image_dir(env: Env, files: dict[str, bytes]) -> Path:
     return folder
 
 
+GOOD_META = {"preprocessing": {"protocol": "resize", "size": [32, 32], "window": None, "stride": None,
+                               "size_divisor": 32, "pad_mode": "reflect"},
+             "normalization": {"mean": [0.5, 0.5, 0.5]},
+             "classes": {"names": ["background", "object"], "colors": [[0, 0, 0], [255, 255, 255]]}}
+
+
+def _onnx_with_meta(env: Env, text: str | None = None, **preprocessing: object) -> list[str]:
+    """``predict`` with a working one-layer ONNX model whose ``semiseg`` metadata is ``text`` (or GOOD_META with
+    ``preprocessing`` changed): crafted metadata a user may receive."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weight = numpy_helper.from_array(np.ones((2, 3, 1, 1), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["image", "w"], ["logits"])], "g",
+                              [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["b", 3, "h", "w"])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", 2, "h", "w"])],
+                              [weight])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    meta = {**GOOD_META, "preprocessing": {**GOOD_META["preprocessing"], **preprocessing}}
+    helper.set_model_props(model, {"semiseg": json.dumps(meta) if text is None else text})
+    onnx.save(model, str(env.tmp / "model.onnx"))
+    images = _image_dir(env, {"a.png": (env.data / "images" / "img00.png").read_bytes()})
+    return ["predict", env.tmp / "model.onnx", images, env.tmp / "out"]
+
+
 CASES = [
     # -- config ------------------------------------------------------------------------------------------
     Case("unknown-key", lambda e: e.train("train.lrr=1"), ("train.lrr: unknown key",)),
@@ -164,6 +192,12 @@ CASES = [
     Case("yaml-syntax", lambda e: _config(e, "train: [1, 2\n"), ("c.yaml: not valid YAML",)),
     Case("yaml-not-mapping", lambda e: _config(e, "- 1\n- 2\n"), ("c.yaml: the top level must be a mapping",)),
     Case("config-missing", lambda e: ["train", str(e.tmp / "none.yaml")], ("none.yaml: config file not found",)),
+    Case("bench-seeds-not-numbers", lambda e: ["bench", "demo", "--seeds", "abc", "--out-dir", e.runs, "--results",
+                                               e.tmp / "no", "--markdown", e.tmp / "no" / "B.md"],
+         ("--seeds 'abc': expected comma-separated whole numbers",)),
+    Case("batch-size-beyond-memory", lambda e: _then(lambda: e.monkeypatch.setattr(  # the same on any machine
+        "semiseg.pipeline.preflight.available_memory", lambda _device: 8 << 30), e.train("train.batch_size=100000")),
+         ("train.batch_size=100000: a training step needs at least", "cpu has 8.0 GB available")),
     Case("unknown-encoder", lambda e: e.train("model.encoder=nope"), ("encoder='nope'",)),
     # a wrong data root fails a bench once, before any run, not once per run of the matrix
     Case("bench-data-root-missing", lambda e: [
@@ -252,6 +286,19 @@ CASES = [
          ("no images",)),
     Case("predict-only-bad-images", lambda e: ["predict", e.run, _image_dir(e, {"a.png": b"x"}), e.tmp / "out"],
          ("skipped 1 unreadable image(s): a.png",), code=1),
+    Case("onnx-metadata-not-json", lambda e: _onnx_with_meta(e, "{size"),
+         ("model.onnx: semiseg metadata is not valid JSON",)),
+    Case("onnx-metadata-not-an-object", lambda e: _onnx_with_meta(e, "[1, 2]"),
+         ("model.onnx: semiseg metadata (top level): expected a JSON object",)),
+    Case("onnx-metadata-size-wrong-type", lambda e: _onnx_with_meta(e, size="32x32"),
+         ("model.onnx: semiseg metadata preprocessing.size: expected [height, width]", "'32x32'")),
+    Case("onnx-metadata-size-zero", lambda e: _onnx_with_meta(e, size=[0, 0]),
+         ("preprocessing.size: expected [height, width] of whole numbers 1..8192", "[0, 0]")),
+    Case("onnx-metadata-size-huge", lambda e: _onnx_with_meta(e, size=[100000, 100000]),
+         ("preprocessing.size", "[100000, 100000]")),
+    Case("onnx-metadata-protocol", lambda e: _onnx_with_meta(e, protocol=7), ("preprocessing.protocol", "got 7")),
+    Case("onnx-metadata-missing-key", lambda e: _onnx_with_meta(e, json.dumps({"preprocessing": {}})),
+         ("semiseg metadata has no preprocessing.protocol",)),
     # -- checkpoints ------------------------------------------------------------------------------------------------
     Case("checkpoint-truncated", lambda e: _then(lambda: _truncate(e.ckpt / "best.pt", 5000), ["evaluate", e.run]),
          ("best.pt: truncated or corrupt",)),

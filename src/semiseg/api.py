@@ -167,7 +167,7 @@ def _last_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _guarded(run_dir: Path, work: Any, *, fresh: bool) -> dict[str, Any]:
+def _guarded(run_dir: Path, work: Any, *, fresh: bool, batch_size: int) -> dict[str, Any]:
     """Run ``work()``; turn Ctrl-C, a full disk and other write failures into one-line errors that say how to
     go on. A fresh run that fails before its first checkpoint is removed, so the same name can be retried."""
     try:
@@ -188,6 +188,9 @@ def _guarded(run_dir: Path, work: Any, *, fresh: bool) -> dict[str, Any]:
             raise OutputError(f"{err}; after freeing space (or fixing the folder) {how}") from None
         if isinstance(err, SemisegError) and not kept:
             raise type(err)(f"{err} ({run_dir} removed: nothing had been trained yet)") from None
+        if isinstance(err, torch.OutOfMemoryError) or "can't allocate memory" in str(err):
+            raise ConfigError(f"out of memory while training ({str(err).splitlines()[0][:120]}): lower "
+                              f"train.batch_size (now {batch_size}) or data.size; {how}") from None
         raise
 
 
@@ -272,7 +275,8 @@ def _train(config: RunConfig, run_dir: Path, *, fresh: bool, console: Any, log: 
     """Prepare the run (fresh, or resumed and checked) and execute its stages; the caller holds its lock."""
     ctx = prepare(config, run_dir, console=console, fresh=fresh, accept_changed_data=accept_changed_data,
                   command="resume", log=log)
-    return _guarded(run_dir, lambda: _execute(ctx, log, wait_for_shared), fresh=fresh)
+    return _guarded(run_dir, lambda: _execute(ctx, log, wait_for_shared), fresh=fresh,
+                    batch_size=config.train.batch_size)
 
 
 @contextlib.contextmanager

@@ -48,6 +48,13 @@ def _pair(value: str | None) -> tuple[int, int] | None:
     return int(parts[0]), int(parts[1])
 
 
+def _whole_numbers(value: str, option: str) -> list[int]:
+    parts = [p.strip() for p in value.split(",")]
+    if not all(p.isdigit() for p in parts):
+        raise SemisegError(f"{option} {value!r}: expected comma-separated whole numbers (e.g. 0,1,2)")
+    return [int(p) for p in parts]
+
+
 def _print_results(results: dict, scored: str = "test") -> None:
     """The result table; ``scored`` labels the rows of ``results["test"]`` (what was evaluated)."""
     test = results.get("test") or {}
@@ -250,6 +257,7 @@ def bench_run(protocol: Annotated[str, typer.Argument(help="a bundled protocol: 
     from semiseg.bench.matrix import run_bench
     from semiseg.bench.tables import write_benchmarks_md
 
+    seed_list = _whole_numbers(seeds, "--seeds") if seeds else None  # before any worker or run starts
     if workers > 1:
         from semiseg.bench.workers import run_workers
 
@@ -265,7 +273,7 @@ def bench_run(protocol: Annotated[str, typer.Argument(help="a bundled protocol: 
         return
     try:
         run_bench(protocol, methods=methods.split(",") if methods else None,
-                  seeds=[int(s) for s in seeds.split(",")] if seeds else None, out_dir=out_dir,
+                  seeds=seed_list, out_dir=out_dir,
                   results_path=results / f"{protocol}.json", overrides=set_ or [], log=log_line, console=console)
     finally:  # runs that finished reach the tables even when others failed (the exit code says so)
         if any(results.glob("*.json")):

@@ -18,7 +18,6 @@ settings the export recorded (``semiseg`` metadata in the ONNX file, also writte
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -29,12 +28,12 @@ import numpy as np
 from semiseg.data.cache import resize_image
 from semiseg.data.prefetch import group_batches
 from semiseg.data.sources import list_images
+from semiseg.deploy.metadata import PROTOCOLS, parse_metadata
 from semiseg.deploy.outputs import Predicted, write_predictions
 from semiseg.errors import ConfigError, SemisegError
 
 METADATA_KEY = "semiseg"
 INSTALL_HINT = "pip install 'semiseg[export]'  (or: pip install onnx onnxruntime)"
-PROTOCOLS = ("resize", "whole", "sliding_window", "center_crop")
 
 
 def import_onnxruntime() -> Any:
@@ -123,11 +122,14 @@ class OnnxSegmenter:
 
     def _metadata(self, model_path: Path) -> dict[str, Any]:
         text = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+        where = model_path
         if text is None and sidecar_path(model_path).is_file():
-            text = sidecar_path(model_path).read_text()
-        if text is None:
-            raise ConfigError(f"{model_path}: no semiseg metadata (export it with `semiseg export RUN_DIR`)")
-        return json.loads(text)
+            where = sidecar_path(model_path)
+            try:
+                text = where.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as err:
+                raise ConfigError(f"{where}: unreadable ({err})") from None
+        return parse_metadata(text, where)
 
     @property
     def palette(self) -> list[list[int]]:

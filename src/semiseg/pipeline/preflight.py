@@ -98,13 +98,15 @@ def preflight_run(ctx: Any, log: Callable[[str], None]) -> None:
     """Everything a fresh run (a :class:`~semiseg.pipeline.context.RunContext`) can fail on before it trains,
     checked before its directory appears: every mask with a label is decoded (values outside the class table
     name their files), masks void everywhere are named (:func:`check_void_masks`), the model is built
-    (architecture, encoder, ``model.weights``) and ``out_dir`` is writable with room for a checkpoint."""
+    (architecture, encoder, ``model.weights``), the batch fits the device's memory (:func:`check_batch_memory`)
+    and ``out_dir`` is writable with room for a checkpoint."""
     from semiseg.models.factory import build_model
 
     for split in ("labeled", "val", "test"):
         if getattr(ctx.splits, split):
             check_void_masks(split, ctx.arrays(split), ctx.source, log)
     model = build_model(ctx.config.model, ctx.classes.num_classes)
+    check_batch_memory(ctx.config, model, ctx.device)
     check_output_dir(ctx.run_dir.parent, checkpoint_bytes(model))
 
 
@@ -137,3 +139,48 @@ def void_warning(split: str, stems: list[str]) -> str | None:
     shown = ", ".join(stems[:5]) + (f", ... ({len(stems)} in all)" if len(stems) > 5 else "")
     return (f"{split}: {len(stems)} image(s) whose mask is void ({IGNORE_INDEX}) everywhere have no score and are "
             f"left out of the {split} scores: {shown}")
+
+
+def available_memory(device: Any) -> int | None:
+    """Bytes a training step can still allocate on ``device`` (None where that cannot be told)."""
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as fh:
+            fields = dict(line.split(":", 1) for line in fh)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def check_batch_memory(config: Any, model: Any, device: Any) -> None:
+    """A batch size the device cannot hold fails here, naming ``train.batch_size`` and the memory it would need,
+    not in an allocator traceback. The need is a lower bound: the activations one forward pass keeps per image
+    (measured on one image at ``data.size``), times the batch."""
+    import torch
+
+    free = available_memory(device)
+    if free is None:
+        return
+    kept = [0]
+
+    def count(_module: Any, _inputs: Any, output: Any) -> None:
+        kept[0] += sum(t.numel() * 4 for t in (output if isinstance(output, tuple | list) else [output])
+                       if torch.is_tensor(t))
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, *config.data.size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train()
+    need = kept[0] * config.train.batch_size
+    if need > free:
+        h, w = config.data.size
+        raise ConfigError(f"train.batch_size={config.train.batch_size}: a training step needs at least "
+                          f"{need / 2**30:.1f} GB ({kept[0] / MB:.1f} MB of activations per {h}x{w} image) and "
+                          f"{device} has {free / 2**30:.1f} GB available; lower train.batch_size (or data.size)")
