@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -129,6 +130,11 @@ def _nan_last(env: Env) -> list[str]:
     return _unfinished(env)
 
 
+def _black_white(path: Path) -> None:
+    mask = np.array(Image.open(path))
+    Image.fromarray((mask * 255).astype(np.uint8)).save(path)  # the same object, saved as a black/white image
+
+
 def _remove_pair(data: Path, stem: str) -> None:
     (data / "images" / f"{stem}.png").unlink()
     (data / "masks" / f"{stem}.png").unlink()
@@ -210,6 +216,8 @@ CASES = [
         e.tmp / "evil.pt", e.marker) else [], ("evil.pt refused",)),
     Case("weights-not-torch", lambda e: e.train(f"model.weights={e.write('w.pt', 'hello')}"),
          ("w.pt is not a readable PyTorch state dict",)),
+    Case("weights-a-jpeg", lambda e: e.train(f"model.weights={e.tmp / 'w.jpg'}") if not Image.new(
+        "RGB", (8, 8)).save(e.tmp / "w.jpg") else [], ("w.jpg is not a readable PyTorch state dict", "a JPEG image")),
     Case("weights-other-encoder", lambda e: e.train(_other_encoder(e)), ("w.pt does not fit", "another shape")),
     Case("weights-partial", lambda e: e.train(_partial(e)), ("only partly", "segmentation_head.")),
     Case("weights-folder", lambda e: e.train(f"model.weights={e.finished}"), ("is a folder", "best.pt")),
@@ -235,6 +243,14 @@ CASES = [
          ("img04.png", "9x9")),
     Case("data-mask-without-image", lambda e: _then(lambda: (e.data / "images" / "img05.png").unlink(), e.train()),
          ("no image for 1 masks", "'img05'")),
+    Case("data-stem-with-space", lambda e: _then(lambda: [shutil.copy(e.data / d / "img00.png", e.data / d / " x.png")
+                                                       for d in ("images", "masks")], e.train()),
+         ("images/ x.png: a file name that starts or ends with a space", "rename it")),
+    Case("data-size-zero", lambda e: e.train("data.size=[0,64]"), ("data.size:", "at least 1 pixel")),
+    Case("data-bad-mask-format", lambda e: e.train("data.options.mask_format=bogus"),
+         ("data.options.mask_format='bogus': choose one of auto, threshold, index, color",)),
+    Case("data-mask-0-255-among-0-1", lambda e: _then(lambda: _black_white(e.data / "masks" / "img03.png"), e.train()),
+         ("masks hold 0/1 and 1 hold 0/255", "become void in img03.png", "data.options.mask_format=index")),
     Case("data-one-class-name", lambda e: e.train("data.options.classes=[only]"), ("at least two class names",)),
     Case("data-bad-option", lambda e: e.train("data.options.bogus=1"), ("bad option for a folder source",)),
     # -- split files ------------------------------------------------------------------------------------------
@@ -248,6 +264,8 @@ CASES = [
     Case("split-val-without-mask", lambda e: _then(lambda: make_folder(e.data, n=0, unlabeled=1),
                                                    e.train(e.splits(labeled="img00", val="u0"))),
          ("val.txt", "'u0'", "no mask")),
+    Case("split-no-val-file", lambda e: e.train(e.splits(labeled="img00 img01")),
+         ("splits/val.txt: missing or empty",)),
     Case("split-zero-labeled", lambda e: e.train("split.labeled=0"), ("splits.labeled",)),
     # -- run directories -----------------------------------------------------------------------------------------
     Case("train-over-existing-run", lambda e: [*e.train(), "--set", f"out_dir={e.run.parent}", "--set", "name=run"],

@@ -42,6 +42,13 @@ class DataConfig(_Strict):
     benchmark_gt: bool = Field(
         False, description="benchmark mode: the unlabeled images' masks may be read for diagnostics only")
 
+    @field_validator("size")
+    @classmethod
+    def _positive_size(cls, size: tuple[int, int]) -> tuple[int, int]:
+        if min(size) < 1:
+            raise ValueError("the working size [H, W] must be at least 1 pixel each way")
+        return size
+
 
 class SplitConfig(_Strict):
     seed: int = Field(0, description="split seed")

@@ -95,3 +95,20 @@ def table_from_values(folder: Path, paths: Sequence[Path], values: Sequence[froz
     return (f"{folder}: the masks hold values {', '.join(map(str, sorted(found)))} but {gap} in none, so "
             f"{', '.join(map(str, above))} look stray: in {shown}. Fix those masks, or name every class with "
             f"data.options.classes=[name0, name1, ...] ({top + 1} names for values 0..{top})")
+
+
+def mixed_binary_encodings(folder: Path, fmt: str, paths: Sequence[Path],
+                           values: Sequence[frozenset[int]]) -> str | None:
+    """A message when black/white masks (only 0 and 255) sit among 0/1 masks, else None. Read with one rule
+    (``fmt``, decided from the first mask), one kind would silently lose its objects: as class indices 255 is
+    void, and thresholded at 128 a 1 is background."""
+    black_white = [p.name for p, v in zip(paths, values, strict=True) if v == {0, IGNORE_INDEX}]
+    zero_one = [p.name for p, v in zip(paths, values, strict=True) if 1 in v and v <= {0, 1, IGNORE_INDEX}]
+    if not black_white or not zero_one:
+        return None
+    lost = black_white if fmt == "index" else zero_one
+    how = "their 255 (object) pixels become void" if fmt == "index" else "their 1 (object) pixels become background"
+    shown = ", ".join(lost[:3]) + (f", ... ({len(lost)} in all)" if len(lost) > 3 else "")
+    return (f"{folder}: {len(zero_one)} masks hold 0/1 and {len(black_white)} hold 0/255; read as {fmt} masks (decided "
+            f"from {paths[0].name}) {how} in {shown}. Save every mask the same way, or set "
+            "data.options.mask_format=index if 255 marks void pixels there")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from semiseg.atomic import atomic_write_text
 from semiseg.data.classes import ClassTable
-from semiseg.data.decode import choose_mask_format, make_mask_decoder
-from semiseg.data.mask_values import mask_values, table_from_values
+from semiseg.data.decode import MASK_FORMATS, choose_mask_format, make_mask_decoder
+from semiseg.data.mask_values import mask_values, mixed_binary_encodings, table_from_values
 from semiseg.data.types import DataSource, MaskDecoder, Sample
 from semiseg.errors import DataError
 
@@ -101,20 +101,30 @@ def write_stem_list(path: Path, stems: Iterable[str], known: Iterable[str] | Non
     return path
 
 
-def infer_classes(fmt: str, decoder_masks: list[Path]) -> ClassTable:
+def _check_storable_stems(paths: list[Path]) -> None:
+    """A file whose stem a split file could not hold as written (leading or trailing spaces, a leading '#') is
+    named before a run is made of it, not when its split lists are written."""
+    odd = [p for p in paths if p.stem != p.stem.strip() or p.stem.startswith("#")]
+    if odd:
+        raise DataError(f"{odd[0]}: a file name that starts or ends with a space (or starts with '#') cannot be "
+                        f"listed in a split file; rename it (such stems: {_show(sorted({p.stem for p in odd}))})")
+
+
+def infer_classes(fmt: str, decoder_masks: list[Path], values: list[frozenset[int]] | None = None) -> ClassTable:
     """Class table for a folder given without one.
 
     ``threshold`` masks -> binary ``background/object``. ``index`` masks: the values found in *every*
     mask (read once, remembered by content in the decoded cache; 255 = void): values within {0, 1} ->
     binary ``background/object``, ``0..K`` -> classes ``class_0 .. class_K``; values with a gap (0, 1, 7)
-    are a DataError naming the files with the stray values. Pass ``classes`` to be explicit.
+    are a DataError naming the files with the stray values. Pass ``classes`` to be explicit. ``values``: the
+    masks' values when already read.
     """
     if fmt == "threshold":
         return ClassTable.binary("object")
     if fmt != "index":
         raise DataError(f"{decoder_masks[0].parent}: {fmt} masks need an explicit class table "
                         "(pass classes=... with names and colours)")
-    table = table_from_values(decoder_masks[0].parent, decoder_masks, mask_values(decoder_masks))
+    table = table_from_values(decoder_masks[0].parent, decoder_masks, values or mask_values(decoder_masks))
     if isinstance(table, str):
         raise DataError(table)
     return table
@@ -164,6 +174,9 @@ def folder_source(root: str | Path, *, images: str | Path = "images", masks: str
     if no_img:
         raise DataError(f"{img_dir}: no image for {len(no_img)} masks of {mask_dir}: {_show(no_img)}")
 
+    _check_storable_stems([*imgs.values(), *msks.values()])
+    if isinstance(mask_format, str) and mask_format not in MASK_FORMATS:
+        raise DataError(f"data.options.mask_format={mask_format!r}: choose one of {', '.join(MASK_FORMATS)}")
     mask_paths = list(msks.values())
     classes = class_table(classes) if classes is not None else None
     if callable(mask_format):
@@ -172,8 +185,15 @@ def folder_source(root: str | Path, *, images: str | Path = "images", masks: str
         decoder: MaskDecoder = mask_format
     else:
         fmt = choose_mask_format(mask_paths[0]) if mask_format == "auto" else mask_format
+        values = None
+        if mask_format == "auto" and fmt in ("index", "threshold") and (classes is None or classes.is_binary) \
+                and mask_paths[0].suffix.lower() not in (".jpg", ".jpeg"):  # JPEG: compression noise, no values
+            values = mask_values(mask_paths)
+            mixed = mixed_binary_encodings(mask_dir, fmt, mask_paths, values)
+            if mixed:
+                raise DataError(mixed)
         if classes is None:
-            classes = infer_classes(fmt, mask_paths)
+            classes = infer_classes(fmt, mask_paths, values)
         decoder = make_mask_decoder(fmt, classes)
 
     def group(stem: str) -> str | None:
@@ -189,6 +209,7 @@ def folder_source(root: str | Path, *, images: str | Path = "images", masks: str
         both = [s for s in found if s in imgs]
         if both:
             raise DataError(f"{unl_dir}: stems also in {img_dir}: {_show(both)}; a stem must be unique")
+        _check_storable_stems(list(found.values()))
         unl = [Sample(s, p, None, group(s), subset) for s, p in found.items()]
     known = [s.stem for s in [*samples, *unl]]
     fixed = {k: read_stem_list(_resolve(root, v), known) for k, v in (splits or {}).items()}

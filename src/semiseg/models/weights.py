@@ -24,12 +24,36 @@ def _show(keys: list[str], limit: int = 3) -> str:
     return ", ".join(keys[:limit]) + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
+# how files that are not PyTorch weights begin (for a message that says what the file is instead)
+_OTHER_FORMATS = {b"\xff\xd8\xff": "a JPEG image", b"\x89PNG": "a PNG image", b"GIF8": "a GIF image",
+                  b"%PDF": "a PDF document", b"\x1f\x8b": "gzip-compressed", b"\x89HDF": "an HDF5 (Keras) file"}
+
+
+def not_torch_file(path: Path) -> str | None:
+    """What ``path`` is when it cannot be a file ``torch.save`` wrote (a zip archive, or a pickle in the legacy
+    format), else None: a JPEG given as weights is named as one, not as a pickle that could run code."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return None
+    if not head:
+        return "is empty"
+    kind = next((what for magic, what in _OTHER_FORMATS.items() if head.startswith(magic)), None)
+    if kind is None:
+        kind = "text" if all(32 <= b < 127 or b in b"\t\r\n" for b in head) else "of another format"
+    return f"is {kind}, not a PyTorch file"
+
+
 def _read(path: Path) -> Any:
     if path.is_dir():
         raise ConfigError(f"model.weights: {path} is a folder; give a weight file (of a semiseg run: "
                           f"{path}/stages/<i>-<stage>/checkpoints/best.pt)")
     if not path.is_file():
         raise ConfigError(f"model.weights: file not found: {path}")
+    other = not_torch_file(path)
+    if other:
+        raise ConfigError(f"model.weights: {path} is not a readable PyTorch state dict (the file {other}); give "
+                          "a .pt/.pth file saved with torch.save")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:

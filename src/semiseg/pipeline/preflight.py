@@ -19,7 +19,8 @@ MB = 1 << 20
 
 
 def check_split_masks(source: DataSource, splits: Splits, where: str) -> None:
-    """Every stem of a split exists, and labeled / val / test stems have masks (unlabeled need none)."""
+    """Every stem of a split exists, labeled / val / test stems have masks (unlabeled need none), and there are
+    labeled and validation images (a missing test.txt is a run without a test score)."""
     by_stem = source.by_stem()
     for name in ("labeled", "unlabeled", "val", "test"):
         stems = getattr(splits, name)
@@ -36,6 +37,9 @@ def check_split_masks(source: DataSource, splits: Splits, where: str) -> None:
                                 f"{', '.join(map(repr, no_mask[:5]))}); only unlabeled.txt may list them")
     if not splits.labeled:
         raise DataError(f"{where}/labeled.txt: no labeled images")
+    if not splits.val:
+        raise DataError(f"{where}/val.txt: missing or empty: a run needs validation images (they choose its best "
+                        "checkpoint); list some there")
 
 
 def _existing_ancestor(path: Path) -> Path:
