@@ -17,6 +17,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    joined: bool = False  # a process group exists (torchrun), even of one process
 
     @property
     def is_main(self) -> bool:
@@ -24,20 +25,23 @@ class DistInfo:
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        """Under torchrun: networks are wrapped in DDP (SyncBatchNorm with ``train.sync_bn``), also with one
+        process, so that ``--nproc_per_node 1`` runs the code paths of many."""
+        return self.joined or self.world_size > 1
 
 
 def init_distributed(device: torch.device) -> DistInfo:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1); a no-op otherwise."""
+    """Join the process group when launched by torchrun (it sets WORLD_SIZE, RANK and MASTER_ADDR; one process
+    too); a no-op otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if world <= 1 and not ("RANK" in os.environ and "MASTER_ADDR" in os.environ):
         return DistInfo()
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
         # leave the group before the interpreter tears down: exiting with the backend's threads still running
         # can abort the process ("terminate called without an active exception"), a failed run after its work
         atexit.register(shutdown_distributed)
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), joined=True)
 
 
 def shutdown_distributed() -> None:
