@@ -110,8 +110,8 @@ def preflight_run(ctx: Any, log: Callable[[str], None]) -> None:
         if getattr(ctx.splits, split):
             check_void_masks(split, ctx.arrays(split), ctx.source, log)
     model = build_model(ctx.config.model, ctx.classes.num_classes)
-    check_batch_memory(ctx.config, model, ctx.device)
     check_output_dir(ctx.run_dir.parent, checkpoint_bytes(model))
+    check_batch_memory(ctx.config, model, ctx.device)  # last: it moves the model to the meta device
 
 
 def check_void_masks(split: str, arrays: Any, source: DataSource, log: Callable[[str], None]) -> None:
@@ -162,7 +162,8 @@ def available_memory(device: Any) -> int | None:
 def check_batch_memory(config: Any, model: Any, device: Any) -> None:
     """A batch size the device cannot hold fails here, naming ``train.batch_size`` and the memory it would need,
     not in an allocator traceback. The need is a lower bound: the activations one forward pass keeps per image
-    (measured on one image at ``data.size``), times the batch."""
+    (measured on one image at ``data.size``, on the meta device: no memory, no compute; ``model`` ends there),
+    times the batch."""
     import torch
 
     free = available_memory(device)
@@ -177,11 +178,12 @@ def check_batch_memory(config: Any, model: Any, device: Any) -> None:
     hooks = [m.register_forward_hook(count) for m in model.modules() if not list(m.children())]
     try:
         with torch.no_grad():
-            model.eval()(torch.zeros(1, 3, *config.data.size))
+            model.to("meta").eval()(torch.zeros(1, 3, *config.data.size, device="meta"))
+    except Exception:  # noqa: BLE001 - an estimate only: a model the meta device cannot run is not checked here
+        return
     finally:
         for hook in hooks:
             hook.remove()
-        model.train()
     need = kept[0] * config.train.batch_size
     if need > free:
         h, w = config.data.size
