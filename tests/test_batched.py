@@ -99,3 +99,24 @@ def test_progress_off_a_terminal_prints_a_summary_line() -> None:
     with progress_bar("evaluate", 3, enabled=False, console=Console(file=quiet)) as update:
         update(1, 3)
     assert quiet.getvalue() == ""
+
+
+def test_a_data_phase_speaks_only_when_it_lasts_as_the_command_configured(monkeypatch) -> None:
+    import semiseg.progress as progress
+
+    buffer = io.StringIO()
+    console = Console(file=buffer, force_terminal=True, width=200)
+    with progress.phase("reading masks", 3) as update:  # no command configured it: a library call is quiet
+        update(3, 3)
+    progress.configure(enabled=True, console=console)
+    try:
+        with progress.phase("reading masks", 3) as update:  # shorter than FIRST_LINE_S: nothing to say
+            update(3, 3)
+        assert buffer.getvalue() == ""
+        monkeypatch.setattr(progress, "FIRST_LINE_S", 0.0)
+        with progress_bar("training", 10, console=console), progress.phase("reading masks", 3) as update:
+            update(1, 3)  # inside another live display: plain lines, never a second (unnestable) rich bar
+            update(3, 3)
+        assert "reading masks: 1/3 · " in buffer.getvalue() and "reading masks: 3/3 in" in buffer.getvalue()
+    finally:
+        progress.configure(enabled=False)

@@ -1,8 +1,9 @@
 """Progress of long loops (evaluate, predict, report, pseudo labelling, reading every mask of a folder).
 
 On a terminal: a rich bar (``description ━━━ 120/1537 · 8.3 img/s · eta 0:02:51``). Not on a terminal (a log
-file, CI): a plain line once the loop has run ``FIRST_LINE_S`` seconds, then every ``LOG_EVERY_S`` seconds, so a
-long job is never silent for minutes and a log does not fill with redraws.
+file, CI), and for the data layer's phases (:func:`phase`): a plain line once the loop has run ``FIRST_LINE_S``
+seconds, then every ``LOG_EVERY_S`` seconds, so a long job is never silent for minutes and a log does not fill
+with redraws.
 
 Whether progress is shown is a property of the *command and the terminal*, never of a run: the CLI sets it once
 per command (:func:`configure`: ``--no-progress`` turns it off), and a loop deep in the data layer asks for it
@@ -41,11 +42,12 @@ def _eta_text(done: int, total: int, seconds: float) -> str:
 
 @contextlib.contextmanager
 def progress_bar(description: str, total: int, *, enabled: bool | None = True, console: Any = None,
-                 summary: bool = True, unit: str = "img") -> Iterator[ProgressFn]:
+                 summary: bool = True, unit: str = "img", live: bool = True) -> Iterator[ProgressFn]:
     """Yield ``update(done, total)`` (the ``progress`` callback of :func:`evaluate_source` and friends).
 
-    ``enabled=None``: as the command configured (:func:`configure`). ``summary``: off a terminal, a closing
-    line even when the loop was short (otherwise only after a loop that already printed)."""
+    ``enabled=None``: as the command configured (:func:`configure`). ``summary``: with plain lines, a closing
+    line even when the loop was short (otherwise only after a loop that already printed). ``live=False``: plain
+    lines on a terminal too (a loop that may run inside another live display, which rich cannot nest)."""
     if enabled is None:
         enabled, console = _DISPLAY["enabled"], console or _DISPLAY["console"]
     if not enabled or total <= 0:
@@ -56,7 +58,7 @@ def progress_bar(description: str, total: int, *, enabled: bool | None = True, c
 
         console = Console(stderr=True)
     t0 = time.perf_counter()
-    if not console.is_terminal:
+    if not (console.is_terminal and live):
         state = {"next": t0 + FIRST_LINE_S, "done": 0, "printed": False}
 
         def log_line(done: int, total_: int) -> None:
@@ -78,7 +80,7 @@ def progress_bar(description: str, total: int, *, enabled: bool | None = True, c
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[rate]}"), TextColumn("eta"), TimeRemainingColumn(),
-                  console=console, transient=not summary) as bar:
+                  console=console, transient=False) as bar:
         task = bar.add_task(description, total=total, rate=f"- {unit}/s")
 
         def update(done: int, total_: int) -> None:
@@ -90,5 +92,5 @@ def progress_bar(description: str, total: int, *, enabled: bool | None = True, c
 
 def phase(description: str, total: int, unit: str = "file") -> contextlib.AbstractContextManager[ProgressFn]:
     """A step of the data layer that may take minutes on a big folder (reading every mask, say): shown as the
-    command configured, a transient bar on a terminal, and off a terminal only when it lasts."""
-    return progress_bar(description, total, enabled=None, summary=False, unit=unit)
+    command configured, in plain lines and only when it lasts (it may run while a training bar is live)."""
+    return progress_bar(description, total, enabled=None, summary=False, unit=unit, live=False)
