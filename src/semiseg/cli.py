@@ -314,11 +314,20 @@ def bench_merge(files: Annotated[list[Path], typer.Argument(help="result files <
 @bench_app.command("throughput")
 def bench_throughput(steps: Annotated[int, typer.Option(help="timed steps")] = 30,
                      size: Annotated[int, typer.Option(help="square input size")] = 128,
-                     threads: Annotated[int | None, typer.Option(help="torch threads")] = None) -> None:
+                     batch: Annotated[int, typer.Option(min=1, help="images per step and per forward pass")] = 8,
+                     threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
+                     device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N | auto")] = "cpu",
+                     json_out: Annotated[Path | None, typer.Option("--json", help="also write the figures here")] = None
+                     ) -> None:
     """Training and inference speed of the engine against a bare PyTorch loop on the same model and batch."""
+    from semiseg.atomic import atomic_write_text
     from semiseg.bench.throughput import run_throughput
+    from semiseg.engine.distributed import resolve_device
 
-    run_throughput(steps=steps, batch=8, size=size, threads=threads, out=out)
+    figures = run_throughput(steps=steps, batch=batch, size=size, threads=threads, out=out,
+                             device=resolve_device(device))
+    if json_out:
+        atomic_write_text(json_out, json.dumps(figures, indent=1) + "\n")
 
 
 @app.command()
