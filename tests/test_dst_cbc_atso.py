@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from semiseg.api import config_from_dict
@@ -242,6 +243,43 @@ def test_dynamic_loss_on_a_pseudo_then_labeled_batch_by_hand() -> None:
     assert count == 3 * 3 + 2 * 3  # normalised by the non-ignored pixels, not by the weights
 
 
+def test_dst_round_learns_its_pseudo_labels_on_the_strong_view() -> None:
+    """A model that labelled the weak view with confidence ~1 has nothing left to learn there (the dynamic
+    loss of its own labels is ~0); on the strong view (strong_aug, the default) the same labels are a real
+    term, and a cutout's ignored pixels stay out of it."""
+    from semiseg.data.transforms import StrongTransform
+
+    torch.manual_seed(0)
+    net = Pixel()
+    with torch.no_grad():  # logit(1) - logit(0) = 40 (red - 0.5): confident wherever red is not mid-grey
+        net.conv.weight.zero_()
+        net.conv.weight[1, 0] = 40.0
+        net.conv.bias.copy_(torch.tensor([0.0, -20.0]))
+    rng = np.random.default_rng(0)
+    images = rng.choice(np.array([20, 235], np.uint8), size=(4, 16, 16, 3))
+    weak = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    pseudo_labels = net(weak).argmax(1)
+    strong = StrongTransform(p_jitter=1.0, p_gray=1.0, p_blur=0.0, p_cutout=1.0)
+    views = [strong(img, lab.numpy().astype(np.uint8), np.random.default_rng(i))
+             for i, (img, lab) in enumerate(zip(images, pseudo_labels, strict=True))]
+    pseudo = {"image": weak, "mask": pseudo_labels,
+              "image_strong": torch.stack([torch.from_numpy(v).permute(2, 0, 1).float() / 255 for v, _ in views]),
+              "mask_strong": torch.stack([torch.from_numpy(m).long() for _, m in views])}
+    labeled = {"image": weak[:1], "mask": pseudo_labels[:1]}
+    losses = {}
+    for name, batch in (("weak", {k: pseudo[k] for k in ("image", "mask")}), ("strong", pseudo)):
+        task = DstCbcTask(net, None, None, gamma=0.0)  # type: ignore[arg-type]
+        ctx = StepContext(0, torch.device("cpu"), lambda: torch.autocast("cpu", enabled=False),
+                          lambda n, loss, name=name: losses.update({name: loss.item()}))
+        task.train_step({"pseudo": batch, "labeled": labeled}, ctx)
+    assert losses["weak"] < 1e-3  # inert: the weak view teaches the model what it already says
+    assert losses["strong"] > 100 * losses["weak"]
+    x = torch.cat([pseudo["image_strong"], labeled["image"]])
+    y = torch.cat([pseudo["mask_strong"], labeled["mask"]])
+    assert (y == 255).any()  # the cutout
+    assert losses["strong"] == pytest.approx(F.cross_entropy(net(x), y, ignore_index=255).item(), rel=1e-5)
+
+
 def test_legacy_random_resize_distorts_the_aspect_ratio() -> None:
     t = LegacyRandomResize((32, 32), (1.0, 2.0), pad_label=255, hflip=False)
     draws = [t.draw(np.random.default_rng(i)) for i in range(50)]
@@ -282,7 +320,9 @@ def test_atso_never_labels_a_half_with_a_model_trained_on_it(tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     torch.set_num_threads(1)
     spy = Spy(monkeypatch)
-    run, method = synthetic_run(tmp_path, "atso", {"generations": 2, "generation_steps": 4}, size=64, n=48)
+    # one labelling view, so that a half's labels are exactly its labeller's predictions (compared below)
+    run, method = synthetic_run(tmp_path, "atso", {"generations": 2, "generation_steps": 4, "tta_flip": False},
+                                size=64, n=48)
     execute(method, tmp_path)
     plan = method.pipeline
     a, b = atso_halves(list(run.splits.unlabeled), run.stage_seed("atso-halves"))
@@ -394,3 +434,20 @@ def test_resume_mid_round_after_sigkill_equals_uninterrupted(tmp_path: Path) -> 
 
 if __name__ == "__main__":
     main(sys.argv[1])
+
+
+def test_generation_students_learn_the_strong_view_of_flip_fused_labels(tmp_path: Path) -> None:
+    """The ATSO family's defaults (issue 25): labels fuse the image and its flip, and a student's pseudo-labeled
+    items are ST++'s strong view (cutout pixels ignored), never the weak view its teacher labelled."""
+    torch.set_num_threads(1)
+    run, method = synthetic_run(tmp_path, "stso", {"generations": 1, "generation_steps": 2})
+    execute(method, tmp_path)
+    labels = method.pipeline["label-1"]
+    assert method.stages()[1].key["params"]["tta_flip"] is True
+    ds = method.loader([labels], seed=0).dataset
+    item, raw = ds[ds.n_labeled], ds.pseudo[0]  # the first pseudo-labeled item
+    assert item["pseudo"] == 1 and torch.equal(item["image"], raw["image_strong"])
+    assert not torch.equal(item["image"], raw["image"]) and torch.equal(item["mask"], raw["mask_strong"])
+    plain = type(method)(run, method.options.model_copy(update={"strong_aug": False}))
+    item = plain.loader([labels], seed=0).dataset[ds.n_labeled]
+    assert torch.equal(item["image"], raw["image"])

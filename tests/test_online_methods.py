@@ -22,11 +22,13 @@ from semiseg.data.transforms import StrongTransform, cutmix_batch
 from semiseg.engine.loader import EndlessLoader
 from semiseg.engine.task import StepContext
 from semiseg.engine.trainer import Trainer
+from semiseg.losses import LABELED_LOSSES
 from semiseg.methods import gta_seg
 from semiseg.methods.gta_seg import GTASegOptions, GTATask
 from semiseg.methods.mean_teacher import MeanTeacherOptions, MeanTeacherTask
 from semiseg.methods.momentum_pl import MomentumPLOptions, StudentTask, TeacherTask
 from semiseg.methods.online import hard_pseudo_labels, ignore_maps
+from semiseg.methods.schedules import retaining_momentum
 from semiseg.models.factory import param_group_of
 
 
@@ -162,6 +164,27 @@ def test_gta_step_order_and_ta_to_student_scope(tmp_path, scope, moved):
         torch.testing.assert_close(v, 0.5 * at_ta["teacher"][k] + 0.5 * now[k], rtol=0, atol=1e-6)
 
 
+def test_gta_default_transfers_exactly_the_encoder_of_an_smp_unet():
+    """Paper Eq. 9: the TA hands the student its feature extractor only. On an smp Unet the code's scope (all
+    but the 3x3 segmentation head) would move the decoder too: the paper's worst row (Table 5)."""
+    from semiseg.config import ModelConfig
+    from semiseg.models.factory import build_model
+
+    torch.manual_seed(0)
+    student = build_model(ModelConfig(encoder="efficientnet-lite0", weights="none"), 2)
+    lab, unl = streams(repeat=True)
+    task = GTATask(student, lab, unl, GTASegOptions(), seed=5, steps=100)
+    with torch.no_grad():
+        for p in task.nets["ta"].parameters():
+            p.add_(1.0)
+    before = params(student)
+    task.ta_to_student.update(0)  # decay 0: every parameter in scope takes the TA's value
+    after = params(student)
+    moved = {k for k in after if not torch.equal(after[k], before[k])}
+    assert moved == {k for k in after if k.startswith("encoder.")}
+    assert any(k.startswith("decoder.") for k in after) and not any(k.startswith("decoder.") for k in moved)
+
+
 def _hand_gta_loss(logits: torch.Tensor, target: torch.Tensor, teacher: torch.Tensor, drop: float) -> float:
     """GTA's loss by hand in numpy: drop c <= 20th percentile, weights (c + 1) over all pixels."""
     c = teacher.double().softmax(1).amax(1).numpy()
@@ -272,7 +295,7 @@ def test_mean_teacher_ema_warmup_and_student_view(tmp_path, monkeypatch):
 def test_momentum_teacher_stage_ema_per_epoch_and_bn_by_forward(tmp_path):
     torch.manual_seed(0)
     lab, _ = streams(n_lab=6)  # 3 steps per epoch
-    task = TeacherTask(TinySeg(), lab, MomentumPLOptions(ema_every="epoch", ema_horizon=None), steps=1000)
+    task = TeacherTask(TinySeg(), lab, MomentumPLOptions(**MOMENTUM_RELEASED), steps=1000)
     trainer = trainer_for(task, tmp_path)
     m0 = params(task.nets["momentum"])
     bn0 = task.nets["momentum"].encoder[1].running_mean.clone()
@@ -291,9 +314,73 @@ def student_task(tmp_path, **options):
     torch.manual_seed(0)
     lab, unl = streams(n_lab=4, n_unl=6)  # the unlabeled stream (3 steps) defines the epoch
     teacher = TinySeg()
-    released = {"ema_every": "epoch", "ema_horizon": None}  # the code's schedule: the hand values are its
-    task = StudentTask(TinySeg(), teacher, lab, unl, MomentumPLOptions(**{**released, **options}), steps=1000)
+    task = StudentTask(TinySeg(), teacher, lab, unl, MomentumPLOptions(**{**MOMENTUM_RELEASED, **options}),
+                       steps=1000)
     return task, trainer_for(task, tmp_path)
+
+
+# the code's schedule and views: the hand values below are its
+MOMENTUM_RELEASED = {"ema_every": "epoch", "ema_horizon": None, "teacher_view": "student", "teacher_retain": None,
+                     "labeled_loss": "same"}
+
+
+def test_momentum_pl_clean_teacher_labels_the_unnoised_view_in_eval_mode(tmp_path):
+    """The default (paper III-B2): the teacher labels the shared clean view in eval mode, the student learns
+    those labels on its noised copy, never on the view the teacher saw."""
+    torch.manual_seed(0)
+    lab, unl = streams(n_lab=4, n_unl=6, strong=True)
+    task = StudentTask(TinySeg(), TinySeg(), lab, unl, MomentumPLOptions(), steps=100)
+    trainer = trainer_for(task, tmp_path)
+    batch = peek(task.loaders["unlabeled"])
+    assert not torch.equal(batch["image"], batch["image_strong"])
+    teacher_in, student_in, modes = [], [], []
+
+    def see_teacher(module, inputs, output) -> None:
+        teacher_in.append(inputs[0].clone())
+        modes.append(module.training)
+
+    task.nets["teacher"].register_forward_hook(see_teacher)
+    task.nets["student"].register_forward_hook(lambda m, i, o: student_in.append(i[0].clone()))
+    run_steps(trainer, 1)
+    assert torch.equal(teacher_in[0], batch["image"]) and modes[0] is False
+    assert torch.equal(student_in[1], batch["image_strong"])  # [labeled, unlabeled]: the noised copy
+    assert not any(torch.equal(x, batch["image"]) for x in student_in)
+
+
+def test_momentum_pl_online_teacher_keeps_its_share_of_the_stage1_teacher(tmp_path):
+    """teacher_retain: after a whole stage of per-step updates the stage-1 teacher is that share of the online
+    teacher, whatever the number of steps (at the code's 0.99 per step it would be 0.99^steps)."""
+    for steps in (10, 10_000):
+        d = retaining_momentum(0.5, steps)
+        assert d ** steps == pytest.approx(0.5)
+    torch.manual_seed(0)
+    lab, unl = streams(n_lab=4, n_unl=6, strong=True)
+    task = StudentTask(TinySeg(), TinySeg(), lab, unl, MomentumPLOptions(teacher_retain=0.5), steps=6)
+    trainer = trainer_for(task, tmp_path)
+    t0 = params(task.nets["teacher"])
+    with torch.no_grad():  # a student pinned at zero makes the teacher's share readable: t_U = d^U t_0
+        for p in task.nets["student"].parameters():
+            p.zero_()
+    run_steps(trainer, 6, optimize=lambda name, loss: None)
+    for k, v in params(task.nets["teacher"]).items():
+        torch.testing.assert_close(v, 0.5 * t0[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["cross-entropy", "dice", "cross-entropy+dice"])
+def test_momentum_pl_labeled_loss_is_the_named_loss_in_both_stages(tmp_path, name):
+    torch.manual_seed(0)
+    lab, unl = streams(n_lab=4, n_unl=6, strong=True)
+    options = MomentumPLOptions(labeled_loss=name)
+    batch = peek(lab)
+    task = TeacherTask(TinySeg(), lab, options, steps=10)
+    expected = LABELED_LOSSES[name](task.nets["model"](batch["image"]), batch["mask"]).item()
+    logs = run_steps(trainer_for(task, tmp_path / "t"), 1)
+    assert logs[0]["loss"] == pytest.approx(expected, rel=1e-5)
+    student = StudentTask(TinySeg(), TinySeg(), lab, unl, options, steps=10)
+    batch = peek(lab)
+    expected = LABELED_LOSSES[name](student.nets["student"](batch["image"]), batch["mask"]).item()
+    logs = run_steps(trainer_for(student, tmp_path / "s"), 1)
+    assert logs[0]["loss_labeled"] == pytest.approx(expected, rel=1e-5)
 
 
 @pytest.mark.parametrize("cadence", ["epoch", "step"])

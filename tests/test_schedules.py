@@ -136,8 +136,14 @@ def test_dst_cbc_trained_steps_follow_the_delivered_lineage(monkeypatch, round_m
 
 def test_trained_steps_of_the_generation_and_online_methods():
     assert method_for("self-learning", steps=1000, generations=1, generation_steps=500).trained_steps() == 1500
-    assert method_for("self-learning", steps=1000).trained_steps() == 6000  # 5 continual generations
-    assert method_for("stso", steps=1000, generations=3).trained_steps() == 1000  # from scratch
+    assert method_for("self-learning", steps=1000, generation_scale=1).trained_steps() == 6000  # 5 continual gens
+    # default: the epoch rule, a student sized to its set (4 labeled x 3 + 10 pseudo = 11 batches, 6 epochs)
+    assert method_for("stso", generations=1).trained_steps() == 66
+    assert method_for("self-learning", generations=2).trained_steps() == 12 + 66 + 66
+    assert method_for("stso", generations=1, oversample_labeled=False).trained_steps() == 7 * 6  # 14 images
+    atso = method_for("atso", generations=1)  # halves of 5: 4 x 2 + 5 = 13 images = 6 batches; final as stso
+    assert [atso.pipeline[n].steps for n in ("student-1A", "student-1B", "final")] == [36, 36, 66]
+    assert method_for("stso", steps=1000, generations=3, generation_scale=1).trained_steps() == 1000  # from scratch
     assert method_for("atso", steps=1000, generation_steps=800).trained_steps() == 800
     for name in ("supervised", "mean-teacher", "momentum-pl", "gta-seg", "fixmatch", "unimatch"):
         assert method_for(name, steps=1000).trained_steps() == 1000, name
@@ -242,3 +248,33 @@ def test_a_tiny_momentum_pl_run_delivers_a_net_that_moved(tmp_path, monkeypatch)
                                                                    if extra else {})}
     assert moved["step"][0] > MOVED_WARNING and not moved["step"][1]
     assert moved["epoch"][0] < MOVED_WARNING and "barely moved" in moved["epoch"][1][0]
+
+
+# ------------------------------------------------------------------------ the options of issue 25 are keyed
+@pytest.mark.parametrize("method,option,value,stage", [
+    ("gta-seg", "ta_to_student_scope", "all_but_classifier", "gta-seg"),
+    ("gta-seg", "ta_schedule", "poly", "gta-seg"),
+    ("momentum-pl", "labeled_loss", "dice", "teacher"),
+    ("momentum-pl", "labeled_loss", "dice", "student"),
+    ("momentum-pl", "teacher_view", "student", "student"),
+    ("momentum-pl", "teacher_retain", 0.3, "student"),
+    ("momentum-pl", "teacher_mode", "train", "student"),
+    ("stso", "generation_scale", 2.0, "student-1"),
+    ("stso", "strong_aug", False, "student-1"),
+    ("stso", "tta_flip", False, "label-1"),
+    ("atso", "generation_scale", 2.0, "final"),
+    ("self-learning", "strong_aug", False, "student-1"),
+    ("dst-cbc", "strong_aug", False, "round-1"),
+    ("dst-cbc", "round_lr_scale", 0.1, "round-1"),
+])
+def test_a_changed_option_is_never_served_a_stage_trained_without_it(method, option, value, stage):
+    extra = {"generations": 1} if method in ("stso", "atso", "self-learning") else {}
+    base, changed = method_for(method, **extra), method_for(method, **extra, **{option: value})
+    assert base.pipeline[stage].key_hash != changed.pipeline[stage].key_hash
+
+
+def test_momentum_pl_student_options_leave_the_shared_teacher_stage_alone():
+    base = method_for("momentum-pl")
+    for option, value in (("teacher_view", "student"), ("teacher_retain", 0.3), ("teacher_mode", "train")):
+        assert method_for("momentum-pl", **{option: value}).pipeline["teacher"].key_hash == \
+            base.pipeline["teacher"].key_hash, option

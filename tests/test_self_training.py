@@ -473,8 +473,8 @@ def test_plans_and_key_chain(tmp_path: Path) -> None:
 def test_supervised_dice_control_is_its_own_stage_and_minimises_dice(tmp_path: Path) -> None:
     """``supervised loss=dice`` (momentum-pl's loss without its pseudo labels) must not reuse the cross-entropy
     teacher every other method shares, and its step must optimise the Dice loss."""
-    from semiseg.losses import cross_entropy, dice_loss
-    from semiseg.methods.supervised import SUPERVISED_LOSSES, SupervisedTask
+    from semiseg.losses import LABELED_LOSSES, cross_entropy, dice_loss
+    from semiseg.methods.supervised import SupervisedTask
 
     data, out = tmp_path / "data", tmp_path / "runs"
     _, ce = synthetic_run(data, out, "ce", "supervised")
@@ -503,5 +503,5 @@ def test_supervised_dice_control_is_its_own_stage_and_minimises_dice(tmp_path: P
         got = SupervisedTask(net, None, loss=loss_fn).train_step({"labeled": {"image": logits, "mask": mask}}, ctx)
         assert got["loss"] == pytest.approx(loss_fn(logits, mask).item())
     assert dice_loss(logits, mask).item() != pytest.approx(cross_entropy(logits, mask).item())
-    both = SUPERVISED_LOSSES["cross-entropy+dice"](logits, mask)
+    both = LABELED_LOSSES["cross-entropy+dice"](logits, mask)
     assert both.item() == pytest.approx(dice_loss(logits, mask).item() + cross_entropy(logits, mask).item())

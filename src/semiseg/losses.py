@@ -11,10 +11,13 @@ something else, the difference is a keyword argument documented on the function:
   Tversky; the code uses Dice; ``tversky_loss(alpha=beta=0.5)`` is the same loss.
 - ``dynamic_cross_entropy``: DST-CBC ``DynamicLoss``.
 - ``confidence_weighted_cross_entropy``: GTA-Seg ``compute_unsupervised_loss_conf_weight``.
+- ``labeled_loss(name)``: the labeled term chosen by name (cross-entropy, Dice or both), for every method
+  that offers the choice.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -275,3 +278,22 @@ def weighted_cross_entropy(logits: Tensor, target: Tensor, weight: Tensor, *,
         return _zero(logits)
     ce = F.cross_entropy(logits.float(), target.long(), ignore_index=ignore_index, reduction="none")
     return (weight * ce).sum() / weight.sum()
+
+
+# ------------------------------------------------------------------------------ labeled losses by name
+def cross_entropy_plus_dice(logits: Tensor, target: Tensor) -> Tensor:
+    """``CE + Dice``, equal weights: the combination segmentation practice (e.g. nnU-Net) trains with."""
+    return cross_entropy(logits, target) + dice_loss(logits, target)
+
+
+LabeledLossName = Literal["cross-entropy", "dice", "cross-entropy+dice"]
+LABELED_LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "cross-entropy": cross_entropy, "dice": dice_loss, "cross-entropy+dice": cross_entropy_plus_dice}
+
+
+def labeled_loss(name: str) -> Callable[[Tensor, Tensor], Tensor]:
+    """The loss of labeled pixels chosen by name (one place for every method that offers the choice)."""
+    try:
+        return LABELED_LOSSES[name]
+    except KeyError:
+        raise ValueError(f"unknown labeled loss {name!r}; choose one of {sorted(LABELED_LOSSES)}") from None

@@ -169,6 +169,18 @@ def strong_transform(**options: object) -> StrongTransform:
     return StrongTransform(**options)  # type: ignore[arg-type]
 
 
+def _polyp_paper_geometry(border_mode: int) -> list[A.BasicTransform]:
+    return [A.Affine(scale=(0.8, 1.2), translate_percent={"x": (-0.2, 0.2), "y": (-0.2, 0.2)}, rotate=(-30, 30),
+                     shear=(0, 0), interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST,
+                     border_mode=border_mode, fill=0, fill_mask=IGNORE_INDEX, p=0.5),
+            A.VerticalFlip(p=0.5), A.RandomRotate90(p=0.5)]
+
+
+def _polyp_paper_noise() -> list[A.BasicTransform]:
+    return [A.RGBShift(r_shift_limit=25, g_shift_limit=25, b_shift_limit=25, p=0.5),
+            A.RandomBrightnessContrast(brightness_limit=0.3, contrast_limit=0.3, p=0.5)]
+
+
 def polyp_paper_transform(*, border_mode: int = cv2.BORDER_REFLECT_101) -> AlbuPair:
     """The polyp paper's augmentation of unlabeled images.
 
@@ -177,15 +189,20 @@ def polyp_paper_transform(*, border_mode: int = cv2.BORDER_REFLECT_101) -> AlbuP
     used by default — RGBShift(25, p 0.5), RandomBrightnessContrast(0.3, 0.3, p 0.5), VerticalFlip p 0.5,
     RandomRotate90 p 0.5. Needs a square working size.
     """
-    return AlbuPair([
-        A.Affine(scale=(0.8, 1.2), translate_percent={"x": (-0.2, 0.2), "y": (-0.2, 0.2)}, rotate=(-30, 30),
-                 shear=(0, 0), interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST,
-                 border_mode=border_mode, fill=0, fill_mask=IGNORE_INDEX, p=0.5),
-        A.RGBShift(r_shift_limit=25, g_shift_limit=25, b_shift_limit=25, p=0.5),
-        A.RandomBrightnessContrast(brightness_limit=0.3, contrast_limit=0.3, p=0.5),
-        A.VerticalFlip(p=0.5),
-        A.RandomRotate90(p=0.5),
-    ], square_only="polyp_paper_transform")
+    affine, vflip, rot90 = _polyp_paper_geometry(border_mode)
+    return AlbuPair([affine, *_polyp_paper_noise(), vflip, rot90], square_only="polyp_paper_transform")
+
+
+def polyp_paper_geometry(*, border_mode: int = cv2.BORDER_REFLECT_101) -> AlbuPair:
+    """The geometric part of :func:`polyp_paper_transform` (affine, flip, rot90): a view the teacher and the
+    student share, so that a teacher's labels of it line up with the student's noised copy pixel for pixel."""
+    return AlbuPair(_polyp_paper_geometry(border_mode), square_only="polyp_paper_geometry")
+
+
+def polyp_paper_noise() -> AlbuPair:
+    """The photometric part of :func:`polyp_paper_transform` (RGB shift, brightness / contrast): the input
+    noise of the student's view, applied on top of the shared geometry (mask untouched)."""
+    return AlbuPair(_polyp_paper_noise())
 
 
 def polyp_labeled_transform() -> AlbuPair:

@@ -7,10 +7,11 @@ its pixels by confidence (CBC, :class:`~semiseg.pseudo.policies.ClassBalanced`, 
 every ``sample_stride``-th pixel), then FINE-TUNES that model (no re-initialisation) with a new optimizer
 and a restarted poly schedule (a new Trainer per round = the released optimizer reset), on batches
 ``[pseudo; labeled]`` with the dynamic loss (pseudo pixels weighted by the student's own detached
-probability of the pseudo class ** gamma). The pseudo loader defines the epoch; the labeled loader
-restarts when exhausted. The delivered model is the best so far after the last round. Optimizer, lr and
-its schedule are the run's ``train`` section (released: SGD momentum 0.9, lr 0.002 = the supervised lr,
-weight decay 5e-4, one lr for backbone and head, poly per round); labelling is one eval-mode forward
+probability of the pseudo class ** gamma); the pseudo-labeled images enter as ST++'s strong view
+(``strong_aug``, our addition) at ``round_lr_scale`` x the run's rate. The pseudo loader defines the epoch;
+the labeled loader restarts when exhausted. The delivered model is the best so far after the last round.
+Optimizer, lr and its schedule are the run's ``train`` section (released: SGD momentum 0.9, lr 0.002 = the
+supervised lr, weight decay 5e-4, one lr for backbone and head, poly per round); labelling is one eval-mode forward
 at the working size, no TTA (released: a fixed resize to the crop size); each image's pixels are
 sampled separately, the released code samples the flattened batch (the same pixels when H·W is a
 multiple of ``sample_stride``). A round lasts ``round_scale`` x ``train.steps`` (default 0.2: the curriculum
@@ -77,6 +78,16 @@ class DstCbcOptions(MethodOptions):
     cbc_rule: Literal["legacy", "threshold"] = Field("legacy", description=(
         "legacy: label = argmax of p/k, 255 where max p/k < 1 (released dst-cbc branch, reproduced); "
         "threshold: raw argmax kept where p >= k of its class (the scale branch)"))
+    strong_aug: bool = Field(True, description=(
+        "the pseudo-labeled images of a round are ST++'s strong view (colour jitter, grey, blur, cutout; "
+        "its Fig. 3a calls it vital); our addition. The released code and the paper train on the weak view "
+        "(false), where the selected pixels are the ones the model already predicts with confidence ~1, so "
+        "their CE and the dynamic loss are ~0 and a round has little to learn from them"))
+    round_lr_scale: float = Field(1.0, gt=0, description=(
+        "each round's learning rate as a multiple of train.lr (released: the supervised rate, with SGD, whose "
+        "momentum restarts gently). A fresh adaptive optimizer (Adam/AdamW) at the full rate moves every "
+        "weight by about the rate in its first steps, knocking a converged model off its optimum: a smaller "
+        "scale fine-tunes"))
     legacy_random_resize: bool = Field(False, description=(
         "true reproduces the released RandomResize (height and width scaled independently by "
         "train.augment.scale: aspect distorted); false (default) fixes it with the run's aspect-preserving "
@@ -117,16 +128,18 @@ class LegacyRandomResize:
 class DstCbcTask(TrainingTask):
     """One self-training round: dynamic CE on ``[pseudo; labeled]`` batches (pseudo loader first)."""
 
-    def __init__(self, model: nn.Module, pseudo: EndlessLoader, labeled: EndlessLoader, gamma: float) -> None:
+    def __init__(self, model: nn.Module, pseudo: EndlessLoader, labeled: EndlessLoader, gamma: float, *,
+                 lr: float | None = None) -> None:
         self.nets = {"model": model}
         self.loaders = {"pseudo": pseudo, "labeled": labeled}
-        self.optimized = [Optimized("model")]
+        self.optimized = [Optimized("model", lr=lr)]
         self.gamma = gamma
 
     def train_step(self, batches: dict[str, Any], ctx: StepContext) -> dict[str, float]:
         p, lab = batches["pseudo"], batches["labeled"]
-        x = torch.cat([p["image"], lab["image"]])
-        y = torch.cat([p["mask"], lab["mask"]])
+        strong = "image_strong" in p  # the pseudo-labeled images' strong view, when the round has one
+        x = torch.cat([p["image_strong" if strong else "image"], lab["image"]])
+        y = torch.cat([p["mask_strong" if strong else "mask"], lab["mask"]])
         with ctx.autocast():
             logits = self.nets["model"](x)
         loss = dynamic_cross_entropy(logits, y, gamma=self.gamma, pseudo_count=p["image"].shape[0])
@@ -197,13 +210,15 @@ class DstCbc(Method[DstCbcOptions]):
                                                hflip=aug.hflip)
             masks, used = pseudo_masks(run, [(labels.path, labels.round().stems)])
             unl, lab = run.arrays("unlabeled"), run.arrays("labeled")
-            pseudo = make_dataset(run, unl.images, masks, used, seed=seed + 1, transform=transform)
+            pseudo = make_dataset(run, unl.images, masks, used, seed=seed + 1, transform=transform,
+                                  strong=o.strong_aug)
             labeled = make_dataset(run, lab.images, lab.masks, range(len(lab.stems)), seed=seed,
                                    transform=transform)
             pseudo_bs = run.config.train.unlabeled_batch_size or run.config.train.batch_size
             return DstCbcTask(source.resolve().model(),  # fine-tune the best model so far
                               make_loader(run, pseudo, pseudo_bs, seed + 1),
-                              make_loader(run, labeled, run.config.train.batch_size, seed), o.gamma)
+                              make_loader(run, labeled, run.config.train.batch_size, seed), o.gamma,
+                              lr=run.config.train.lr * o.round_lr_scale)
 
         return task
 

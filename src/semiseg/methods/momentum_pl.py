@@ -5,10 +5,15 @@ and the best momentum net are each selected on validation.
 
 Stage 2 — student (Algorithm 1), from scratch; every step:
 
-1. the teacher (best momentum teacher, or best raw teacher) labels the unlabeled batch — the SAME
-   augmented view the student sees — soft ``softmax`` probabilities or hard labels;
-2. the student minimises ``Dice(labeled) + 0.3 · Dice(unlabeled, pseudo labels)``;
-3. online: teacher := EMA of the student (offline: the teacher never changes);
+1. the teacher (best momentum teacher, or best raw teacher) labels the unlabeled batch — soft ``softmax``
+   probabilities or hard labels — on the view that is not noised: the paper (III-B2) trains the noised student
+   "to be consistent with the teacher that is not noised". ``teacher_view=clean`` (default): teacher and
+   student share the augmentation's geometry, only the student's copy gets its photometric noise, and the
+   teacher labels in eval mode; ``teacher_view=student`` is the released code (the teacher labels the
+   student's own noised view, in train mode: ``teacher_mode``);
+2. the student minimises ``L(labeled) + 0.3 · Dice(unlabeled, pseudo labels)``, L = ``labeled_loss``;
+3. online: teacher := EMA of the student (offline: the teacher never changes), its momentum chosen so that
+   the stage-1 teacher keeps ``teacher_retain`` of the weights at the end of the stage, at any budget;
 4. momentum student := EMA of the student; the momentum student is the delivered model.
 
 EMA is parameters only; a momentum net's BN statistics come from a no-grad train-mode forward on each
@@ -33,14 +38,20 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from semiseg.config import RunConfig
-from semiseg.data.transforms import polyp_labeled_transform, polyp_paper_transform
+from semiseg.data.transforms import (
+    StrongTransform,
+    polyp_labeled_transform,
+    polyp_paper_geometry,
+    polyp_paper_noise,
+    polyp_paper_transform,
+)
 from semiseg.engine.loader import EndlessLoader
 from semiseg.engine.task import Optimized, StepContext, TrainingTask
 from semiseg.errors import ConfigError
-from semiseg.losses import dice_loss, tversky_loss
+from semiseg.losses import LabeledLossName, dice_loss, labeled_loss, tversky_loss
 from semiseg.methods.online import labeled_stream, teacher_forward, unlabeled_stream, weak_view
 from semiseg.methods.registry import Method, MethodOptions, register
-from semiseg.methods.schedules import capped_momentum
+from semiseg.methods.schedules import capped_momentum, retaining_momentum
 from semiseg.models.ema import EMA, frozen_copy
 from semiseg.pipeline.context import RunContext
 from semiseg.pipeline.plan import Pipeline
@@ -59,6 +70,21 @@ class MomentumPLOptions(MethodOptions):
     unsup_weight: float = Field(0.3, ge=0, description="weight of the unlabeled loss (code: beta = 0.3)")
     loss: Literal["dice", "tversky"] = Field(
         "dice", description="code: smp DiceLoss (binary, batch-global); the paper says Tversky")
+    labeled_loss: LabeledLossName | Literal["same"] = Field("cross-entropy", description=(
+        "loss of the labeled images in both stages. same: the `loss` option, as the code (Dice) and the paper "
+        "(Tversky). Default cross-entropy, chosen on validation: the supervised controls of the polyp protocol "
+        "validate at Dice 0.715 with cross-entropy, 0.704 with cross-entropy+dice and 0.696 with Dice (mean of "
+        "split seeds 0-2, benchmarks/results/polyp-notes.md); the unlabeled term keeps `loss`"))
+    teacher_view: Literal["clean", "student"] = Field("clean", description=(
+        "what the teacher labels. clean: the paper (III-B2, the student noised, the teacher not): both share the "
+        "augmentation's geometry and only the student's copy gets its photometric noise (augment=polyp: RGB "
+        "shift, brightness / contrast; augment=run: ST++'s colour jitter, grey, blur). student: the code, the "
+        "teacher labels the student's own noised view"))
+    teacher_retain: float | None = Field(0.5, gt=0, lt=1, description=(
+        "online teacher: the stage-1 teacher's share of its weights at the end of the stage; the EMA momentum "
+        "is retain ** (1 / updates), so the teacher moves as far at 300 steps as at 30,000 (the paper updates "
+        "it once per epoch; per step at teacher_ema_momentum 0.99 the stage-1 teacher is 37 % of it after 100 "
+        "steps and 5 % after 300). null: teacher_ema_momentum as given, capped by ema_horizon (before)"))
     tversky_alpha: float = Field(0.5, ge=0, description="Tversky FP weight (paper: no value; 0.5 = Dice)")
     tversky_beta: float = Field(0.5, ge=0, description="Tversky FN weight (paper: no value; 0.5 = Dice)")
     loss_reduction: Literal["batch", "image"] = Field("batch", description=(
@@ -79,12 +105,21 @@ class MomentumPLOptions(MethodOptions):
     momentum_init: Literal["copy", "independent"] = Field("copy", description=(
         "a momentum net starts as a copy of its net; independent: a second freshly built model, as the code "
         "does (there with ImageNet encoders, so only its decoder differs)"))
-    teacher_mode: Literal["train", "eval"] = Field("train", description=(
-        "mode of the teacher when it labels: train (code: BN batch statistics, dropout active) or eval"))
+    teacher_mode: Literal["train", "eval", "auto"] = Field("auto", description=(
+        "mode of the teacher when it labels: train (code: BN batch statistics, dropout active) or eval (not "
+        "noised, the paper); auto: eval with teacher_view=clean, train with teacher_view=student"))
     augment: Literal["polyp", "run"] = Field("polyp", description=(
         "polyp: the paper's augmentation (labeled: vflip + rot90; unlabeled: shift-scale-rotate, RGB shift, "
         "brightness/contrast, flips; square data.size only); run: the run's weak augmentation for both"))
     teacher_steps: int | None = Field(None, gt=0, description="steps of stage 1 (default train.steps)")
+
+
+def _labeled_loss(opt: MomentumPLOptions, logits: Tensor, target: Tensor) -> Tensor:
+    return _loss(opt, logits, target) if opt.labeled_loss == "same" else labeled_loss(opt.labeled_loss)(logits, target)
+
+
+def _teacher_train_mode(opt: MomentumPLOptions) -> bool:
+    return opt.teacher_mode == "train" or (opt.teacher_mode == "auto" and opt.teacher_view == "student")
 
 
 def _loss(opt: MomentumPLOptions, logits: Tensor, target: Tensor | None,
@@ -120,10 +155,13 @@ class _MomentumMixin:
             for ema in self.emas:
                 ema.update()
 
+    def _updates(self, steps: int, epoch_steps: int) -> int:
+        return steps if self.opt.ema_every == "step" else steps // epoch_steps
+
     def _ema(self, source: nn.Module, target: nn.Module, momentum: float, steps: int,
              epoch_steps: int) -> EMA:
         """An EMA at the option's cadence, its momentum capped by the stage's number of updates."""
-        updates = steps if self.opt.ema_every == "step" else steps // epoch_steps
+        updates = self._updates(steps, epoch_steps)
         return EMA(source, target, momentum=capped_momentum(momentum, updates, self.opt.ema_horizon),
                    buffers=self.opt.momentum_bn == "ema")
 
@@ -147,7 +185,7 @@ class TeacherTask(_MomentumMixin, TrainingTask):
     def train_step(self, batches: dict[str, Any], ctx: StepContext) -> dict[str, float]:
         batch = batches["labeled"]
         with ctx.autocast():
-            loss = _loss(self.opt, self.nets["model"](batch["image"]), batch["mask"])
+            loss = _labeled_loss(self.opt, self.nets["model"](batch["image"]), batch["mask"])
         ctx.optimize("model", loss)
         self._after_step(batch["image"])
         return {"loss": loss.item()}
@@ -174,6 +212,8 @@ class StudentTask(_MomentumMixin, TrainingTask):
         self.bn_nets = [self.nets["momentum"]]
         if options.teacher_update == "online":
             online = self._ema(student, self.nets["teacher"], options.teacher_ema_momentum, steps, epoch)
+            if options.teacher_retain is not None:
+                online.momentum = retaining_momentum(options.teacher_retain, self._updates(steps, epoch))
             self.emas.insert(0, online)
             self.bn_nets.append(self.nets["teacher"])
 
@@ -185,8 +225,8 @@ class StudentTask(_MomentumMixin, TrainingTask):
         return extra
 
     def pseudo_targets(self, images: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        """Step 1: ``(hard, soft)`` targets of the teacher on the student's own view (one of them None)."""
-        logits = teacher_forward(self.nets["teacher"], images, train_mode=self.opt.teacher_mode == "train")
+        """Step 1: ``(hard, soft)`` targets of the teacher on ``images`` (one of them None)."""
+        logits = teacher_forward(self.nets["teacher"], images, train_mode=_teacher_train_mode(self.opt))
         prob = logits.softmax(dim=1)
         if not self.opt.soft_labels:
             return prob.argmax(dim=1), None
@@ -194,20 +234,26 @@ class StudentTask(_MomentumMixin, TrainingTask):
 
     def train_step(self, batches: dict[str, Any], ctx: StepContext) -> dict[str, float]:
         lab, unl = batches["labeled"], batches["unlabeled"]
-        hard, soft = self.pseudo_targets(unl["image"])
+        hard, soft = self.pseudo_targets(unl["image"])  # the clean view, or (student view) the only one
+        noised = unl["image_strong"] if self.opt.teacher_view == "clean" else unl["image"]
         with ctx.autocast():  # two forwards, as the code's compute_loss(labeled) then compute_loss(unlabeled)
-            loss_l = _loss(self.opt, self.nets["student"](lab["image"]), lab["mask"])
-            loss_u = _loss(self.opt, self.nets["student"](unl["image"]), hard, soft)
+            loss_l = _labeled_loss(self.opt, self.nets["student"](lab["image"]), lab["mask"])
+            loss_u = _loss(self.opt, self.nets["student"](noised), hard, soft)
             loss = loss_l + self.opt.unsup_weight * loss_u
         ctx.optimize("student", loss)
         self._after_step(lab["image"])
         return {"loss": loss.item(), "loss_labeled": loss_l.item(), "loss_unlabeled": loss_u.item()}
 
 
-def _transforms(run: RunContext, opt: MomentumPLOptions) -> tuple[Any, Any]:
+def _transforms(run: RunContext, opt: MomentumPLOptions) -> tuple[Any, Any, Any]:
+    """(labeled view, unlabeled view, the student's noise on it: None when the teacher labels the student's
+    own view)."""
     if opt.augment == "run":
-        return weak_view(run), None
-    return polyp_labeled_transform(), polyp_paper_transform()
+        noise = StrongTransform(p_cutout=0.0) if opt.teacher_view == "clean" else None
+        return weak_view(run), None, noise
+    if opt.teacher_view == "clean":
+        return polyp_labeled_transform(), polyp_paper_geometry(), polyp_paper_noise()
+    return polyp_labeled_transform(), polyp_paper_transform(), None
 
 
 @register
@@ -229,23 +275,23 @@ class MomentumPL(Method[MomentumPLOptions]):
         teacher_steps = opt.teacher_steps or run.config.train.steps
 
         def stage1() -> TeacherTask:
-            lab_t, _ = _transforms(run, opt)
+            lab_t, _, _ = _transforms(run, opt)
             fresh = new_model(run, teacher_seed + 1) if opt.momentum_init == "independent" else None
             return TeacherTask(new_model(run), labeled_stream(run, teacher_seed, transform=lab_t), opt, fresh,
                                steps=teacher_steps)
 
         # stage 1 reads only these options: a variant of stage 2 (e.g. an offline teacher) shares it
-        read = {"loss", "tversky_alpha", "tversky_beta", "loss_reduction", "teacher_momentum", "ema_every",
-                "ema_horizon", "momentum_bn", "momentum_init", "augment"}
+        read = {"loss", "labeled_loss", "tversky_alpha", "tversky_beta", "loss_reduction", "teacher_momentum",
+                "ema_every", "ema_horizon", "momentum_bn", "momentum_init", "augment"}
         teacher = p.train("teacher", stage1, steps=teacher_steps,
                           params={"options": opt.model_dump(mode="json", include=read)})
 
         def stage2() -> StudentTask:
             pseudo = teacher.model(net="momentum" if opt.pseudo_from == "momentum" else None)
-            lab_t, unl_t = _transforms(run, opt)
+            lab_t, unl_t, noise = _transforms(run, opt)
             fresh = new_model(run, seed + 2) if opt.momentum_init == "independent" else None
             return StudentTask(new_model(run), pseudo, labeled_stream(run, seed, transform=lab_t),
-                               unlabeled_stream(run, seed + 1, transform=unl_t), opt, fresh,
+                               unlabeled_stream(run, seed + 1, transform=unl_t, strong=noise or False), opt, fresh,
                                steps=run.config.train.steps)
 
         p.train("student", stage2, inputs=[teacher], params={"options": opt.model_dump(mode="json")})

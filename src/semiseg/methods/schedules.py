@@ -32,6 +32,14 @@ def capped_momentum(momentum: float, updates: int, horizon: float | None) -> flo
     return 0.0 if limit <= 1 else min(momentum, 1.0 - 1.0 / limit)
 
 
+def retaining_momentum(retain: float, updates: int) -> float:
+    """The EMA momentum ``retain ** (1 / updates)`` under which the target's starting weights still make up
+    ``retain`` of it after ``updates`` updates (``d^U = retain``): a share of the start kept at any budget."""
+    if not 0 < retain < 1:
+        raise ValueError(f"retain must be in (0, 1), got {retain}")
+    return retain ** (1.0 / max(1, updates))
+
+
 def sigmoid_rampup(step: int, length: int) -> float:
     """``exp(−5 (1 − x)²)`` with ``x = step / length`` clipped to [0, 1]; 1 when ``length`` is 0.
 
@@ -61,3 +69,15 @@ def epoch_rule_steps(teacher_steps: int, n_labeled: int, n_set: int, global_batc
     for every stage): ``round(teacher_steps · epoch(n_set) / epoch(n_labeled))`` in batches per epoch."""
     epochs = teacher_steps / batches_per_epoch(n_labeled, global_batch)
     return max(1, int(round(epochs * batches_per_epoch(n_set, global_batch))))
+
+
+def offline_student_steps(train_steps: int, global_batch: int, n_labeled: int, n_set: int, *,
+                          fixed: int | None = None, scale: float | None = None) -> int:
+    """Steps of an offline student (ST / ST++ re-training, an ATSO-family generation) on a set of ``n_set``
+    images: ``fixed``, else ``scale`` x ``train_steps``, else :func:`epoch_rule_steps` (as many epochs over its
+    set as the supervised teacher ran over the labeled images: a student sized to the pool it learns from)."""
+    if fixed is not None:
+        return fixed
+    if scale is not None:
+        return max(1, round(train_steps * scale))
+    return epoch_rule_steps(train_steps, n_labeled, n_set, global_batch)

@@ -33,7 +33,7 @@ from semiseg.engine.task import Optimized, StepContext, TrainingTask
 from semiseg.errors import ConfigError
 from semiseg.losses import cross_entropy
 from semiseg.methods.registry import Method, MethodOptions, register
-from semiseg.methods.schedules import epoch_rule_steps
+from semiseg.methods.schedules import offline_student_steps
 from semiseg.methods.st_stability import SnapshotTask, add_stability, snapshot_steps
 from semiseg.methods.supervised import train_supervised
 from semiseg.models.factory import unwrap
@@ -150,13 +150,10 @@ class _SelfTrainingBase(Method[OptionsT]):
         """Steps of a re-training on the labeled images + ``n_pseudo`` pseudo-labeled ones: ``retrain_steps``,
         else ``retrain_scale`` x ``train.steps``, else the released epoch rule."""
         o, cfg = self.options, self.run.config
-        if o.retrain_steps is not None:
-            return o.retrain_steps
-        if o.retrain_scale is not None:
-            return max(1, round(cfg.train.steps * o.retrain_scale))
         n_labeled = len(self.run.splits.labeled)
-        return epoch_rule_steps(cfg.train.steps, n_labeled, oversampled_size(n_labeled, n_pseudo),
-                                cfg.train.batch_size * self.run.dist.world_size)
+        return offline_student_steps(cfg.train.steps, cfg.train.batch_size * self.run.dist.world_size, n_labeled,
+                                     oversampled_size(n_labeled, n_pseudo), fixed=o.retrain_steps,
+                                     scale=o.retrain_scale)
 
     def diagnose(self, p: Pipeline, stability: StageRef | None = None) -> None:
         """Benchmark mode: every round's quality and every training's best validation score."""

@@ -4,28 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import partial
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field
 from torch import Tensor, nn
 
 from semiseg.engine.task import Optimized, StepContext, TrainingTask
-from semiseg.losses import cross_entropy, dice_loss
+from semiseg.losses import LabeledLossName, cross_entropy, labeled_loss
 from semiseg.methods.registry import Method, MethodOptions, register
 from semiseg.pipeline.context import RunContext
 from semiseg.pipeline.plan import Pipeline, StageRef
 from semiseg.pipeline.training import labeled_loader, make_dataset, make_loader, new_model
 
 Loss = Callable[[Tensor, Tensor], Tensor]
-
-
-def cross_entropy_plus_dice(logits: Tensor, target: Tensor) -> Tensor:
-    """``CE + Dice``, equal weights: the combination segmentation practice (e.g. nnU-Net) trains with."""
-    return cross_entropy(logits, target) + dice_loss(logits, target)
-
-
-SUPERVISED_LOSSES: dict[str, Loss] = {"cross-entropy": cross_entropy, "dice": dice_loss,
-                                      "cross-entropy+dice": cross_entropy_plus_dice}
 
 
 class SupervisedTask(TrainingTask):
@@ -73,7 +64,7 @@ def _oracle_loader(run: RunContext, seed: int) -> Any:
 
 
 class SupervisedOptions(MethodOptions):
-    loss: Literal["cross-entropy", "dice", "cross-entropy+dice"] = Field("cross-entropy", description=(
+    loss: LabeledLossName = Field("cross-entropy", description=(
         "cross-entropy (every method's teacher), Dice (momentum-pl's loss, the polyp repo's smp DiceLoss: "
         "batch-global, mean one-vs-rest over classes when there are more than two; the control that tells "
         "momentum-pl's loss from its pseudo labels) or their sum"))
@@ -89,7 +80,7 @@ class Supervised(Method[SupervisedOptions]):
         if loss == "cross-entropy":  # the stage every method's teacher shares: its key holds no loss
             train_supervised(pipeline)
         else:
-            train_supervised(pipeline, task=partial(SupervisedTask, loss=SUPERVISED_LOSSES[loss]),
+            train_supervised(pipeline, task=partial(SupervisedTask, loss=labeled_loss(loss)),
                              params={"loss": loss})
 
 
