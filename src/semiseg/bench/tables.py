@@ -315,9 +315,12 @@ PROTOCOL_NOTES = {
     "camvid": "test mIoU over 11 classes, void ignored, on the 101 official val frames (original resolution).",
 }
 # result files of superseded protocols: reported beside the current ones (after them), never instead
-SUPERSEDED = ("polyp-scratch-v1", "camvid-scratch-v1")
+SUPERSEDED = ("polyp-before-issue25", "polyp-scratch-v1", "camvid-scratch-v1")
 PROTOCOL_NOTES["polyp-scratch-v1"] = PROTOCOL_NOTES["polyp"] + " Superseded protocol (from scratch), see below."
 PROTOCOL_NOTES["camvid-scratch-v1"] = PROTOCOL_NOTES["camvid"] + " Superseded protocol (from scratch), see below."
+PROTOCOL_NOTES["polyp-before-issue25"] = PROTOCOL_NOTES["polyp"] + (
+    " The polyp table as it stood at commit 1746466, before issue 25 changed gta-seg, momentum-pl, the ATSO family "
+    "and dst-cbc (paper-faithful defaults, strong views, longer students); their current rows are above.")
 
 
 def _seed_count(entries: list[dict]) -> str:
