@@ -315,6 +315,7 @@ def bench_merge(files: Annotated[list[Path], typer.Argument(help="result files <
 def bench_throughput(steps: Annotated[int, typer.Option(help="timed steps")] = 30,
                      size: Annotated[int, typer.Option(help="square input size")] = 128,
                      batch: Annotated[int, typer.Option(min=1, help="images per step and per forward pass")] = 8,
+                     frames: Annotated[int, typer.Option(min=1, help="960x540 JPEG frames the inference reads")] = 32,
                      threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
                      device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N | auto")] = "cpu",
                      json_out: Annotated[Path | None, typer.Option("--json", help="also write the figures here")] = None
@@ -325,7 +326,7 @@ def bench_throughput(steps: Annotated[int, typer.Option(help="timed steps")] = 3
     from semiseg.engine.distributed import resolve_device
 
     figures = run_throughput(steps=steps, batch=batch, size=size, threads=threads, out=out,
-                             device=resolve_device(device))
+                             device=resolve_device(device), frames=frames)
     if json_out:
         atomic_write_text(json_out, json.dumps(figures, indent=1) + "\n")
 

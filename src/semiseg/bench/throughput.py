@@ -190,7 +190,7 @@ def measure_inference(*, images: int = 32, batch: int = 8, size: int = 128, fram
 
 
 def run_throughput(*, steps: int, batch: int, size: int, threads: int | None, out: Any,
-                   device: torch.device = torch.device("cpu")) -> dict[str, Any]:
+                   device: torch.device = torch.device("cpu"), frames: int = 32) -> dict[str, Any]:
     r = measure(steps=steps, batch=batch, size=size, threads=threads, device=device)
     out.print(f"model: the default (Unet, pretrained efficientnet-lite0), on {device}"
               f"{' (fp16 autocast + gradient scaler)' if device.type == 'cuda' else ''}")
@@ -200,7 +200,7 @@ def run_throughput(*, steps: int, batch: int, size: int, threads: int | None, ou
     out.print(f"semiseg engine (train.channels_last=auto): {r['engine_img_per_s']:.1f} img/s")
     out.print(f"ratio engine/faster bare loop: {r['ratio']:.3f} (target >= 0.95; {r['threads']} threads, "
               f"batch {batch}, {size} px, {steps} steps)")
-    inf = measure_inference(batch=batch, size=size, threads=threads, device=device)
+    inf = measure_inference(images=frames, batch=batch, size=size, threads=threads, device=device)
     out.print(f"inference, bare batched loop:   {inf['bare_img_per_s']:.1f} img/s")
     out.print(f"inference, semiseg (evaluate/predict): {inf['engine_img_per_s']:.1f} img/s")
     out.print(f"ratio semiseg/bare inference: {inf['ratio']:.3f} (target >= 0.9; {inf['threads']} threads, batch "
