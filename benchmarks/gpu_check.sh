@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check of issue 31, one command on a GPU machine that reaches no network (ends within ~8.5 minutes):
-#   1. installs what the GPU image lacks: a venv over the image's own PyTorch (--system-site-packages), the carried
-#      wheels (semiseg's dependencies the image does not have) and semiseg itself, all offline (--no-index);
+#   1. installs what the GPU image lacks into its own Python (which holds its CUDA PyTorch): the carried wheels
+#      (semiseg's dependencies the image does not have) and semiseg itself, offline (--no-index, --no-deps);
 #   2. times a training step and inference against a bare PyTorch loop on the GPU (semiseg bench throughput);
 #   3. runs the polyp protocol for split seed 0 (supervised, st++, unimatch, oracle) with bench --workers sharing
 #      the GPU, and records each run's wall time and test Dice beside the CPU rows of benchmarks/results;
@@ -55,16 +55,19 @@ if [ -n "${DRY_RUN:-}" ]; then
   say "dry run on the CPU with $PY"
 else
   DEVICE=cuda
-  VENV=/tmp/semiseg-gpu-venv
+  PY=${PY:-python3}   # the image's Python, which holds its CUDA PyTorch
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >>"$LOG" 2>&1
-  python3 -m venv --system-site-packages "$VENV" >>"$LOG" 2>&1
-  PY=$VENV/bin/python
-  # the image's torch stays (the wheels name no torch); semiseg's own pins (torch==2.14.1) are skipped with
-  # --no-deps: it runs on the image's PyTorch, which is the point of the check
-  "$PY" -m pip install --quiet --no-index --no-deps --no-compile "$CARRY"/wheels/*.whl >>"$LOG" 2>&1 \
-    || say "WARNING: installing the carried wheels failed (see the log)"
+  # Into the image's own environment (the machine is thrown away afterwards): its python3 is itself a venv, and a
+  # venv made from it would not see its PyTorch. --no-deps everywhere: the wheels name no torch, and semiseg's pin
+  # (torch==2.14.1) is skipped, so it runs on the image's PyTorch, which is the point of the check.
+  if ! "$PY" -m pip install --quiet --no-index --no-deps --no-compile "$CARRY"/wheels/*.whl >>"$LOG" 2>&1; then
+    say "the image's environment is read-only: the wheels go to /tmp/semiseg-site (PYTHONPATH)"
+    "$PY" -m pip install --quiet --no-index --no-deps --no-compile --target /tmp/semiseg-site "$CARRY"/wheels/*.whl \
+      >>"$LOG" 2>&1 || say "WARNING: installing the carried wheels failed (see the log)"
+    export PYTHONPATH=/tmp/semiseg-site${PYTHONPATH:+:$PYTHONPATH}
+  fi
   "$PY" -m pip install --quiet --no-index --no-deps --no-build-isolation -e . >>"$LOG" 2>&1 \
-    || { say "pip install -e . failed: semiseg runs from src/ instead"; export PYTHONPATH=$PWD/src; }
+    || { say "pip install -e . failed: semiseg runs from src/"; export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}; }
 fi
 "$PY" - >>"$LOG" 2>&1 <<'EOF'
 import torch, semiseg.cli  # noqa: F401

@@ -15,8 +15,9 @@ TINY = ["data.size=[64,64]", "data.options.n=48", "model.decoder_channels=[16,16
 
 
 def env(tmp_path: Path) -> dict[str, str]:
-    return {**os.environ, "SEMISEG_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": str(ROOT / "src")}
+    # src first; a PYTHONPATH already set (packages installed to a folder of their own) stays behind it
+    path = os.pathsep.join(p for p in (str(ROOT / "src"), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "SEMISEG_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
 
 
 def semiseg(args: list[str], tmp_path: Path, *, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
