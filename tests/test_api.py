@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from semiseg import api
+from semiseg import api, rundir
 from semiseg.api import config_from_dict
 from semiseg.errors import ConfigError
 
@@ -23,7 +23,7 @@ def test_a_kill_while_creating_the_run_directory_leaves_no_half_directory(tmp_pa
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr(api, "atomic_write_text", killed)
+        m.setattr(rundir, "atomic_write_text", killed)
         with pytest.raises(KeyboardInterrupt):
             api.prepare(cfg, run_dir, fresh=True)
     assert list((tmp_path / "runs").iterdir()) == []  # so `semiseg train` (or the bench) can simply start it again

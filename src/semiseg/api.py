@@ -9,7 +9,6 @@ import resource
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,39 +16,20 @@ from typing import Any
 
 import torch
 
-from semiseg import config as config_layer
-from semiseg.atomic import atomic_write_text, remove_stale_temporaries, writer_tag
-from semiseg.config import RunConfig, dump_config
-from semiseg.data.presets import load_source
-from semiseg.data.splits import SPLIT_NAMES, Splits, make_splits
-from semiseg.engine.checkpoint import OUTPUT_ERRNOS, output_error, seed_everything
-from semiseg.engine.distributed import barrier, init_distributed, resolve_device
-from semiseg.errors import (
-    ConfigError,
-    DataError,
-    OutputError,
-    RunChangedError,
-    RunInterrupted,
-    SemisegError,
-)
+from semiseg.atomic import atomic_write_text, remove_stale_temporaries
+from semiseg.config import RunConfig
+from semiseg.engine.checkpoint import OUTPUT_ERRNOS, output_error
+from semiseg.engine.distributed import barrier
+from semiseg.errors import ConfigError, OutputError, RunInterrupted, SemisegError
+
+# making or reopening a run directory, and using a finished run, live in their own modules; the API offers them
+from semiseg.finished import evaluate, load_run, predict  # noqa: F401
 from semiseg.locks import exclusive, run_lock_path
 from semiseg.methods.registry import get_method
 from semiseg.pipeline.context import RunContext
-from semiseg.pipeline.integrity import check_run, make_fingerprint, write_fingerprint
-from semiseg.pipeline.preflight import check_output_folder, check_split_masks, preflight_run, void_stems, void_warning
+from semiseg.pipeline.preflight import check_output_folder, void_stems, void_warning
 from semiseg.pipeline.stages import run_stages
-
-
-def config_from_dict(raw: dict[str, Any], origin: str = "config") -> RunConfig:
-    """Validate a whole config (:func:`semiseg.config.config_from_dict`) against the registered methods: the
-    ``method`` section becomes the chosen method's options model, checked by its ``Method.check_config``."""
-    return config_layer.config_from_dict(raw, origin, methods=get_method)
-
-
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML config (a file or a bundled protocol; defaults when ``path`` is None), apply ``--set``
-    overrides and validate it against the registered methods (:func:`semiseg.config.load_config`)."""
-    return config_layer.load_config(path, overrides, methods=get_method)
+from semiseg.rundir import config_from_dict, load_config, prepare, read_run_config  # noqa: F401
 
 
 def git_commit() -> str | None:
@@ -81,79 +61,6 @@ def recorded_command(argv: list[str] | None = None) -> str:
         return f"{key}{sep}{short}"
 
     return " ".join(["semiseg", *map(portable, sys.argv[1:] if argv is None else argv)])
-
-
-def _splits_for(config: RunConfig, source: Any) -> Splits:
-    if config.split.files:
-        splits = Splits.read(Path(config.split.files), known=source.by_stem())
-        check_split_masks(source, splits, config.split.files)
-        return splits
-    return make_splits(source, seed=config.split.seed, labeled=config.split.labeled, val=config.split.val,
-                       test=config.split.test, fixed=source.fixed_splits, group_aware=config.split.group_aware)
-
-
-def prepare(config: RunConfig, run_dir: Path, *, console: Any = None, fresh: bool,
-            check: tuple[str, ...] = SPLIT_NAMES, accept_changed_data: bool = False, command: str = "resume",
-            accept_missing_fingerprint: bool = False, source: Any = None, log: Any = print) -> RunContext:
-    """Load data and splits, create (or reopen and check) the run directory, set seeds and the device.
-
-    A fresh run is validated completely before its directory appears (:func:`preflight_run`); a reopened one
-    is compared with its fingerprint (config, and the data of the splits in ``check``). ``source``: use it
-    instead of loading the config's data (a reopened run whose own data is not needed)."""
-    device = resolve_device(config.train.device, int(os.environ.get("LOCAL_RANK", "0")))
-    dist = init_distributed(device)
-    if config.train.threads:
-        torch.set_num_threads(config.train.threads)
-    if config.train.deterministic:
-        # cuBLAS is deterministic only with a fixed workspace, read when its first handle is made (after this)
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    source = source or load_source(config.data.source, config.data.root, **config.data.options)
-    if fresh:
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise ConfigError(f"run directory {run_dir} already exists: continue it with `semiseg resume {run_dir}` "
-                              "or choose another name (--set name=...)")
-        splits = _splits_for(config, source)
-        ctx = RunContext(config, run_dir, source, splits, device, dist, console)
-        if dist.is_main:
-            preflight_run(ctx, log)
-            _create_run_dir(run_dir, config, splits, make_fingerprint(config, source, splits))
-        barrier()
-    else:
-        if dist.is_main:
-            for path in remove_stale_temporaries(run_dir):
-                log(f"note: removed {path}, left by a writer that was killed")
-        try:
-            splits = Splits.read(run_dir / "splits")
-        except DataError as err:
-            raise RunChangedError(f"{run_dir}: the run's split lists are unusable ({err})") from None
-        ctx = RunContext(config, run_dir, source, splits, device, dist, console)
-        check_run(run_dir, config, source, splits, names=check, accept_changed_data=accept_changed_data,
-                  command=command, log=log, record_acceptance=command == "resume" and dist.is_main,
-                  accept_missing_fingerprint=accept_missing_fingerprint)
-    seed_everything(config.seed)
-    return ctx
-
-
-def _create_run_dir(run_dir: Path, config: RunConfig, splits: Splits, fingerprint: dict[str, Any]) -> None:
-    """Splits, config and fingerprint appear together or not at all: a kill mid-creation leaves no half run
-    directory."""
-    try:
-        run_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.creating.{writer_tag()}.", dir=run_dir.parent))
-    except OSError as err:
-        raise output_error(run_dir, err) from None
-    try:
-        splits.write(tmp / "splits")
-        atomic_write_text(tmp / "config.yaml", dump_config(config))
-        write_fingerprint(tmp, fingerprint)
-        if run_dir.exists():
-            run_dir.rmdir()  # empty: checked by the caller
-        os.rename(tmp, run_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # (a SIGKILL leaves .NAME.creating.*: the next run here removes it)
-        raise
 
 
 def _has_progress(run_dir: Path) -> bool:
@@ -301,12 +208,6 @@ def _run_lock(run_dir: Path) -> Iterator[None]:
                 run_dir.parent.rmdir()  # only when empty
 
 
-def read_run_config(run_dir: Path) -> RunConfig:
-    if not (run_dir / "config.yaml").is_file():
-        raise ConfigError(f"{run_dir}: not a run directory (no config.yaml)")
-    return load_config(run_dir / "config.yaml")
-
-
 def resume(run_dir: Path, *, console: Any = None, log: Any = print, accept_changed_data: bool = False,
            wait_for_shared: bool = True) -> dict[str, Any]:
     """Continue a killed or unfinished run: finished stages are skipped, the current one resumes. A run whose
@@ -333,5 +234,3 @@ def finish(config: RunConfig, *, console: Any = None, log: Any = print,
                       log=log, wait_for_shared=wait_for_shared), True
 
 
-# using a finished run lives in its own module; the API keeps offering it
-from semiseg.finished import evaluate, load_run, predict  # noqa: E402,F401

@@ -1,4 +1,4 @@
-"""Using a finished run: load its delivered model, evaluate it, predict with it (re-exported by :mod:`semiseg.api`).
+"""Using a finished run: load its delivered model, evaluate it, predict with it (offered by :mod:`semiseg.api`).
 
 ``evaluate`` of the run's own data checks that data against the run's fingerprint; ``evaluate --data OTHER`` scores
 another source and never reads the run's own data folder (it may have moved or be gone): the class table the model
@@ -41,18 +41,18 @@ def load_run(run_dir: Path, *, console: Any = None, check: tuple[str, ...] = (),
     """The context and delivered model of a finished run (its config checked against its fingerprint, and
     the data of the splits in ``check``). A model with non-finite weights is refused. ``own_data=False``: the
     run's data folder is not read (``ctx.source`` then holds only the recorded class table)."""
-    from semiseg import api
     from semiseg.methods.registry import get_method
+    from semiseg.rundir import prepare, read_run_config
 
     run_dir = Path(run_dir)
     if not (run_dir / "results.json").is_file():
         raise ConfigError(f"{run_dir}: no finished run here (no results.json); train or resume it first")
-    config = api.read_run_config(run_dir)
+    config = read_run_config(run_dir)
     if not torch.cuda.is_available():  # a run trained on a GPU is still usable here (a runtime key)
         config.train.device = "cpu"
-    ctx = api.prepare(config, run_dir, console=console, fresh=False, check=check,
-                      accept_changed_data=accept_changed_data, accept_missing_fingerprint=accept_missing_fingerprint,
-                      command=command, log=log, source=None if own_data else _recorded_source(run_dir))
+    ctx = prepare(config, run_dir, console=console, fresh=False, check=check,
+                  accept_changed_data=accept_changed_data, accept_missing_fingerprint=accept_missing_fingerprint,
+                  command=command, log=log, source=None if own_data else _recorded_source(run_dir))
     model = get_method(config.method.name)(ctx, config.method).final_model()
     bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
