@@ -93,7 +93,7 @@ def evaluate(run_dir: Path, *, data: str | None = None, root: str | None = None,
         raise ConfigError(f"--data {data}: {source.classes.num_classes} classes, the model has "
                           f"{ctx.classes.num_classes}")
     if not stems:
-        raise ConfigError(f"{run_dir}: the {split} split is empty: nothing to evaluate")
+        raise ConfigError(f"{data or run_dir}: the {split} split is empty: nothing to evaluate")
     with progress_bar(f"evaluate {scored}", len(stems), enabled=progress, console=console) as update:
         res = evaluate_source(model, source, stems, protocol=protocol or cfg.eval.protocol,
                               size=tuple(cfg.data.size), window=window or cfg.eval.window,
