@@ -84,7 +84,7 @@ class MomentumPLOptions(MethodOptions):
         "online teacher: the stage-1 teacher's share of its weights at the end of the stage; the EMA momentum "
         "is retain ** (1 / updates), so the teacher moves as far at 300 steps as at 30,000 (the paper updates "
         "it once per epoch; per step at teacher_ema_momentum 0.99 the stage-1 teacher is 37 % of it after 100 "
-        "steps and 5 % after 300). null: teacher_ema_momentum as given, capped by ema_horizon (before)"))
+        "steps and 5 % after 300). null: teacher_ema_momentum as given, capped by ema_horizon (before issue 25)"))
     tversky_alpha: float = Field(0.5, ge=0, description="Tversky FP weight (paper: no value; 0.5 = Dice)")
     tversky_beta: float = Field(0.5, ge=0, description="Tversky FN weight (paper: no value; 0.5 = Dice)")
     loss_reduction: Literal["batch", "image"] = Field("batch", description=(
