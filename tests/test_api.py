@@ -79,3 +79,6 @@ def test_recorded_commands_carry_no_path_of_this_machine(tmp_path, monkeypatch):
             "--set", f"out_dir={here}/runs", "--set", "train.steps=10", "--seeds", "1"]
     assert api.recorded_command(argv) == ("semiseg bench polyp --out-dir bench-runs --set data.root=data "
                                           "--set out_dir=runs --set train.steps=10 --seeds 1")
+    # the bench's session record lists its overrides the same way (they once kept data.root's absolute path)
+    assert [api.portable_arg(o) for o in (f"data.root={elsewhere}/data", "train.threads=1")] == \
+        ["data.root=data", "train.threads=1"]

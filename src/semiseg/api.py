@@ -46,21 +46,22 @@ def git_commit() -> str | None:
     return head + ("-dirty" if changed else "") if head else None
 
 
+def portable_arg(token: str, cwd: Path | None = None) -> str:
+    """A command-line token with no path of this machine: an absolute path (alone, or as the value of
+    ``key=path``) becomes relative to ``cwd`` (default: the working directory) when it lies inside it, else its
+    last component."""
+    key, sep, value = token.rpartition("=") if "=" in token else ("", "", token)
+    if not value.startswith("/"):
+        return token
+    path, cwd = Path(value), cwd or Path.cwd()
+    short = str(path.relative_to(cwd)) if path.is_relative_to(cwd) and path != cwd else path.name or "/"
+    return f"{key}{sep}{short}"
+
+
 def recorded_command(argv: list[str] | None = None) -> str:
-    """The command line as results record it, with no path of this machine: an absolute path (alone, or as the
-    value of ``key=path``) becomes relative to the working directory when it lies inside it, else its last
-    component (an absolute ``--out-dir`` elsewhere becomes ``--out-dir bench-runs``)."""
-    cwd = Path.cwd()
-
-    def portable(token: str) -> str:
-        key, sep, value = token.rpartition("=") if "=" in token else ("", "", token)
-        if not value.startswith("/"):
-            return token
-        path = Path(value)
-        short = str(path.relative_to(cwd)) if path.is_relative_to(cwd) and path != cwd else path.name or "/"
-        return f"{key}{sep}{short}"
-
-    return " ".join(["semiseg", *map(portable, sys.argv[1:] if argv is None else argv)])
+    """The command line as results record it, every token through :func:`portable_arg` (an absolute
+    ``--out-dir`` elsewhere becomes ``--out-dir bench-runs``)."""
+    return " ".join(["semiseg", *map(portable_arg, sys.argv[1:] if argv is None else argv)])
 
 
 def _has_progress(run_dir: Path) -> bool:

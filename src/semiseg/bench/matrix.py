@@ -206,7 +206,8 @@ def run_bench(protocol: str, *, methods: list[str] | None = None, seeds: list[in
     record_session(results_path, {
         "seeds": seeds, "methods": methods, "executed": len(done_times), "read_back": read_back,
         "failed": failures, "busy": busy, "elapsed_seconds": round(elapsed, 1), "cpu_cores": os.cpu_count(),
-        "overrides": spec_overrides + overrides, "command": api.recorded_command(),
+        "overrides": [api.portable_arg(o) for o in spec_overrides + overrides],
+        "command": api.recorded_command(),
         "commit": api.git_commit(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     log(f"bench {protocol}: {len(done_times)} runs executed, {read_back} read back, {len(failures)} failed"
