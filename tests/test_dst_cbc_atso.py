@@ -225,7 +225,7 @@ def test_dynamic_loss_on_a_pseudo_then_labeled_batch_by_hand() -> None:
     task = DstCbcTask(net, None, None, gamma=3.0)  # type: ignore[arg-type]
     seen = {}
     ctx = StepContext(0, torch.device("cpu"), lambda: torch.autocast("cpu", enabled=False),
-                      lambda name, loss: seen.update(name=name, loss=loss.item()))
+                      lambda name, loss: seen.update(name=name, loss=loss.item()), 1)
     task.train_step({"pseudo": pseudo, "labeled": labeled}, ctx)
 
     with torch.no_grad():  # by hand, per pixel, in float64
@@ -270,7 +270,7 @@ def test_dst_round_learns_its_pseudo_labels_on_the_strong_view() -> None:
     for name, batch in (("weak", {k: pseudo[k] for k in ("image", "mask")}), ("strong", pseudo)):
         task = DstCbcTask(net, None, None, gamma=0.0)  # type: ignore[arg-type]
         ctx = StepContext(0, torch.device("cpu"), lambda: torch.autocast("cpu", enabled=False),
-                          lambda n, loss, name=name: losses.update({name: loss.item()}))
+                          lambda n, loss, name=name: losses.update({name: loss.item()}), 1)
         task.train_step({"pseudo": batch, "labeled": labeled}, ctx)
     assert losses["weak"] < 1e-3  # inert: the weak view teaches the model what it already says
     assert losses["strong"] > 100 * losses["weak"]
@@ -443,11 +443,11 @@ def test_generation_students_learn_the_strong_view_of_flip_fused_labels(tmp_path
     run, method = synthetic_run(tmp_path, "stso", {"generations": 1, "generation_steps": 2})
     execute(method, tmp_path)
     labels = method.pipeline["label-1"]
-    assert method.stages()[1].key["params"]["tta_flip"] is True
-    ds = method.loader([labels], seed=0).dataset
+    assert method.stages()[1].key["variant"]["tta_flip"] is True
+    ds = method.loader([labels], 0, method.options).dataset
     item, raw = ds[ds.n_labeled], ds.pseudo[0]  # the first pseudo-labeled item
     assert item["pseudo"] == 1 and torch.equal(item["image"], raw["image_strong"])
     assert not torch.equal(item["image"], raw["image"]) and torch.equal(item["mask"], raw["mask_strong"])
     plain = type(method)(run, method.options.model_copy(update={"strong_aug": False}))
-    item = plain.loader([labels], seed=0).dataset[ds.n_labeled]
+    item = plain.loader([labels], 0, plain.options).dataset[ds.n_labeled]
     assert torch.equal(item["image"], raw["image"])

@@ -30,6 +30,7 @@ from semiseg.methods.momentum_pl import MomentumPLOptions, StudentTask, TeacherT
 from semiseg.methods.online import hard_pseudo_labels, ignore_maps
 from semiseg.methods.schedules import retaining_momentum
 from semiseg.models.factory import param_group_of
+from semiseg.pipeline.plan import StageInputs
 
 
 class TinySeg(nn.Module):
@@ -84,7 +85,8 @@ def run_steps(trainer: Trainer, n: int, optimize=None) -> list[dict[str, float]]
     out, first = [], next(iter(trainer.task.loaders.values()))
     for _ in range(n):
         batches = {k: next(ld) for k, ld in trainer.task.loaders.items()}
-        ctx = StepContext(trainer.step, trainer.device, contextlib.nullcontext, optimize or trainer.optimize)
+        ctx = StepContext(trainer.step, trainer.device, contextlib.nullcontext, optimize or trainer.optimize,
+                          trainer.total)
         out.append(trainer.task.train_step(batches, ctx))
         trainer.step += 1
         if first.batch == first.batches_per_epoch():
@@ -98,7 +100,7 @@ def gta(tmp_path, **options):
     lab, unl = streams(repeat=True)  # 4 labeled oversampled to 8: an epoch is 4 steps of batch 2
     # the released schedule (one supervised epoch, uncapped EMA), so the hand values below are the code's
     released = {"sup_only_epochs": 1, "ema_horizon": None}
-    task = GTATask(TinySeg(), lab, unl, GTASegOptions(**{**released, **options}), seed=5, steps=1000)
+    task = GTATask(TinySeg(), lab, unl, StageInputs("gta-seg", GTASegOptions(**{**released, **options}), 1000), seed=5)
     return task, trainer_for(task, tmp_path)
 
 
@@ -173,7 +175,7 @@ def test_gta_default_transfers_exactly_the_encoder_of_an_smp_unet():
     torch.manual_seed(0)
     student = build_model(ModelConfig(encoder="efficientnet-lite0", weights="none"), 2)
     lab, unl = streams(repeat=True)
-    task = GTATask(student, lab, unl, GTASegOptions(), seed=5, steps=100)
+    task = GTATask(student, lab, unl, StageInputs("gta-seg", GTASegOptions(), 100), seed=5)
     with torch.no_grad():
         for p in task.nets["ta"].parameters():
             p.add_(1.0)
@@ -255,7 +257,7 @@ def test_gta_legacy_aliasing_ties_storage_and_keeps_the_classifier_tied(tmp_path
 def test_mean_teacher_pseudo_labels_ignore_cutout_and_low_confidence(tmp_path):
     torch.manual_seed(0)
     lab, unl = streams(strong=True)
-    task = MeanTeacherTask(TinySeg(), lab, unl, MeanTeacherOptions(conf_threshold=0), steps=1000)
+    task = MeanTeacherTask(TinySeg(), lab, unl, StageInputs("mean-teacher", MeanTeacherOptions(conf_threshold=0), 1000))
     batch = next(unl)
     box = batch["mask_strong"] == 255
     assert box.any() and not box.all()
@@ -274,7 +276,7 @@ def test_mean_teacher_ema_warmup_and_student_view(tmp_path, monkeypatch):
     torch.manual_seed(0)
     lab, unl = streams(strong=True)
     plain = MeanTeacherOptions(sup_warmup=0, rampup=0, conf_threshold=0, ema_horizon=None)  # from step 0
-    task = MeanTeacherTask(TinySeg(), lab, unl, plain, steps=1000)
+    task = MeanTeacherTask(TinySeg(), lab, unl, StageInputs("mean-teacher", plain, 1000))
     trainer = trainer_for(task, tmp_path)
     inputs = []
     task.nets["student"].register_forward_hook(lambda m, i, o: inputs.append(i[0].clone()))
@@ -295,7 +297,7 @@ def test_mean_teacher_ema_warmup_and_student_view(tmp_path, monkeypatch):
 def test_momentum_teacher_stage_ema_per_epoch_and_bn_by_forward(tmp_path):
     torch.manual_seed(0)
     lab, _ = streams(n_lab=6)  # 3 steps per epoch
-    task = TeacherTask(TinySeg(), lab, MomentumPLOptions(**MOMENTUM_RELEASED), steps=1000)
+    task = TeacherTask(TinySeg(), lab, StageInputs("teacher", MomentumPLOptions(**MOMENTUM_RELEASED), 1000))
     trainer = trainer_for(task, tmp_path)
     m0 = params(task.nets["momentum"])
     bn0 = task.nets["momentum"].encoder[1].running_mean.clone()
@@ -314,8 +316,8 @@ def student_task(tmp_path, **options):
     torch.manual_seed(0)
     lab, unl = streams(n_lab=4, n_unl=6)  # the unlabeled stream (3 steps) defines the epoch
     teacher = TinySeg()
-    task = StudentTask(TinySeg(), teacher, lab, unl, MomentumPLOptions(**{**MOMENTUM_RELEASED, **options}),
-                       steps=1000)
+    task = StudentTask(TinySeg(), teacher, lab, unl,
+                       StageInputs("student", MomentumPLOptions(**{**MOMENTUM_RELEASED, **options}), 1000))
     return task, trainer_for(task, tmp_path)
 
 
@@ -329,7 +331,7 @@ def test_momentum_pl_clean_teacher_labels_the_unnoised_view_in_eval_mode(tmp_pat
     those labels on its noised copy, never on the view the teacher saw."""
     torch.manual_seed(0)
     lab, unl = streams(n_lab=4, n_unl=6, strong=True)
-    task = StudentTask(TinySeg(), TinySeg(), lab, unl, MomentumPLOptions(), steps=100)
+    task = StudentTask(TinySeg(), TinySeg(), lab, unl, StageInputs("student", MomentumPLOptions(), 100))
     trainer = trainer_for(task, tmp_path)
     batch = peek(task.loaders["unlabeled"])
     assert not torch.equal(batch["image"], batch["image_strong"])
@@ -355,7 +357,7 @@ def test_momentum_pl_online_teacher_keeps_its_share_of_the_stage1_teacher(tmp_pa
         assert d ** steps == pytest.approx(0.5)
     torch.manual_seed(0)
     lab, unl = streams(n_lab=4, n_unl=6, strong=True)
-    task = StudentTask(TinySeg(), TinySeg(), lab, unl, MomentumPLOptions(teacher_retain=0.5), steps=6)
+    task = StudentTask(TinySeg(), TinySeg(), lab, unl, StageInputs("student", MomentumPLOptions(teacher_retain=0.5), 6))
     trainer = trainer_for(task, tmp_path)
     t0 = params(task.nets["teacher"])
     with torch.no_grad():  # a student pinned at zero makes the teacher's share readable: t_U = d^U t_0
@@ -372,11 +374,11 @@ def test_momentum_pl_labeled_loss_is_the_named_loss_in_both_stages(tmp_path, nam
     lab, unl = streams(n_lab=4, n_unl=6, strong=True)
     options = MomentumPLOptions(labeled_loss=name)
     batch = peek(lab)
-    task = TeacherTask(TinySeg(), lab, options, steps=10)
+    task = TeacherTask(TinySeg(), lab, StageInputs("teacher", options, 10))
     expected = LABELED_LOSSES[name](task.nets["model"](batch["image"]), batch["mask"]).item()
     logs = run_steps(trainer_for(task, tmp_path / "t"), 1)
     assert logs[0]["loss"] == pytest.approx(expected, rel=1e-5)
-    student = StudentTask(TinySeg(), TinySeg(), lab, unl, options, steps=10)
+    student = StudentTask(TinySeg(), TinySeg(), lab, unl, StageInputs("student", options, 10))
     batch = peek(lab)
     expected = LABELED_LOSSES[name](student.nets["student"](batch["image"]), batch["mask"]).item()
     logs = run_steps(trainer_for(student, tmp_path / "s"), 1)

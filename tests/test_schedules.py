@@ -11,21 +11,16 @@ from __future__ import annotations
 import copy
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from semiseg.api import config_from_dict, load_config
-from semiseg.data.classes import ClassTable
-from semiseg.data.splits import Splits
-from semiseg.data.types import DataSource
+from semiseg.api import load_config
 from semiseg.methods.gta_seg import GTASegOptions, GTATask, sup_only_steps
 from semiseg.methods.mean_teacher import MeanTeacherOptions, MeanTeacherTask
 from semiseg.methods.momentum_pl import MomentumPLOptions, TeacherTask
 from semiseg.methods.online import hard_pseudo_labels
-from semiseg.methods.registry import get_method
 from semiseg.methods.schedules import (
     batches_per_epoch,
     capped_momentum,
@@ -35,9 +30,9 @@ from semiseg.methods.schedules import (
     unlabeled_weight,
 )
 from semiseg.models.ema import EMA
-from semiseg.pipeline.context import RunContext
-from semiseg.pipeline.plan import StageRef
+from semiseg.pipeline.plan import StageInputs, StageRef
 from semiseg.pipeline.training import MOVED_WARNING
+from tests.method_helpers import method_for
 from tests.test_online_methods import TinySeg, params, run_steps, streams, trainer_for
 
 
@@ -88,17 +83,6 @@ def test_epoch_rule_by_hand():
 
 
 # ------------------------------------------------------------------------------- steps of each method
-def method_for(name: str, *, labeled: int = 4, unlabeled: int = 10, steps: int = 12, batch: int = 2,
-               **options: object):
-    """A method instance over a run with ``labeled`` / ``unlabeled`` stems (nothing is read)."""
-    cfg = config_from_dict({"train": {"steps": steps, "batch_size": batch},
-                            "method": {"name": name, **options}})
-    source = DataSource("fake", None, ClassTable.binary("obj"), [], lambda p: None)
-    splits = Splits(labeled=[f"l{i}" for i in range(labeled)], unlabeled=[f"u{i}" for i in range(unlabeled)])
-    run = RunContext(cfg, Path("/nonexistent/run"), source, splits, torch.device("cpu"))
-    return get_method(name)(run, cfg.method)
-
-
 def test_self_training_retrain_steps_epoch_rule_scale_and_steps():
     # 4 labeled, 10 unlabeled, batch 2, 12 supervised steps = 6 epochs of 2 batches
     st = method_for("self-training")
@@ -164,7 +148,7 @@ def test_mean_teacher_warmup_has_no_unlabeled_loss_then_copies_and_ramps(tmp_pat
     torch.manual_seed(0)
     lab, unl = streams(strong=True)
     opts = MeanTeacherOptions(sup_warmup=0.2, rampup=0.5, ema_horizon=0.5)  # 20 steps: W = 4, R = 10
-    task = MeanTeacherTask(TinySeg(), lab, unl, opts, steps=20)
+    task = MeanTeacherTask(TinySeg(), lab, unl, StageInputs("mean-teacher", opts, 20))
     trainer = trainer_for(task, tmp_path)
     assert (task.warmup_steps, task.rampup_steps) == (4, 10)
     assert task.ema.momentum == pytest.approx(1 - 1 / 8)  # min(0.99, 1 - 1/(0.5 * 16))
@@ -203,20 +187,22 @@ def test_mean_teacher_defaults_are_the_documented_ones():
 def test_gta_default_schedule_is_a_share_of_the_stage_with_capped_emas(tmp_path):
     torch.manual_seed(0)
     lab, unl = streams(repeat=True)  # an epoch is 4 steps
-    task = GTATask(TinySeg(), lab, unl, GTASegOptions(), seed=5, steps=30)
+    task = GTATask(TinySeg(), lab, unl, StageInputs("gta-seg", GTASegOptions(), 30), seed=5)
     assert task.sup_steps == 3  # 10 % of 30, whatever the epoch
     # both EMAs: min(0.999, 1 - 1/(0.1 * 27)) = 1 - 1/2.7; warm-up 1 - 1/(t+1) until it reaches the cap
     assert task.student_to_teacher.momentum == pytest.approx(1 - 1 / 2.7)
     assert task.ta_to_student.momentum == pytest.approx(1 - 1 / 2.7)
     assert [round(task.student_to_teacher.decay(t), 4) for t in (0, 1, 2, 20)] == [0.0, 0.5, 0.6296, 0.6296]
-    released = GTATask(TinySeg(), lab, unl, GTASegOptions(sup_only_epochs=1, ema_horizon=None), seed=5, steps=30)
+    code = GTASegOptions(sup_only_epochs=1, ema_horizon=None)
+    released = GTATask(TinySeg(), lab, unl, StageInputs("gta-seg", code, 30), seed=5)
     assert released.sup_steps == 4 and released.student_to_teacher.decay(20) == pytest.approx(20 / 21)
 
 
 def test_momentum_pl_per_step_ema_with_capped_momentum_by_hand(tmp_path):
     torch.manual_seed(0)
     lab, _ = streams(n_lab=6)  # 3 steps per epoch
-    task = TeacherTask(TinySeg(), lab, MomentumPLOptions(), steps=20)  # per step, m = min(0.95, 1 - 1/2)
+    # per step, m = min(0.95, 1 - 1/2)
+    task = TeacherTask(TinySeg(), lab, StageInputs("teacher", MomentumPLOptions(), 20))
     assert task.emas[0].momentum == 0.5
     trainer = trainer_for(task, tmp_path)
     m0 = params(task.nets["momentum"])
@@ -224,7 +210,8 @@ def test_momentum_pl_per_step_ema_with_capped_momentum_by_hand(tmp_path):
     model = params(task.nets["model"])
     for k, v in params(task.nets["momentum"]).items():
         torch.testing.assert_close(v, 0.5 * m0[k] + 0.5 * model[k], rtol=0, atol=1e-6)
-    epoch = TeacherTask(TinySeg(), lab, MomentumPLOptions(ema_every="epoch"), steps=300)  # 100 epoch updates
+    # 100 epoch updates
+    epoch = TeacherTask(TinySeg(), lab, StageInputs("teacher", MomentumPLOptions(ema_every="epoch"), 300))
     assert epoch.emas[0].momentum == pytest.approx(0.9)  # min(0.95, 1 - 1/(0.1 * 100))
 
 

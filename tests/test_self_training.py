@@ -460,7 +460,7 @@ def test_plans_and_key_chain(tmp_path: Path) -> None:
     assert [s.key["steps"] for s in stages if s.name.startswith("retrain")] == \
         [pp.retrain_steps(n_unl // 2), pp.retrain_steps(n_unl), pp.retrain_steps(n_unl)]
     # its own key: the snapshots are extra outputs
-    assert stages[0].key == {**sup_key, "params": {**sup_key["params"], "snapshots": [4, 8]}}
+    assert stages[0].key == {**sup_key, "variant": {**sup_key["variant"], "snapshots": [4, 8]}}
     _, weak = synthetic_run(data, out, "c", "st++", extra_rounds=1, strong_aug=False)
     same = [a.key_hash() == b.key_hash() for a, b in zip(stages, weak.stages(), strict=True) if a.key]
     # only the re-trainings (and what is labelled by their models) depend on the re-training options
@@ -482,7 +482,7 @@ def test_supervised_dice_control_is_its_own_stage_and_minimises_dice(tmp_path: P
     _, dice = synthetic_run(data, out, "dice", "supervised", loss="dice")
     assert ce.stages()[0].key_hash() == st.stages()[0].key_hash()  # the default stays the shared teacher
     assert dice.stages()[0].key_hash() != ce.stages()[0].key_hash()
-    assert dice.stages()[0].key["params"]["loss"] == "dice"
+    assert dice.stages()[0].key["options"]["loss"] == "dice"
 
     torch.manual_seed(0)
     logits = torch.randn(2, 3, 4, 4)

@@ -24,6 +24,7 @@ from semiseg.errors import ConfigError, OutputError, RunInterrupted, SemisegErro
 
 # making or reopening a run directory, and using a finished run, live in their own modules; the API offers them
 from semiseg.finished import evaluate, load_run, predict  # noqa: F401
+from semiseg.layout import RunLayout, StageLayout
 from semiseg.locks import exclusive, run_lock_path
 from semiseg.methods.registry import get_method
 from semiseg.pipeline.context import RunContext
@@ -64,27 +65,16 @@ def recorded_command(argv: list[str] | None = None) -> str:
     return " ".join(["semiseg", *map(portable_arg, sys.argv[1:] if argv is None else argv)])
 
 
-def _has_progress(run_dir: Path) -> bool:
-    """True once any stage saved a checkpoint or finished: only then is a run worth resuming."""
-    stages = run_dir / "stages"
-    return stages.is_dir() and any(p.name == "DONE" or p.suffix == ".pt" for p in stages.rglob("*"))
-
-
-def _last_checkpoint(run_dir: Path) -> Path | None:
-    found = sorted((run_dir / "stages").glob("*/**/last.pt"), key=lambda p: p.stat().st_mtime_ns)
-    return found[-1] if found else None
-
-
 def _guarded(run_dir: Path, work: Any, *, fresh: bool, batch_size: int) -> dict[str, Any]:
     """Run ``work()``; turn Ctrl-C, a full disk and other write failures into one-line errors that say how to
     go on. A fresh run that fails before its first checkpoint is removed, so the same name can be retried."""
     try:
         return work()
     except BaseException as err:
-        kept = not fresh or _has_progress(run_dir)
+        kept = not fresh or RunLayout(run_dir).has_progress()
         if not kept:
             shutil.rmtree(run_dir, ignore_errors=True)
-        last = _last_checkpoint(run_dir) if kept else None
+        last = RunLayout(run_dir).last_checkpoint() if kept else None
         where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
         how = (f"`semiseg resume {run_dir}` continues ({where})" if kept
                else f"nothing was kept ({run_dir} removed): run the same command again")
@@ -138,7 +128,8 @@ def final_results(ctx: RunContext, model: torch.nn.Module, stage_dirs: list[Path
     warnings = [w for w in [barely_moved_warning(moved), *(void_warning(k, v) for k, v in void.items())] if w]
     stages = []
     for d in stage_dirs:
-        info = json.loads((d / "DONE").read_text()) if (d / "DONE").exists() else {}
+        stage = StageLayout(d)
+        info = json.loads(stage.done.read_text()) if stage.is_done() else {}
         stages.append({"dir": d.name, **info})
     diagnostics = ctx.run_dir / "diagnostics.json"
     return {

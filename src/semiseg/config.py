@@ -27,6 +27,7 @@ from pydantic import (
 
 from semiseg.data.normalization import OFFLINE_ENCODERS, Normalization, default_normalization
 from semiseg.errors import ConfigError
+from semiseg.options import MethodOptions
 
 
 class _Strict(BaseModel):
@@ -149,17 +150,6 @@ def check_weights(config: ModelConfig) -> None:
             f"model.weights=imagenet: no offline ImageNet weights for encoder {config.encoder!r} (semiseg never "
             f"downloads at run time); offline weights exist for: {names}. Use model.encoder={names.split(',')[0]}, "
             "pass model.weights=<path/to/encoder_state_dict.pt>, or train from scratch with model.weights=none.")
-
-
-class MethodOptions(BaseModel):
-    """Base of every method's options (each method declares a subclass, ``Method.options_model``): unknown
-    keys are errors. A loaded :class:`RunConfig` holds an instance of the chosen method's subclass."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    # Which method, not one of its options: left out of the options' own dump (what stage keys hash as a
-    # method's params) and put back first by RunConfig's dump, so config.yaml keeps its shape for runs on disk.
-    name: str = Field("supervised", exclude=True, description="the method (`semiseg methods` lists them)")
 
 
 class RunConfig(_Strict):

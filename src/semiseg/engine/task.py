@@ -24,11 +24,13 @@ class Optimized:
 
 
 class StepContext:
-    """Handed to ``train_step``: ``optimize(name, loss)`` runs backward + clip + step with AMP."""
+    """Handed to ``train_step``: the step (0-based) of ``total_steps``; ``optimize(name, loss)`` runs backward +
+    clip + step with AMP."""
 
     def __init__(self, step: int, device: torch.device, autocast: Callable[[], contextlib.AbstractContextManager],
-                 optimize: Callable[[str, torch.Tensor], None]) -> None:
+                 optimize: Callable[[str, torch.Tensor], None], total_steps: int) -> None:
         self.step, self.device, self.autocast, self.optimize = step, device, autocast, optimize
+        self.total_steps = total_steps
 
 
 class TrainingTask:

@@ -20,6 +20,7 @@ from semiseg.engine.checkpoint import load_checkpoint, rng_state, save_checkpoin
 from semiseg.engine.distributed import DistInfo, all_ranks_true, all_reduce_mean, broadcast_object
 from semiseg.engine.task import Optimized, StepContext, TrainingTask
 from semiseg.errors import ConfigError, TrainingDiverged
+from semiseg.layout import StageLayout
 from semiseg.models.factory import param_group_of, unwrap
 
 Evaluate = Callable[[nn.Module], dict[str, float]]
@@ -63,12 +64,6 @@ def resolve_channels_last(setting: bool | str, device: torch.device) -> bool:
     return True if setting == "auto" else bool(setting)
 
 
-def best_file(extra: str | None = None) -> str:
-    """The checkpoint a stage keeps of its best validated net: ``best.pt`` for the task's ``eval_net``,
-    ``best-<name>.pt`` for an extra validated net (``TrainingTask.extra_eval_nets``)."""
-    return "best.pt" if extra is None else f"best-{extra}.pt"
-
-
 class Trainer:
     """Runs ``task`` for ``train.steps`` steps in ``stage_dir``; resumes from ``checkpoints/last.pt``."""
 
@@ -80,8 +75,9 @@ class Trainer:
         self.evaluate, self.val_metric = evaluate, val_metric
         self.total = steps if steps is not None else train.steps
         self.console = console
-        self.ckpt_dir = self.stage_dir / "checkpoints"
-        self.metrics_path = self.stage_dir / "metrics.jsonl"
+        self.layout = StageLayout(self.stage_dir)
+        self.ckpt_dir = self.layout.checkpoints
+        self.metrics_path = self.layout.metrics
         self.amp_dtype = self._amp_dtype()
         self._wrap_for_ddp()
         lr_scale = self.dist.world_size if train.lr_scaling == "linear" else 1
@@ -152,7 +148,7 @@ class Trainer:
 
     def _diverged(self, what: str, name: str) -> None:
         lr = self.optimizers[name].param_groups[0]["lr"]
-        last = (f"; the last good checkpoint is {self.ckpt_dir / 'last.pt'} (step {self._saved_step}), but a run's "
+        last = (f"; the last good checkpoint is {self.layout.last} (step {self._saved_step}), but a run's "
                 "config is fixed: train a new run (--set name=...) with the changed setting"
                 if self._saved_step is not None else "")
         raise TrainingDiverged(
@@ -247,14 +243,14 @@ class Trainer:
                 self.best = {"metric": metric, "step": self.step}
             else:
                 self.best_extra[extra] = {"metric": metric, "step": self.step}
-            self._save(best_file(extra),
+            self._save(self.layout.best(extra).name,
                        {"net": unwrap(net).state_dict(), "step": self.step, "metric": metric,
                         "val_metric": self.val_metric})
         prefix = "val" if extra is None else f"val_{extra}"
         return {f"{prefix}/{k}": v for k, v in scores.items()}  # type: ignore[union-attr]
 
     def fit(self) -> FitResult:
-        last = self.ckpt_dir / "last.pt"
+        last = self.layout.last
         if last.exists():
             self.load_state_dict(load_checkpoint(last, self.device, finite=True))
             self._saved_step = self.step
@@ -265,7 +261,7 @@ class Trainer:
         if self.train.tensorboard and self.dist.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.stage_dir / "tensorboard"))
+            self._tb = SummaryWriter(str(self.layout.tensorboard))
         for net in self.task.nets.values():
             net.train()
         start, t0 = self.step, time.time()
@@ -276,7 +272,7 @@ class Trainer:
             while self.step < self.total:
                 lr = self._set_lr()
                 batches = {n: _to_device(next(ld), self.device) for n, ld in self.task.loaders.items()}
-                ctx = StepContext(self.step, self.device, self.autocast, self.optimize)
+                ctx = StepContext(self.step, self.device, self.autocast, self.optimize, self.total)
                 losses = self.task.train_step(batches, ctx)
                 self.step += 1
                 if first_loader.batch == first_loader.batches_per_epoch():
@@ -292,7 +288,7 @@ class Trainer:
                 if self.step % self.train.checkpoint_every == 0 or self.step == self.total:
                     for net_name, net in self.task.nets.items():  # a diverged state must not replace a good one
                         self._check_finite_weights(net, f"network {net_name!r}")
-                    self._save("last.pt", self.state_dict())
+                    self._save(self.layout.last.name, self.state_dict())
                     self._saved_step = self.step
                 if progress is not None:
                     progress.update(bar, completed=self.step)

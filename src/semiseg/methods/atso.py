@@ -41,7 +41,7 @@ from semiseg.pipeline.diagnostics import (
     scores_on_test,
 )
 from semiseg.pipeline.labeling import PseudoLabeledDataset, oversampled_size, pseudo_dataset
-from semiseg.pipeline.plan import Pipeline, StageRef
+from semiseg.pipeline.plan import Pipeline, StageInputs, StageRef
 from semiseg.pipeline.training import make_dataset, make_loader, new_model
 from semiseg.pseudo.policies import SelectAll
 
@@ -119,8 +119,7 @@ class GenerationMethod(Method[OptionsT]):
               previous: StageRef | None) -> StageRef:
         o = self.options
         return p.label(name, teacher=teacher, which=self.which, stems=list(stems), policy=SelectAll(),
-                       tta_scales=tuple(o.tta_scales), tta_flip=o.tta_flip, previous=[previous] if previous else [],
-                       params={"options": o.model_dump(mode="json")})
+                       tta_scales=tuple(o.tta_scales), tta_flip=o.tta_flip, previous=[previous] if previous else [])
 
     def student_steps(self, n_pseudo: int) -> int:
         """``generation_steps``, else ``generation_scale`` x ``train.steps``, else the epoch rule over the
@@ -134,21 +133,23 @@ class GenerationMethod(Method[OptionsT]):
               n_pseudo: int) -> StageRef:
         """Student ``name`` on S ∪ ``rounds`` (``n_pseudo`` images); starts from ``init``'s teacher checkpoint or
         from scratch."""
-        run, o, seed = self.run, self.options, self.run.stage_seed(name)
+        run, seed = self.run, self.run.stage_seed(name)
 
-        def task() -> SupervisedTask:
-            model = new_model(run) if init is None else init.model(which=self.which)
-            return SupervisedTask(model, self.loader(rounds, seed))
+        def task(stage: StageInputs) -> SupervisedTask:
+            o = stage.options
+            model = new_model(run) if stage.init is None else stage.init.resolve().model(which=o.teacher)
+            return SupervisedTask(model, self.loader(rounds, seed, o))
 
         def record() -> dict[str, Any]:
             return {"init": init.name if init else "scratch", "rounds": [r.name for r in rounds],
                     "pseudo_stems": sorted(s for r in rounds for s in r.round().stems)}
 
-        return p.train(name, task, steps=self.student_steps(n_pseudo), init=init, inputs=rounds,
-                       params={"options": o.model_dump(mode="json")}, record=record)
+        return p.train(name, task, options=("teacher", "oversample_labeled", "strong_aug"),
+                       steps=self.student_steps(n_pseudo), init=init, inputs=rounds, record=record)
 
-    def loader(self, rounds: Sequence[StageRef], seed: int) -> EndlessLoader:
-        run, o = self.run, self.options
+    def loader(self, rounds: Sequence[StageRef], seed: int, o: Any) -> EndlessLoader:
+        """Labeled + pseudo-labeled images of ``rounds`` (``o``: the student's options)."""
+        run = self.run
         spec = [(r.path, r.round().stems) for r in rounds]
         if o.oversample_labeled:
             ds = pseudo_dataset(run, spec, seed=seed, strong=o.strong_aug)
@@ -180,7 +181,7 @@ class GenerationMethod(Method[OptionsT]):
         return row
 
     def diagnose(self, p: Pipeline, rows: list[Callable[[], dict[str, Any]]]) -> None:
-        add_diagnostics(p, lambda: {
+        add_diagnostics(p, options=("teacher",), table=lambda: {
             "note": "lazy-learning table: pseudo-label quality on the reference (unlabeled) set next to each "
                     "model's reference and test accuracy; test is a diagnostic, never used for selection",
             "val_metric": self.run.val_metric, "generations": [row() for row in rows]})

@@ -54,7 +54,7 @@ from semiseg.methods.schedules import batches_per_epoch
 from semiseg.methods.supervised import train_supervised
 from semiseg.pipeline.diagnostics import add_diagnostics, quality_summary, scores_on_test
 from semiseg.pipeline.labeling import pseudo_masks
-from semiseg.pipeline.plan import BestOf, Pipeline, StageRef
+from semiseg.pipeline.plan import BestOf, Pipeline, StageInputs, StageRef
 from semiseg.pipeline.training import make_dataset, make_loader
 from semiseg.pseudo.policies import ClassBalanced
 
@@ -166,14 +166,14 @@ class DstCbc(Method[DstCbcOptions]):
         rows = [lambda: {"round": 0, "ratio": 0.0, "model": "supervised", "val": trainings[0].best_metric(),
                          "test": scores_on_test(run, trainings[0].model())}]
         labels: StageRef | None = None
-        params = {"options": o.model_dump(mode="json")}
         for r, ratio in enumerate(o.ratios, 1):
             source = BestOf(list(trainings))  # the best model so far, decided once the stages before have run
             labels = p.label(f"cbc-{r}", teacher=source, stems=list(run.splits.unlabeled),
                              policy=ClassBalanced(ratio, sample_stride=o.sample_stride, rule=o.cbc_rule),
-                             previous=[labels] if labels else [], params=params)
-            train = p.train(f"round-{r}", self._task(labels, source, run.stage_seed(f"round-{r}")),
-                            steps=self.round_steps(), init=source, inputs=[labels], params=params,
+                             previous=[labels] if labels else [])
+            train = p.train(f"round-{r}", self._task(labels, run.stage_seed(f"round-{r}")),
+                            options=("legacy_random_resize", "strong_aug", "gamma", "round_lr_scale"),
+                            steps=self.round_steps(), init=source, inputs=[labels],
                             record=lambda labels=labels, source=source: {
                                 "init": source.resolve().path.name, "rounds": [labels.path.name],
                                 "pseudo_stems": sorted(labels.round().stems)})
@@ -200,10 +200,12 @@ class DstCbc(Method[DstCbcOptions]):
         global_batch = (cfg.train.unlabeled_batch_size or cfg.train.batch_size) * self.run.dist.world_size
         return max(1, round(o.round_epochs * batches_per_epoch(len(self.run.splits.unlabeled), global_batch)))
 
-    def _task(self, labels: StageRef, source: BestOf, seed: int) -> Callable[[], DstCbcTask]:
-        run, o = self.run, self.options
+    def _task(self, labels: StageRef, seed: int) -> Callable[[StageInputs], DstCbcTask]:
+        run = self.run
 
-        def task() -> DstCbcTask:
+        def task(stage: StageInputs) -> DstCbcTask:
+            o, source = stage.options, stage.init
+            assert source is not None  # every round fine-tunes the best model so far
             transform = None
             if o.legacy_random_resize:
                 aug = run.config.train.augment

@@ -46,8 +46,9 @@ from semiseg.methods.online import (
 from semiseg.methods.registry import Method, MethodOptions, register
 from semiseg.methods.schedules import share_of
 from semiseg.models.factory import unwrap
+from semiseg.options import ALL
 from semiseg.pipeline.context import RunContext
-from semiseg.pipeline.plan import Pipeline
+from semiseg.pipeline.plan import Pipeline, StageInputs
 from semiseg.pipeline.training import new_model
 from semiseg.pseudo.policies import FixedThreshold
 
@@ -109,10 +110,11 @@ def weak_strong_streams(run: RunContext, seed: int, options: FixMatchOptions, vi
 
 
 class FixMatchTask(TrainingTask):
-    def __init__(self, model: nn.Module, loaders: dict[str, EndlessLoader], options: FixMatchOptions, *,
-                 seed: int, rank: int = 0, views: int = 1, steps: int | None = None) -> None:
-        self.opt, self.seed, self.rank, self.views = options, seed, rank, views
-        self.warmup_steps = share_of(options.sup_warmup, steps) if steps else 0
+    def __init__(self, model: nn.Module, loaders: dict[str, EndlessLoader], stage: StageInputs, *,
+                 seed: int, rank: int = 0, views: int = 1) -> None:
+        self.opt, self.seed, self.rank, self.views = stage.options, seed, rank, views
+        options = stage.options
+        self.warmup_steps = share_of(options.sup_warmup, stage.steps)
         self.nets = {"model": model}
         self.loaders = loaders
         self.optimized = [Optimized("model")]
@@ -186,11 +188,11 @@ class FixMatch(Method[FixMatchOptions]):
         return 1
 
     def plan(self, p: Pipeline) -> None:
-        run, opt = self.run, self.options
+        run = self.run
         seed, views = run.stage_seed(self.name), self.strong_views()
 
-        def task() -> FixMatchTask:
-            return self.task_class(new_model(run), weak_strong_streams(run, seed, opt, views), opt, seed=seed + 3,
-                                   rank=run.dist.rank, views=views, steps=run.config.train.steps)
+        def task(stage: StageInputs) -> FixMatchTask:
+            return self.task_class(new_model(run), weak_strong_streams(run, seed, stage.options, views), stage,
+                                   seed=seed + 3, rank=run.dist.rank, views=views)
 
-        p.train(self.name, task, params={"options": opt.model_dump(mode="json")})
+        p.train(self.name, task, options=ALL)

@@ -53,7 +53,8 @@ from semiseg.methods.registry import Method, MethodOptions, register
 from semiseg.methods.schedules import capped_momentum, share_of
 from semiseg.models.ema import EMA, frozen_copy
 from semiseg.models.factory import param_group_of, unwrap
-from semiseg.pipeline.plan import Pipeline
+from semiseg.options import ALL
+from semiseg.pipeline.plan import Pipeline, StageInputs
 from semiseg.pipeline.training import new_model
 from semiseg.pseudo.policies import ConfidenceWeights, DropLowest
 
@@ -127,8 +128,9 @@ def sup_only_steps(options: GTASegOptions, steps: int, epoch_steps: int) -> int:
 
 class GTATask(TrainingTask):
     def __init__(self, student: nn.Module, labeled: EndlessLoader, unlabeled: EndlessLoader,
-                 options: GTASegOptions, *, seed: int, steps: int) -> None:
-        self.opt = options
+                 stage: StageInputs, *, seed: int) -> None:
+        self.opt = options = stage.options
+        steps = stage.steps
         self.nets = {"student": student, "ta": copy.deepcopy(student), "teacher": frozen_copy(student)}
         self.loaders = {"labeled": labeled, "unlabeled": unlabeled}
         self.optimized = [Optimized("student"), Optimized("ta", schedule=options.ta_schedule)]
@@ -219,17 +221,18 @@ class GTASeg(Method[GTASegOptions]):
     paper = "Semi-Supervised Semantic Segmentation via Gentle Teaching Assistant (NeurIPS 2022)"
 
     def plan(self, p: Pipeline) -> None:
-        run, opt = self.run, self.options
+        run = self.run
         seed = run.stage_seed("gta-seg")
 
-        def task() -> GTATask:
+        def task(stage: StageInputs) -> GTATask:
+            opt = stage.options
             weak = weak_view(run, pad_label=opt.pad_label, scale_mode=opt.scale_mode)
             repeat = unlabeled_count(run) if opt.oversample_labeled else None
             labeled = labeled_stream(run, seed, transform=weak, repeat_to=repeat)
             unlabeled = unlabeled_stream(run, seed + 1, transform=weak)
-            return GTATask(new_model(run), labeled, unlabeled, opt, seed=seed + 2, steps=run.config.train.steps)
+            return GTATask(new_model(run), labeled, unlabeled, stage, seed=seed + 2)
 
-        p.train("gta-seg", task, params={"options": opt.model_dump(mode="json")})
+        p.train("gta-seg", task, options=ALL)
 
     def final_net(self) -> str:
         return "teacher"  # the code delivers the teacher

@@ -38,7 +38,8 @@ from semiseg.methods.registry import Method, MethodOptions, register
 from semiseg.methods.schedules import capped_momentum, share_of, unlabeled_weight
 from semiseg.models.ema import EMA, frozen_copy
 from semiseg.models.factory import unwrap
-from semiseg.pipeline.plan import Pipeline
+from semiseg.options import ALL
+from semiseg.pipeline.plan import Pipeline, StageInputs
 from semiseg.pipeline.training import labeled_loader, new_model
 
 
@@ -76,8 +77,9 @@ class MeanTeacherOptions(MethodOptions):
 
 class MeanTeacherTask(TrainingTask):
     def __init__(self, student: nn.Module, labeled: EndlessLoader, unlabeled: EndlessLoader,
-                 options: MeanTeacherOptions, *, steps: int) -> None:
-        self.opt = options
+                 stage: StageInputs) -> None:
+        self.opt = options = stage.options
+        steps = stage.steps
         self.nets = {"student": student, "teacher": frozen_copy(student)}
         self.loaders = {"labeled": labeled, "unlabeled": unlabeled}
         self.optimized = [Optimized("student")]
@@ -146,15 +148,14 @@ class MeanTeacher(Method[MeanTeacherOptions]):
     paper = "Tarvainen & Valpola 2017 (mean teacher), pseudo-label form as in U2PL / UniMatch"
 
     def plan(self, p: Pipeline) -> None:
-        run, opt = self.run, self.options
+        run = self.run
         seed = run.stage_seed("mean-teacher")
 
-        def task() -> MeanTeacherTask:
-            unlabeled = unlabeled_stream(run, seed + 1, strong=opt.student_view == "strong")
-            return MeanTeacherTask(new_model(run), labeled_loader(run, seed), unlabeled, opt,
-                                   steps=run.config.train.steps)
+        def task(stage: StageInputs) -> MeanTeacherTask:
+            unlabeled = unlabeled_stream(run, seed + 1, strong=stage.options.student_view == "strong")
+            return MeanTeacherTask(new_model(run), labeled_loader(run, seed), unlabeled, stage)
 
-        p.train("mean-teacher", task, params={"options": opt.model_dump(mode="json")})
+        p.train("mean-teacher", task, options=ALL)
 
     def final_net(self) -> str:
         return self.options.eval_net

@@ -53,8 +53,9 @@ from semiseg.methods.online import labeled_stream, teacher_forward, unlabeled_st
 from semiseg.methods.registry import Method, MethodOptions, register
 from semiseg.methods.schedules import capped_momentum, retaining_momentum
 from semiseg.models.ema import EMA, frozen_copy
+from semiseg.options import ALL
 from semiseg.pipeline.context import RunContext
-from semiseg.pipeline.plan import Pipeline
+from semiseg.pipeline.plan import Pipeline, StageInputs
 from semiseg.pipeline.training import new_model
 
 
@@ -169,9 +170,10 @@ class _MomentumMixin:
 class TeacherTask(_MomentumMixin, TrainingTask):
     """Stage 1: Dice on labeled batches; the momentum copy is validated and selected on its own."""
 
-    def __init__(self, model: nn.Module, labeled: EndlessLoader, options: MomentumPLOptions,
-                 fresh: nn.Module | None = None, *, steps: int) -> None:
-        self.opt = options
+    def __init__(self, model: nn.Module, labeled: EndlessLoader, stage: StageInputs,
+                 fresh: nn.Module | None = None) -> None:
+        self.opt = options = stage.options
+        steps = stage.steps
         self.nets = {"model": model, "momentum": _momentum_copy(model, fresh)}
         self.loaders = {"labeled": labeled}
         self.optimized = [Optimized("model")]
@@ -195,9 +197,9 @@ class StudentTask(_MomentumMixin, TrainingTask):
     """Stage 2 (Algorithm 1): online pseudo labels from the (momentum) teacher for a student from scratch."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, labeled: EndlessLoader,
-                 unlabeled: EndlessLoader, options: MomentumPLOptions,
-                 fresh: nn.Module | None = None, *, steps: int) -> None:
-        self.opt = options
+                 unlabeled: EndlessLoader, stage: StageInputs, fresh: nn.Module | None = None) -> None:
+        self.opt = options = stage.options
+        steps = stage.steps
         self.nets = {"student": student, "momentum": _momentum_copy(student, fresh),
                      "teacher": frozen_copy(teacher)}
         # the longer stream defines the epoch (Lightning's max_size_cycle in the code); the other one cycles
@@ -245,15 +247,21 @@ class StudentTask(_MomentumMixin, TrainingTask):
         return {"loss": loss.item(), "loss_labeled": loss_l.item(), "loss_unlabeled": loss_u.item()}
 
 
-def _transforms(run: RunContext, opt: MomentumPLOptions) -> tuple[Any, Any, Any]:
-    """(labeled view, unlabeled view, the student's noise on it: None when the teacher labels the student's
-    own view)."""
+def _labeled_transform(run: RunContext, opt: Any) -> Any:
+    return weak_view(run) if opt.augment == "run" else polyp_labeled_transform()
+
+
+def _unlabeled_transforms(run: RunContext, opt: Any) -> tuple[Any, Any]:
+    """(unlabeled view, the student's noise on it: None when the teacher labels the student's own view)."""
     if opt.augment == "run":
-        noise = StrongTransform(p_cutout=0.0) if opt.teacher_view == "clean" else None
-        return weak_view(run), None, noise
+        return None, StrongTransform(p_cutout=0.0) if opt.teacher_view == "clean" else None
     if opt.teacher_view == "clean":
-        return polyp_labeled_transform(), polyp_paper_geometry(), polyp_paper_noise()
-    return polyp_labeled_transform(), polyp_paper_transform(), None
+        return polyp_paper_geometry(), polyp_paper_noise()
+    return polyp_paper_transform(), None
+
+
+TEACHER_OPTIONS = ("loss", "labeled_loss", "tversky_alpha", "tversky_beta", "loss_reduction", "teacher_momentum",
+                   "ema_every", "ema_horizon", "momentum_bn", "momentum_init", "augment")
 
 
 @register
@@ -270,31 +278,30 @@ class MomentumPL(Method[MomentumPLOptions]):
                               "use method.augment=run")
 
     def plan(self, p: Pipeline) -> None:
-        run, opt = self.run, self.options
+        run = self.run
         teacher_seed, seed = run.stage_seed("momentum-pl-teacher"), run.stage_seed("momentum-pl-student")
-        teacher_steps = opt.teacher_steps or run.config.train.steps
 
-        def stage1() -> TeacherTask:
-            lab_t, _, _ = _transforms(run, opt)
+        def stage1(stage: StageInputs) -> TeacherTask:
+            opt = stage.options
             fresh = new_model(run, teacher_seed + 1) if opt.momentum_init == "independent" else None
-            return TeacherTask(new_model(run), labeled_stream(run, teacher_seed, transform=lab_t), opt, fresh,
-                               steps=teacher_steps)
+            labeled = labeled_stream(run, teacher_seed, transform=_labeled_transform(run, opt))
+            return TeacherTask(new_model(run), labeled, stage, fresh)
 
-        # stage 1 reads only these options: a variant of stage 2 (e.g. an offline teacher) shares it
-        read = {"loss", "labeled_loss", "tversky_alpha", "tversky_beta", "loss_reduction", "teacher_momentum",
-                "ema_every", "ema_horizon", "momentum_bn", "momentum_init", "augment"}
-        teacher = p.train("teacher", stage1, steps=teacher_steps,
-                          params={"options": opt.model_dump(mode="json", include=read)})
+        # stage 1 reads only the options of its loss, its momentum copy and its augmentation: a variant of
+        # stage 2 (e.g. an offline teacher) shares it
+        teacher = p.train("teacher", stage1, options=TEACHER_OPTIONS,
+                          steps=self.options.teacher_steps or run.config.train.steps)
 
-        def stage2() -> StudentTask:
+        def stage2(stage: StageInputs) -> StudentTask:
+            opt = stage.options
             pseudo = teacher.model(net="momentum" if opt.pseudo_from == "momentum" else None)
-            lab_t, unl_t, noise = _transforms(run, opt)
+            unl_t, noise = _unlabeled_transforms(run, opt)
             fresh = new_model(run, seed + 2) if opt.momentum_init == "independent" else None
-            return StudentTask(new_model(run), pseudo, labeled_stream(run, seed, transform=lab_t),
-                               unlabeled_stream(run, seed + 1, transform=unl_t, strong=noise or False), opt, fresh,
-                               steps=run.config.train.steps)
+            return StudentTask(new_model(run), pseudo,
+                               labeled_stream(run, seed, transform=_labeled_transform(run, opt)),
+                               unlabeled_stream(run, seed + 1, transform=unl_t, strong=noise or False), stage, fresh)
 
-        p.train("student", stage2, inputs=[teacher], params={"options": opt.model_dump(mode="json")})
+        p.train("student", stage2, options=ALL, inputs=[teacher])
 
     def final_net(self) -> str:
         return self.options.deliver

@@ -29,17 +29,15 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from semiseg.config import RunConfig
-from semiseg.engine.task import Optimized, StepContext, TrainingTask
 from semiseg.errors import ConfigError
-from semiseg.losses import cross_entropy
 from semiseg.methods.registry import Method, MethodOptions, register
 from semiseg.methods.schedules import offline_student_steps
 from semiseg.methods.st_stability import SnapshotTask, add_stability, snapshot_steps
-from semiseg.methods.supervised import train_supervised
+from semiseg.methods.supervised import SupervisedTask, train_supervised
 from semiseg.models.factory import unwrap
 from semiseg.pipeline.diagnostics import add_diagnostics, stage_rows
 from semiseg.pipeline.labeling import oversampled_size, pseudo_dataset
-from semiseg.pipeline.plan import Pipeline, StageRef
+from semiseg.pipeline.plan import Pipeline, StageInputs, StageRef
 from semiseg.pipeline.training import make_loader, new_model
 from semiseg.pseudo.policies import SelectAll
 
@@ -94,23 +92,6 @@ class STPlusPlusOptions(SelfTrainingOptions):
         "this many times (paper appendix B; not in the released code)"))
 
 
-# ------------------------------------------------------------------------------------------- tasks
-class RetrainTask(TrainingTask):
-    """Cross-entropy (255 ignored) on mixed batches of labeled and pseudo-labeled images."""
-
-    def __init__(self, model: nn.Module, loader: Any) -> None:
-        self.nets = {"model": model}
-        self.loaders = {"train": loader}
-        self.optimized = [Optimized("model")]
-
-    def train_step(self, batches: dict[str, Any], ctx: StepContext) -> dict[str, float]:
-        batch = batches["train"]
-        with ctx.autocast():
-            loss = cross_entropy(self.nets["model"](batch["image"]), batch["mask"])
-        ctx.optimize("model", loss)
-        return {"loss": loss.item(), "pseudo_share": float(batch["pseudo"].float().mean())}
-
-
 Stems = Sequence[str] | Callable[[], Sequence[str]]
 
 
@@ -131,20 +112,20 @@ class _SelfTrainingBase(Method[OptionsT]):
                 n_pseudo: int) -> StageRef:
         """A student on labeled + ``rounds`` = [(label stage, its stems)] (``n_pseudo`` pseudo-labeled images),
         from the shared initialisation or, with ``student_init=teacher``, from ``teacher``'s model."""
-        o, run = self.options, self.run
+        run = self.run
         seed = run.stage_seed(name)
-        from_teacher = o.student_init == "teacher"
 
-        def task() -> RetrainTask:
+        def task(stage: StageInputs) -> SupervisedTask:
             parts = [(ref.path, stems() if callable(stems) else stems) for ref, stems in rounds]
-            ds = pseudo_dataset(run, parts, seed=seed, strong=o.strong_aug)
+            ds = pseudo_dataset(run, parts, seed=seed, strong=stage.options.strong_aug)
             model = new_model(run)
-            if from_teacher:
-                model.load_state_dict(unwrap(teacher.model()).state_dict())
-            return RetrainTask(model, make_loader(run, ds, run.config.train.batch_size, seed))
+            if stage.init is not None:
+                model.load_state_dict(unwrap(stage.init.resolve().model()).state_dict())
+            return SupervisedTask(model, make_loader(run, ds, run.config.train.batch_size, seed))
 
-        return p.train(name, task, steps=self.retrain_steps(n_pseudo), init=teacher if from_teacher else None,
-                       inputs=[ref for ref, _ in rounds], params={"strong_aug": o.strong_aug})
+        init = teacher if self.options.student_init == "teacher" else None
+        return p.train(name, task, options=("strong_aug",), steps=self.retrain_steps(n_pseudo), init=init,
+                       inputs=[ref for ref, _ in rounds])
 
     def retrain_steps(self, n_pseudo: int) -> int:
         """Steps of a re-training on the labeled images + ``n_pseudo`` pseudo-labeled ones: ``retrain_steps``,
@@ -209,7 +190,7 @@ class STPlusPlus(_SelfTrainingBase[STPlusPlusOptions]):
         def with_snapshots(model: nn.Module, loader: Any) -> SnapshotTask:
             return SnapshotTask(model, loader, p["supervised"].path, snaps, is_main=run.dist.is_main)
 
-        sup = train_supervised(p, task=with_snapshots, params={"snapshots": snaps})
+        sup = train_supervised(p, task=with_snapshots, variant={"snapshots": snaps})
         stability = add_stability(p, sup, o.checkpoints)
 
         def reliable() -> list[str]:

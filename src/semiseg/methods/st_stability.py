@@ -14,6 +14,7 @@ from torch import nn
 from semiseg.atomic import atomic_write_text
 from semiseg.engine.checkpoint import load_checkpoint, save_checkpoint
 from semiseg.engine.task import StepContext
+from semiseg.layout import StageLayout
 from semiseg.methods.supervised import SupervisedTask
 from semiseg.models.factory import unwrap
 from semiseg.pipeline.context import RunContext
@@ -44,7 +45,7 @@ class SnapshotTask(SupervisedTask):
 
 
 def snapshot_path(stage: Path, step: int) -> Path:
-    return stage / "checkpoints" / f"snapshot-{step}.pt"
+    return StageLayout(stage).snapshot(step)
 
 
 def snapshot_steps(steps: int, k: int) -> list[int]:
@@ -88,7 +89,7 @@ def add_stability(pipeline: Pipeline, supervised: StageRef, k: int) -> StageRef:
                                "final_snapshot_miou_unreliable": _nanmean([finals[s] for s in unreliable])}
         atomic_write_text(out, json.dumps(info, indent=1))
 
-    return pipeline.add("stability", work, inputs=[supervised], params={"k": k})
+    return pipeline.add("stability", work, inputs=[supervised], variant={"k": k})
 
 
 def snapshot_models(supervised: StageRef, k: int) -> list[nn.Module]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -13,14 +13,15 @@ from semiseg.engine.task import Optimized, StepContext, TrainingTask
 from semiseg.losses import LabeledLossName, cross_entropy, labeled_loss
 from semiseg.methods.registry import Method, MethodOptions, register
 from semiseg.pipeline.context import RunContext
-from semiseg.pipeline.plan import Pipeline, StageRef
+from semiseg.pipeline.plan import Pipeline, StageInputs, StageRef
 from semiseg.pipeline.training import labeled_loader, make_dataset, make_loader, new_model
 
 Loss = Callable[[Tensor, Tensor], Tensor]
 
 
 class SupervisedTask(TrainingTask):
-    """``loss`` (cross-entropy) on labeled batches; the step every other method's teacher stage reuses."""
+    """``loss`` (cross-entropy) on labeled batches: every method's teacher, and the offline students, whose
+    batches mix labeled and pseudo-labeled images (``pseudo`` flags the latter: logged as ``pseudo_share``)."""
 
     def __init__(self, model: nn.Module, loader: Any, loss: Loss = cross_entropy) -> None:
         self.nets = {"model": model}
@@ -33,28 +34,32 @@ class SupervisedTask(TrainingTask):
         with ctx.autocast():
             loss = self.loss(self.nets["model"](batch["image"]), batch["mask"])
         ctx.optimize("model", loss)
+        if "pseudo" in batch:
+            return {"loss": loss.item(), "pseudo_share": float(batch["pseudo"].float().mean())}
         return {"loss": loss.item()}
 
 
 def train_supervised(pipeline: Pipeline, name: str = "supervised", *, split: str = "labeled",
                      steps: int | None = None, task: Callable[[nn.Module, Any], TrainingTask] = SupervisedTask,
-                     params: dict[str, Any] | None = None) -> StageRef:
+                     options: Sequence[str] = (), variant: dict[str, Any] | None = None) -> StageRef:
     """A supervised training stage on ``split``; every method's teacher, so benchmarks share it across methods
     (its key holds no method option).
 
     The oracle is "the same pipeline with every image labeled": it shares the supervised stage's seed
     (data order, augmentation) and, like every from-scratch network, the run's initialisation, so the two
     differ only in their labels. (With a seed of its own, one unlucky initialisation kept the polyp oracle
-    at the class prior for 400 steps.) ``task`` and ``params``: a variant of the step (ST++'s snapshots).
+    at the class prior for 400 steps.) ``task``, ``options`` and ``variant``: a variant of the step and what
+    it reads (ST++'s snapshots, a labeled loss other than cross-entropy).
     """
     run = pipeline.run
     seed = run.stage_seed("supervised")
 
-    def make_task() -> TrainingTask:
+    def make_task(stage: StageInputs) -> TrainingTask:
         loader = labeled_loader(run, seed) if split == "labeled" else _oracle_loader(run, seed)
         return task(new_model(run), loader)
 
-    return pipeline.train(name, make_task, steps=steps, params={"split": split, **(params or {})})
+    return pipeline.train(name, make_task, steps=steps, options=options,
+                          variant={"split": split, **(variant or {})})
 
 
 def _oracle_loader(run: RunContext, seed: int) -> Any:
@@ -80,8 +85,7 @@ class Supervised(Method[SupervisedOptions]):
         if loss == "cross-entropy":  # the stage every method's teacher shares: its key holds no loss
             train_supervised(pipeline)
         else:
-            train_supervised(pipeline, task=partial(SupervisedTask, loss=labeled_loss(loss)),
-                             params={"loss": loss})
+            train_supervised(pipeline, task=partial(SupervisedTask, loss=labeled_loss(loss)), options=("loss",))
 
 
 @register

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from semiseg.errors import ConfigError
+from semiseg.layout import STAGES, StageLayout
 
 # classification heads of ImageNet checkpoints (torchvision, timm, efficientnet): not part of an smp encoder
 _HEAD_PREFIXES = ("fc.", "classifier.", "head.", "last_linear.", "_fc.")
@@ -47,7 +48,7 @@ def not_torch_file(path: Path) -> str | None:
 def _read(path: Path) -> Any:
     if path.is_dir():
         raise ConfigError(f"model.weights: {path} is a folder; give a weight file (of a semiseg run: "
-                          f"{path}/stages/<i>-<stage>/checkpoints/best.pt)")
+                          f"{StageLayout(path / STAGES / '<i>-<stage>').best()})")
     if not path.is_file():
         raise ConfigError(f"model.weights: file not found: {path}")
     other = not_torch_file(path)
@@ -73,7 +74,8 @@ def state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
         nets = obj["nets"]
         if len(nets) != 1:
             raise ConfigError(f"model.weights: {path} is a training checkpoint of networks {', '.join(nets)}; "
-                              "use the stage's checkpoints/best.pt (the model selected on validation)")
+                              f"use the stage's {StageLayout(Path()).best()} (the model selected on "
+                              "validation)")
         obj = next(iter(nets.values()))
     elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]

@@ -20,8 +20,8 @@ from semiseg.data.classes import IGNORE_INDEX
 from semiseg.engine.checkpoint import load_checkpoint
 from semiseg.evaluation.evaluator import evaluate_arrays, evaluate_source, foreground_index
 from semiseg.evaluation.metrics import ConfusionMatrix, ForegroundScores
+from semiseg.layout import StageLayout, is_done
 from semiseg.pipeline.context import RunContext
-from semiseg.pipeline.labeling import ROUND
 from semiseg.pipeline.plan import Pipeline, StageRef
 
 
@@ -98,23 +98,25 @@ def stage_rows(pipeline: Pipeline) -> dict[str, list[dict[str, Any]]]:
     """One row per pseudo-label round (quality, flip rate) and per training stage (best validation score)."""
     rounds, trainings = [], []
     for ref in pipeline.refs.values():
-        d = ref.path
-        if (d / ROUND / "DONE").exists():
-            st = json.loads((d / ROUND / "stats.json").read_text())
+        d, layout = ref.path, ref.layout
+        if is_done(layout.round):
+            st = json.loads((layout.round / "stats.json").read_text())
             q = st.get("quality") or {}
             rounds.append({"round": d.name, "images": st["num_images"], "foreground_dice": q.get("foreground_dice"),
                            "miou": q.get("miou"), "flip_rate": st.get("flip_rate")})
-        elif (d / "checkpoints" / "best.pt").exists():
-            best = load_checkpoint(d / "checkpoints" / "best.pt")
+        elif layout.best().exists():
+            best = load_checkpoint(layout.best())
             trainings.append({"stage": d.name, f"best_val_{best.get('val_metric', 'metric')}": best.get("metric"),
                               "best_step": best.get("step")})
     return {"rounds": rounds, "trainings": trainings}
 
 
-def add_diagnostics(pipeline: Pipeline, table: Callable[[], dict[str, Any]]) -> StageRef | None:
+def add_diagnostics(pipeline: Pipeline, table: Callable[[], dict[str, Any]],
+                    options: Sequence[str] = ()) -> StageRef | None:
     """In benchmark mode, a last stage writing ``table()`` to ``diagnostics.json`` (in the stage and the run
     directory; the api merges it into ``results.json``), and a ``generations`` table also as ``metrics.jsonl``
-    rows. Never reused: it describes this run's stages. Outside benchmark mode nothing is added."""
+    rows. Never reused: it describes this run's stages. ``options``: the method options ``table`` reads.
+    Outside benchmark mode nothing is added."""
     run = pipeline.run
     if not run.config.data.benchmark_gt:
         return None
@@ -125,9 +127,9 @@ def add_diagnostics(pipeline: Pipeline, table: Callable[[], dict[str, Any]]) -> 
         doc = table()
         text = json.dumps(doc, indent=1, default=float)
         if isinstance(doc.get("generations"), list):
-            atomic_write_text(path / "metrics.jsonl",
+            atomic_write_text(StageLayout(path).metrics,
                               "".join(json.dumps(r, default=float) + "\n" for r in doc["generations"]))
         atomic_write_text(path / "diagnostics.json", text)
         atomic_write_text(run.run_dir / "diagnostics.json", text)
 
-    return pipeline.add("diagnostics", work, reuse=False)
+    return pipeline.add("diagnostics", work, options=options, reuse=False)

@@ -44,6 +44,7 @@ from torch.utils.data import Dataset
 from semiseg.data.classes import IGNORE_INDEX
 from semiseg.data.datasets import SegmentationDataset, repeat_to
 from semiseg.errors import ConfigError, DataError
+from semiseg.layout import ROUND
 from semiseg.pipeline.context import RunContext
 from semiseg.pipeline.training import make_dataset
 from semiseg.progress import progress_bar
@@ -51,7 +52,6 @@ from semiseg.pseudo.labeler import Labeler
 from semiseg.pseudo.policies import Policy
 from semiseg.pseudo.store import PseudoLabelStore, PseudoRound, make_provenance, state_dict_hash
 
-ROUND = "pseudo"
 """Name of the one round a label stage writes into its stage directory."""
 
 SIZE_DIVISOR = 32

@@ -4,7 +4,9 @@ A method declares its stages on a :class:`Pipeline` (``train``, ``label``, ``add
 :class:`StageRef` for each: where the stage lives, which checkpoint or model it selected, its pseudo-label
 round. No method spells a directory or a checkpoint name. What decides that a finished stage may be reused
 (its content key, :func:`stage_key`) is assembled in one place from what the stage reads: the run's data,
-split, model and training sections, its input stages, and the parameters the method says it reads.
+split, model and training sections, its input stages, the method options it declares (``options=``: the
+only ones its task is handed, and the only ones it can read while it runs, :mod:`semiseg.options`) and the
+plan-time constants the pipeline gives it (``variant``: a label stage's policy and TTA, the oracle's split).
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ from torch import nn
 from semiseg.atomic import atomic_write_text
 from semiseg.engine.checkpoint import load_checkpoint, seed_everything
 from semiseg.engine.task import TrainingTask
-from semiseg.engine.trainer import best_file
+from semiseg.layout import RunLayout, StageLayout
 from semiseg.models.factory import build_model
+from semiseg.options import Declared, MethodOptions, declared_names, key_of, option_slice, reading_only
 from semiseg.pipeline.context import RunContext
 from semiseg.pipeline.labeling import label_work, labeling_params, load_round
-from semiseg.pipeline.stages import Stage, key_hash, stage_dir
+from semiseg.pipeline.stages import Stage, key_hash
 from semiseg.pipeline.training import fit
 from semiseg.pseudo.store import PseudoRound
 
@@ -44,10 +47,16 @@ class StageRef:
     key_hash: str | None
     steps: int | None = None  # a training stage's optimizer steps
     init: Source | None = None  # the stage whose weights a training stage starts from (None: the shared init)
+    options: tuple[str, ...] = ()  # the method options the stage declared it reads (all of them: in its key)
+
+    @property
+    def layout(self) -> StageLayout:
+        """The stage directory's files."""
+        return RunLayout(self.run.run_dir).stage(self.index, self.name)
 
     @property
     def path(self) -> Path:
-        return stage_dir(self.run.run_dir, self.index, self.name)
+        return self.layout.path
 
     @property
     def refs(self) -> list[StageRef]:
@@ -59,16 +68,16 @@ class StageRef:
     def checkpoint(self, net: str | None = None, which: Which = "best") -> Path:
         """The checkpoint that holds ``net`` as selected on validation (the trainer's best file; ``net`` an
         extra validated net has its own), else the stage's last checkpoint."""
-        ckpts = self.path / "checkpoints"
+        layout = self.layout
         if which == "best":
-            for name in ([best_file(net)] if net else []) + [best_file(None)]:
-                if (ckpts / name).exists():
-                    return ckpts / name
-        return ckpts / "last.pt"
+            for path in ([layout.best(net)] if net else []) + [layout.best()]:
+                if path.exists():
+                    return path
+        return layout.last
 
     def best_metric(self) -> float | None:
         """The best validation score the stage reached (None when nothing was validated)."""
-        path = self.path / "checkpoints" / best_file(None)
+        path = self.layout.best()
         return float(load_checkpoint(path)["metric"]) if path.exists() else None
 
     def model(self, net: str | None = None, which: Which = "best") -> nn.Module:
@@ -77,7 +86,7 @@ class StageRef:
         model = build_model(run.config.model, run.classes.num_classes)
         path = self.checkpoint(net, which)
         state = load_checkpoint(path)
-        if path.name == "last.pt":
+        if path == self.layout.last:
             nets = state["nets"]
             model.load_state_dict(nets[net or next(iter(nets))])
         else:
@@ -113,11 +122,24 @@ Source = StageRef | BestOf
 """Where a model comes from: one stage, or the best of several (resolved once they have run)."""
 
 
-def stage_key(run: RunContext, name: str, *, inputs: Sequence[Source] = (), params: dict[str, Any] | None = None,
-              steps: int | None = None) -> dict[str, Any] | None:
+@dataclass(frozen=True)
+class StageInputs:
+    """What a training stage's task is handed: the options it declared (``options``: a slice, or the method's
+    options object when it declared ``ALL``), its total optimizer steps, and its input stages."""
+
+    name: str
+    options: Any  # OptionSlice | MethodOptions: typed as the method declares each option
+    steps: int
+    inputs: tuple[Source, ...] = ()
+    init: Source | None = None
+
+
+def stage_key(run: RunContext, name: str, *, inputs: Sequence[Source] = (), options: dict[str, Any] | None = None,
+              variant: dict[str, Any] | None = None, steps: int | None = None) -> dict[str, Any] | None:
     """The content key of a stage: everything of the run it may read (data, split, model, training section,
-    selection metric, seeds, number of processes: the global batch), the keys of its input stages and its own
-    ``params``. None when an input is never reused (its outputs cannot be named by content)."""
+    selection metric, seeds, number of processes: the global batch), the keys of its input stages, the method
+    ``options`` it declared and its plan-time ``variant``. None when an input is never reused (its outputs
+    cannot be named by content)."""
     hashes = [ref.key_hash for source in inputs for ref in source.refs]
     if any(h is None for h in hashes):
         return None
@@ -127,7 +149,7 @@ def stage_key(run: RunContext, name: str, *, inputs: Sequence[Source] = (), para
             "data": cfg.data.model_dump(mode="json", exclude={"benchmark_gt"}),
             "model": cfg.model.model_dump(mode="json"),
             "train": cfg.train.model_dump(mode="json", exclude=NOT_READ), "val_metric": run.val_metric,
-            "steps": steps, "inputs": hashes, "params": params}
+            "steps": steps, "inputs": hashes, "options": options, "variant": variant}
 
 
 @dataclass
@@ -142,53 +164,71 @@ class Pipeline:
     def __getitem__(self, name: str) -> StageRef:
         return self.refs[name]
 
-    def add(self, name: str, work: Callable[[Path], None], *, inputs: Sequence[Source] = (),
-            params: dict[str, Any] | None = None, reuse: bool = True, steps: int | None = None,
+    @property
+    def options(self) -> MethodOptions:
+        """The method's options (the run config holds them)."""
+        return self.run.config.method
+
+    def add(self, name: str, work: Callable[[Path], None], *, options: Declared = (), inputs: Sequence[Source] = (),
+            variant: dict[str, Any] | None = None, reuse: bool = True, steps: int | None = None,
             init: Source | None = None) -> StageRef:
-        """A stage doing ``work(stage_dir)`` (it resumes from whatever it left there); ``reuse=False``: never
-        taken from another run (e.g. a report of this run's stages)."""
+        """A stage doing ``work(stage_dir)`` (it resumes from whatever it left there). ``options``: the method
+        options ``work`` reads (the only ones it can read while it runs); ``variant``: the plan-time values it
+        was built with; ``reuse=False``: never taken from another run (e.g. a report of this run's stages)."""
         if name in self.refs:
             raise ValueError(f"stage name {name!r} used twice")
-        key = stage_key(self.run, name, inputs=inputs, params=params, steps=steps) if reuse else None
-        ref = StageRef(self.run, name, len(self.stages), key_hash(key), steps=steps, init=init)
-        self.stages.append(Stage(name, work, key=key))
+        names = declared_names(self.options, options, name)
+        key = None
+        if reuse:
+            key = stage_key(self.run, name, inputs=inputs, options=key_of(self.options, names, name),
+                            variant=variant, steps=steps)
+        ref = StageRef(self.run, name, len(self.stages), key_hash(key), steps=steps, init=init, options=names)
+
+        def sealed(path: Path) -> None:
+            with reading_only(name, names):
+                work(path)
+
+        self.stages.append(Stage(name, sealed, key=key))
         self.refs[name] = ref
         return ref
 
-    def train(self, name: str, task: Callable[[], TrainingTask], *, steps: int | None = None,
-              init: Source | None = None, inputs: Sequence[Source] = (), params: dict[str, Any] | None = None,
-              record: Callable[[], dict[str, Any]] | None = None) -> StageRef:
-        """A training stage: ``task()`` fitted for ``steps`` (default ``train.steps``) with validation and
-        resumable checkpoints. ``init``: the stage whose selected weights ``task`` starts from (an input; it
-        also counts towards :meth:`steps_behind`). ``record()`` is written to ``training_set.json``."""
+    def train(self, name: str, task: Callable[[StageInputs], TrainingTask], *, options: Declared = (),
+              steps: int | None = None, init: Source | None = None, inputs: Sequence[Source] = (),
+              variant: dict[str, Any] | None = None, record: Callable[[], dict[str, Any]] | None = None) -> StageRef:
+        """A training stage: ``task(StageInputs)`` fitted for ``steps`` (default ``train.steps``) with validation
+        and resumable checkpoints. ``options``: the method options the task reads (names, or ``ALL``); it is
+        handed only those. ``init``: the stage whose selected weights ``task`` starts from (an input; it also
+        counts towards :meth:`steps_behind`). ``record()`` is written to ``training_set.json``."""
         run = self.run
         steps = steps or run.config.train.steps
+        sources = [*inputs, *([init] if init is not None else [])]
+        handed = StageInputs(name, option_slice(self.options, options, name), steps, tuple(inputs), init)
 
         def work(path: Path) -> None:
             seed_everything(run.stage_seed(name))  # a fresh start does not depend on what ran before
             if record is not None and run.dist.is_main:
-                atomic_write_text(path / "training_set.json", json.dumps(record(), indent=1))
-            fit(run, task(), path, steps=steps)
+                atomic_write_text(StageLayout(path).training_set, json.dumps(record(), indent=1))
+            fit(run, task(handed), path, steps=steps)
 
-        sources = [*inputs, *([init] if init is not None else [])]
-        ref = self.add(name, work, inputs=sources, params=params, steps=steps, init=init)
+        ref = self.add(name, work, options=options, inputs=sources, variant=variant, steps=steps, init=init)
         self.trainings.append(ref)
         return ref
 
     def label(self, name: str, *, teacher: Source, stems: Sequence[str] | Callable[[], Sequence[str]],
               policy: Any, which: Which = "best", tta_scales: Sequence[float] = (1.0,), tta_flip: bool = False,
-              previous: Sequence[StageRef] = (), batch_size: int | None = None, inputs: Sequence[Source] = (),
-              params: dict[str, Any] | None = None) -> StageRef:
+              previous: Sequence[StageRef] = (), batch_size: int | None = None,
+              inputs: Sequence[Source] = ()) -> StageRef:
         """A stage writing one pseudo-label round of ``stems`` with ``teacher``'s model through ``policy``
         (see :mod:`semiseg.pipeline.labeling`). ``stems`` may be a callable of upstream outputs; their stage
-        goes in ``inputs``. ``previous``: earlier rounds, for the flip rate."""
+        goes in ``inputs``. ``previous``: earlier rounds, for the flip rate. It reads no method option: what
+        the labels depend on is in these arguments, and so in its key."""
         work = label_work(self.run, model=lambda: teacher.resolve().model(which=which), stems=stems, policy=policy,
                           tta_scales=tta_scales, tta_flip=tta_flip, batch_size=batch_size,
                           previous=lambda: [p.path for p in previous] or None,
                           checkpoint=lambda: teacher.resolve().checkpoint(which=which))
-        label_params = {**labeling_params(self.run, policy, tta_scales, tta_flip), "batch_size": batch_size,
-                        "which": which, "stems": None if callable(stems) else list(stems), **(params or {})}
-        return self.add(name, work, inputs=[teacher, *inputs, *previous], params=label_params)
+        variant = {**labeling_params(self.run, policy, tta_scales, tta_flip), "batch_size": batch_size,
+                   "which": which, "stems": None if callable(stems) else list(stems)}
+        return self.add(name, work, inputs=[teacher, *inputs, *previous], variant=variant)
 
     def last_training(self) -> StageRef:
         if not self.trainings:

@@ -20,6 +20,7 @@ from typing import Any
 from semiseg.atomic import atomic_write_text
 from semiseg.engine.distributed import DistInfo, barrier
 from semiseg.errors import StageBusyError
+from semiseg.layout import RunLayout, StageLayout, is_done
 from semiseg.locks import exclusive
 
 
@@ -46,14 +47,6 @@ def key_hash(key: dict[str, Any] | None) -> str | None:
         return None
     blob = json.dumps(key, sort_keys=True, default=str).encode()
     return hashlib.blake2b(blob, digest_size=12).hexdigest()
-
-
-def stage_dir(run_dir: Path, index: int, name: str) -> Path:
-    return run_dir / "stages" / f"{index}-{name}"
-
-
-def is_done(path: Path) -> bool:
-    return (path / "DONE").is_file()
 
 
 def _reuse_index(out_dir: Path) -> Path:
@@ -86,7 +79,7 @@ def run_stages(run_dir: Path, stages: list[Stage], *, out_dir: Path | None = Non
     out_dir = out_dir or run_dir.parent
     dirs = []
     for i, stage in enumerate(stages):
-        path = stage_dir(run_dir, i, stage.name)
+        path = RunLayout(run_dir).stage(i, stage.name).path
         dirs.append(path)
         if is_done(path):
             log(f"stage {i}-{stage.name}: done, skipped")
@@ -114,7 +107,7 @@ def _run_stage(stage: Stage, path: Path, key_hash: str | None, out_dir: Path, di
     if dist.is_main:
         info = {"stage": stage.name, "key": key_hash, "seconds": round(time.time() - t0, 2),
                 "peak_rss_mb": round(_peak_rss_mb(), 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        atomic_write_text(path / "DONE", json.dumps(info, indent=1))
+        atomic_write_text(StageLayout(path).done, json.dumps(info, indent=1))
         if key_hash:
             index = _reuse_index(out_dir)
             index.mkdir(parents=True, exist_ok=True)
@@ -150,9 +143,10 @@ def _copy_stage(src: Path, dst: Path) -> None:
             shutil.copy2(s, d)
 
     shutil.copytree(src, tmp, copy_function=link_or_copy)
-    info = json.loads((tmp / "DONE").read_text())
+    done = StageLayout(tmp).done
+    info = json.loads(done.read_text())
     info["reused_from"] = str(src)
-    (tmp / "DONE").unlink()  # it may be a hard link to the source's marker
-    (tmp / "DONE").write_text(json.dumps(info, indent=1))
+    done.unlink()  # it may be a hard link to the source's marker
+    done.write_text(json.dumps(info, indent=1))
     shutil.rmtree(dst, ignore_errors=True)
     os.replace(tmp, dst)

@@ -36,6 +36,7 @@ from semiseg.atomic import fsync_dir
 from semiseg.data.classes import IGNORE_INDEX
 from semiseg.errors import ConfigError, DataError
 from semiseg.evaluation.metrics import ConfusionMatrix, ForegroundScores
+from semiseg.layout import DONE, is_done
 
 HIST_BINS = 20
 _TMP = ".tmp-"
@@ -139,7 +140,7 @@ class PseudoRound:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.name = self.path.name
-        if not (self.path / "DONE").is_file():
+        if not is_done(self.path):
             raise DataError(f"{self.path}: not a finished pseudo-label round (no DONE marker)")
         try:
             self.stems: list[str] = (self.path / "stems.txt").read_text(encoding="utf-8").splitlines()
@@ -320,15 +321,15 @@ class PseudoLabelStore:
         if not self.root.is_dir():
             return []
         return sorted(p.name for p in self.root.iterdir()
-                      if p.is_dir() and not p.name.startswith(".") and (p / "DONE").is_file())
+                      if p.is_dir() and not p.name.startswith(".") and is_done(p))
 
     def has(self, name: str) -> bool:
-        return (self.root / name / "DONE").is_file()
+        return is_done(self.root / name)
 
     def load(self, name: str) -> PseudoRound:
         self._check_name(name)
         path = self.root / name
-        if not (path / "DONE").is_file():
+        if not is_done(path):
             raise DataError(f"{path}: no finished pseudo-label round {name!r} (rounds: {self.rounds()})")
         return PseudoRound(path)
 
@@ -373,7 +374,7 @@ class PseudoLabelStore:
         if foreground is None and num_classes == 2:
             foreground = 1
         final = self.root / name
-        if (final / "DONE").is_file() and not overwrite:
+        if is_done(final) and not overwrite:
             raise FileExistsError(f"{final}: pseudo-label round {name!r} already exists")
         prev = self.load(previous) if isinstance(previous, str) else previous
         self.root.mkdir(parents=True, exist_ok=True)
@@ -404,5 +405,5 @@ class PseudoLabelStore:
             shutil.rmtree(trash, ignore_errors=True)
         os.replace(tmp, final)
         fsync_dir(self.root)
-        _write_bytes(final / "DONE", b"done\n")
+        _write_bytes(final / DONE, b"done\n")
         fsync_dir(final)

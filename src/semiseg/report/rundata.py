@@ -17,10 +17,10 @@ from typing import Any
 import yaml
 
 from semiseg.errors import ConfigError, DataError
+from semiseg.layout import NOT_ROUNDS, RunLayout, is_done
 from semiseg.pseudo.store import PseudoRound
 
 SPLIT_NAMES = ("labeled", "unlabeled", "val", "test")
-_SKIP_DIRS = {"checkpoints", "tensorboard", "labels", "confidence"}
 
 
 @dataclass
@@ -95,10 +95,10 @@ def find_rounds(stage_dir: Path, max_depth: int = 3) -> list[PseudoRound]:
     base_depth = len(stage_dir.parts)
     for root, dirs, files in os.walk(stage_dir):
         here = Path(root)
-        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not d.startswith("."))
+        dirs[:] = sorted(d for d in dirs if d not in NOT_ROUNDS and not d.startswith("."))
         if len(here.parts) - base_depth >= max_depth:
             dirs[:] = []
-        if here != stage_dir and {"DONE", "stats.json", "stems.txt"} <= set(files):
+        if here != stage_dir and is_done(here) and {"stats.json", "stems.txt"} <= set(files):
             try:
                 found.append(PseudoRound(here))
             except DataError:
@@ -107,22 +107,14 @@ def find_rounds(stage_dir: Path, max_depth: int = 3) -> list[PseudoRound]:
     return sorted(found, key=lambda r: str(r.path))
 
 
-def _stage_key(path: Path) -> tuple[int, str]:
-    head, _, rest = path.name.partition("-")
-    return (int(head), rest) if head.isdigit() else (1 << 30, path.name)
-
-
 def read_stages(run_dir: Path) -> list[StageInfo]:
     """Stage directories in pipeline order."""
-    root = run_dir / "stages"
-    if not root.is_dir():
-        return []
     out = []
-    for path in sorted((p for p in root.iterdir() if p.is_dir()), key=_stage_key):
-        index, name = _stage_key(path)
-        done = read_json(path / "DONE") if (path / "DONE").is_file() else None
-        out.append(StageInfo(path, index, name, read_metrics(path / "metrics.jsonl"),
-                             done if isinstance(done, dict) else None, find_rounds(path)))
+    for stage in RunLayout(run_dir).stages():
+        done = read_json(stage.done) if stage.is_done() else None
+        index = stage.index if stage.index is not None else 1 << 30
+        out.append(StageInfo(stage.path, index, stage.name, read_metrics(stage.metrics),
+                             done if isinstance(done, dict) else None, find_rounds(stage.path)))
     return out
 
 
