@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from semiseg.atomic import atomic_path, atomic_write_bytes, atomic_write_text
+from semiseg.atomic import atomic_path, atomic_write_bytes, atomic_write_text, publish_directory
 from semiseg.errors import OutputError
 
 
@@ -248,3 +248,35 @@ def test_temporaries_of_killed_writers_are_removed_and_a_live_writers_kept(tmp_p
         live.stdin.close()
         live.wait()
     assert (tmp_path / "run" / "model.onnx").read_bytes() == b"half a checkpoint"  # the live write completed
+
+
+# --------------------------------------------------------------------------------- publishing a folder
+def test_a_published_folder_appears_whole_and_replaces_the_old_one(tmp_path):
+    final = tmp_path / "out" / "set"
+    with publish_directory(final, mode=0o755) as tmp:
+        assert tmp.parent == final.parent and tmp.name.startswith(".set.w") and not final.exists()
+        (tmp / "a.txt").write_text("new")
+    assert (final / "a.txt").read_text() == "new" and oct(final.stat().st_mode & 0o777) == "0o755"
+    with publish_directory(final) as tmp:
+        (tmp / "b.txt").write_text("newer")
+    assert sorted(p.name for p in final.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in final.parent.iterdir()) == ["set"]  # no temporaries or old copies left
+
+
+def test_a_failed_folder_leaves_nothing_and_keeps_the_old_one(tmp_path):
+    final = tmp_path / "set"
+    final.mkdir()
+    (final / "a.txt").write_text("old")
+    with pytest.raises(RuntimeError, match="boom"), publish_directory(final) as tmp:
+        (tmp / "a.txt").write_text("half")
+        raise RuntimeError("boom")
+    assert (final / "a.txt").read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["set"]
+
+
+def test_without_replace_a_folder_another_writer_published_first_stays(tmp_path):
+    final = tmp_path / "set"
+    with pytest.raises(OSError), publish_directory(final, replace=False) as tmp:
+        (tmp / "mine.txt").write_text("late")
+        final.mkdir()
+        (final / "theirs.txt").write_text("first")
+    assert [p.name for p in final.iterdir()] == ["theirs.txt"] and [p.name for p in tmp_path.iterdir()] == ["set"]

@@ -6,7 +6,6 @@ every check is exact: EMA scopes, step order, what the loss receives, which net 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from pathlib import Path
 
@@ -20,7 +19,6 @@ from semiseg.config import TrainConfig
 from semiseg.data.datasets import SegmentationDataset, oversampled_indices
 from semiseg.data.transforms import StrongTransform, cutmix_batch
 from semiseg.engine.loader import EndlessLoader
-from semiseg.engine.task import StepContext
 from semiseg.engine.trainer import Trainer
 from semiseg.losses import LABELED_LOSSES
 from semiseg.methods import gta_seg
@@ -81,17 +79,14 @@ def peek(loader: EndlessLoader) -> dict:
 
 
 def run_steps(trainer: Trainer, n: int, optimize=None) -> list[dict[str, float]]:
-    """The Trainer's loop body (batches, step, epoch-end hook) without validation or checkpoints."""
-    out, first = [], next(iter(trainer.task.loaders.values()))
-    for _ in range(n):
-        batches = {k: next(ld) for k, ld in trainer.task.loaders.items()}
-        ctx = StepContext(trainer.step, trainer.device, contextlib.nullcontext, optimize or trainer.optimize,
-                          trainer.total)
-        out.append(trainer.task.train_step(batches, ctx))
-        trainer.step += 1
-        if first.batch == first.batches_per_epoch():
-            trainer.task.on_epoch_end(first.epoch)
-    return out
+    """The Trainer's loop body (step, hooks, epoch-end calls) without validation or checkpoints; ``optimize``
+    replaces the optimizer step."""
+    real = trainer.optimize
+    trainer.optimize = optimize or real
+    try:
+        return [trainer.run_step({k: next(ld) for k, ld in trainer.task.loaders.items()}) for _ in range(n)]
+    finally:
+        trainer.optimize = real
 
 
 # ------------------------------------------------------------------------------------------------ GTA
@@ -108,11 +103,11 @@ class Spy:
     """Records, at each optimizer call, the name and every net's parameters just before the step."""
 
     def __init__(self, trainer: Trainer) -> None:
-        self.trainer, self.events = trainer, []
+        self.trainer, self.events, self.optimize = trainer, [], trainer.optimize
 
     def __call__(self, name: str, loss: torch.Tensor) -> None:
         self.events.append((name, {k: params(v) for k, v in self.trainer.task.nets.items()}))
-        self.trainer.optimize(name, loss)
+        self.optimize(name, loss)
 
 
 def test_gta_supervised_epoch_then_copy(tmp_path):

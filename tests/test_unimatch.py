@@ -17,6 +17,7 @@ from semiseg.methods import fixmatch, unimatch
 from semiseg.methods.fixmatch import FixMatchOptions, FixMatchTask, weak_strong_streams
 from semiseg.methods.online import _channel_dropout, feature_perturbation, hard_pseudo_labels
 from semiseg.methods.unimatch import UniMatchOptions, UniMatchTask
+from semiseg.pipeline.plan import StageInputs
 from semiseg.pseudo.policies import ClassBalanced, FixedThreshold
 from tests.test_online_methods import (
     DETERMINISTIC,
@@ -40,10 +41,11 @@ def tiny_run(tmp_path, n_lab: int = 4, n_unl: int = 6):
     return fake_run(tmp_path, unl, labeled=lab, labeled_masks=(lab[..., 0] > 128).astype(np.uint8))
 
 
-def task_for(tmp_path, options, cls=FixMatchTask, views: int = 1, steps: int | None = None):
+def task_for(tmp_path, options, cls=FixMatchTask, views: int = 1, steps: int = 100):
     run = tiny_run(tmp_path)
     torch.manual_seed(0)
-    task = cls(TinySeg(), weak_strong_streams(run, 7, options, views), options, seed=11, views=views, steps=steps)
+    task = cls(TinySeg(), weak_strong_streams(run, 7, options, views), StageInputs("fixmatch", options, steps),
+               seed=11, views=views)
     return task, trainer_for(task, tmp_path)
 
 
@@ -217,7 +219,8 @@ def test_supervised_warmup_learns_the_labeled_batch_only(tmp_path, cls, options)
     # the warm-up steps: one train-mode forward each, of the labeled batch, and loss_scale x its CE
     assert len(calls.calls) == 2 and all(training for training, _, _ in calls.calls)
     assert torch.equal(calls.calls[0][1], lab["image"])
-    assert all(set(log) == {"loss", "loss_labeled"} for log in logs)
+    assert all(set(log) == {"loss", "loss_labeled", "unlabeled_weight"} for log in logs)
+    assert all(log["unlabeled_weight"] == 0 for log in logs)
     assert logs[0]["loss"] == pytest.approx(0.5 * logs[0]["loss_labeled"], rel=1e-6)
     logs += run_steps(trainer, 1)  # then the whole method: the mix labels, [x; weak u], the strong views
     assert len(calls.calls) >= 5

@@ -8,8 +8,11 @@ A SIGKILL runs no clean-up, so every temporary name carries its writer (:func:`w
 :func:`remove_stale_temporaries` lets the next command in a folder remove what dead writers left, never what a
 live one is writing.
 
-Standard library only (plus :mod:`semiseg.errors`): every layer may use it. Publishing a whole folder with
-``os.replace`` is a different operation and is not done here.
+A whole folder is published the same way (:func:`publish_directory`): built in a hidden sibling named with its
+writer, fsynced, renamed into place; the run directory, a reused stage, a pseudo-label round, a decoded-data
+cache entry and a synthetic data set all appear through it.
+
+Standard library only (plus :mod:`semiseg.errors`): every layer may use it.
 """
 
 from __future__ import annotations
@@ -84,6 +87,40 @@ def atomic_write_bytes(path: Path | str, data: bytes, *, mode: int | None = None
 def atomic_write_text(path: Path | str, text: str, *, mode: int | None = None) -> None:
     """Write ``text`` as UTF-8 to ``path`` atomically, newlines as given (no platform translation)."""
     atomic_write_bytes(path, text.encode("utf-8"), mode=mode)
+
+
+@contextmanager
+def publish_directory(final: Path | str, *, replace: bool = True, mode: int | None = None) -> Iterator[Path]:
+    """A hidden temporary folder next to ``final`` to fill; on normal exit it is fsynced and renamed to
+    ``final`` in one step, so ``final`` is never seen half-made.
+
+    An existing ``final`` is first moved aside and removed (``replace=True``; open files in it stay valid), or
+    the rename fails (``replace=False``: an ``OSError`` when another writer published first, which the caller may
+    check). On any exception the temporary folder is removed; a SIGKILL leaves it named with its writer
+    (:func:`writer_tag`) for :func:`remove_stale_temporaries`. ``mode``: the folder's permissions (mkdtemp's 0700
+    otherwise). The parent folder is created."""
+    final = Path(final)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{writer_tag()}.", suffix=".tmp", dir=final.parent))
+    except OSError as err:
+        if err.errno in OUTPUT_ERRNOS:
+            raise output_error(final, err) from None
+        raise
+    try:
+        if mode is not None:
+            os.chmod(tmp, mode)
+        yield tmp
+        fsync_dir(tmp)
+        if replace and final.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.{writer_tag()}.", suffix=".old", dir=final.parent))
+            os.replace(final, trash / "old")
+            shutil.rmtree(trash, ignore_errors=True)
+        os.rename(tmp, final)
+        fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _fsync(path: Path) -> None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from semiseg.engine.hooks import Hook
 from semiseg.engine.loader import EndlessLoader
 
 
@@ -44,6 +45,7 @@ class TrainingTask:
     loaders: dict[str, EndlessLoader]
     optimized: list[Optimized]
     eval_net_name: str = "model"
+    hooks: Sequence[Hook] = ()  # behaviours after each step / epoch (EMA teachers, BN refresh, snapshots)
 
     def train_step(self, batches: dict[str, Any], ctx: StepContext) -> dict[str, float]:
         raise NotImplementedError

@@ -249,6 +249,21 @@ class Trainer:
         prefix = "val" if extra is None else f"val_{extra}"
         return {f"{prefix}/{k}": v for k, v in scores.items()}  # type: ignore[union-attr]
 
+    def run_step(self, batches: dict[str, Any]) -> dict[str, float]:
+        """The loop body: the task's step on ``batches``, then its hooks (their values join the step's log);
+        the step counter advances, and when the first loader finished an epoch the epoch-end calls run."""
+        ctx = StepContext(self.step, self.device, self.autocast, self.optimize, self.total)
+        losses = self.task.train_step(batches, ctx)
+        for hook in self.task.hooks:
+            losses.update(hook.after_step(ctx.step, batches))
+        self.step += 1
+        first = next(iter(self.task.loaders.values()))
+        if first.batch == first.batches_per_epoch():
+            self.task.on_epoch_end(first.epoch)
+            for hook in self.task.hooks:
+                hook.on_epoch_end(first.epoch)
+        return losses
+
     def fit(self) -> FitResult:
         last = self.layout.last
         if last.exists():
@@ -266,17 +281,12 @@ class Trainer:
             net.train()
         start, t0 = self.step, time.time()
         progress = self._progress()
-        first_loader = next(iter(self.task.loaders.values()))
         with progress or contextlib.nullcontext():
             bar = progress.add_task(self.stage_dir.name, total=self.total, completed=self.step) if progress else None
             while self.step < self.total:
                 lr = self._set_lr()
                 batches = {n: _to_device(next(ld), self.device) for n, ld in self.task.loaders.items()}
-                ctx = StepContext(self.step, self.device, self.autocast, self.optimize, self.total)
-                losses = self.task.train_step(batches, ctx)
-                self.step += 1
-                if first_loader.batch == first_loader.batches_per_epoch():
-                    self.task.on_epoch_end(first_loader.epoch)
+                losses = self.run_step(batches)
                 record: dict[str, Any] = {}
                 if self.step % 10 == 0 or self.step == self.total:
                     record.update(all_reduce_mean({f"train/{k}": float(v) for k, v in losses.items()}, self.device))

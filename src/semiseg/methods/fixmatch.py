@@ -37,6 +37,7 @@ from semiseg.engine.loader import EndlessLoader
 from semiseg.engine.task import Optimized, StepContext, TrainingTask
 from semiseg.losses import cross_entropy
 from semiseg.methods.online import (
+    SupervisedWarmup,
     hard_pseudo_labels,
     labeled_stream,
     teacher_forward,
@@ -114,7 +115,8 @@ class FixMatchTask(TrainingTask):
                  seed: int, rank: int = 0, views: int = 1) -> None:
         self.opt, self.seed, self.rank, self.views = stage.options, seed, rank, views
         options = stage.options
-        self.warmup_steps = share_of(options.sup_warmup, stage.steps)
+        self.warmup = SupervisedWarmup(share_of(options.sup_warmup, stage.steps), "model", scale=options.loss_scale)
+        self.warmup_steps = self.warmup.steps
         self.nets = {"model": model}
         self.loaders = loaders
         self.optimized = [Optimized("model")]
@@ -145,12 +147,8 @@ class FixMatchTask(TrainingTask):
     def train_step(self, batches: dict[str, Any], ctx: StepContext) -> dict[str, float]:
         lab, unl, mix = batches["labeled"], batches["unlabeled"], batches["mix"]
         model, rng, n = self.nets["model"], self.step_rng(ctx.step), lab["image"].shape[0]
-        if ctx.step < self.warmup_steps:  # supervised warm-up: labeled images only
-            with ctx.autocast():
-                loss_x = cross_entropy(model(lab["image"]), lab["mask"])
-                loss = self.opt.loss_scale * loss_x
-            ctx.optimize("model", loss)
-            return {"loss": loss.item(), "loss_labeled": loss_x.item()}
+        if self.warmup.covers(ctx.step):  # supervised warm-up: labeled images only
+            return self.warmup.step(self.nets, lab, ctx)
         # Step 1: the unmixed mix images labelled by the same network in eval mode, without gradients
         mix_label, mix_valid = self.pseudo(teacher_forward(unwrap(model), mix["image"], train_mode=False),
                                            mix["mask"])

@@ -37,10 +37,12 @@ from pydantic import Field
 from torch import nn
 
 from semiseg.data.transforms import cutmix_batch
+from semiseg.engine.hooks import ema
 from semiseg.engine.loader import EndlessLoader
 from semiseg.engine.task import Optimized, StepContext, TrainingTask
 from semiseg.losses import cross_entropy, pseudo_label_loss
 from semiseg.methods.online import (
+    SupervisedWarmup,
     copy_weights,
     hard_pseudo_labels,
     labeled_stream,
@@ -50,7 +52,7 @@ from semiseg.methods.online import (
     weak_view,
 )
 from semiseg.methods.registry import Method, MethodOptions, register
-from semiseg.methods.schedules import capped_momentum, share_of
+from semiseg.methods.schedules import share_of
 from semiseg.models.ema import EMA, frozen_copy
 from semiseg.models.factory import param_group_of, unwrap
 from semiseg.options import ALL
@@ -136,16 +138,18 @@ class GTATask(TrainingTask):
         self.optimized = [Optimized("student"), Optimized("ta", schedule=options.ta_schedule)]
         self.epoch_steps = labeled.batches_per_epoch()
         self.sup_steps = sup_only_steps(options, steps, self.epoch_steps)
+        self.warmup = SupervisedWarmup(self.sup_steps, "student")
         self.generator = torch.Generator().manual_seed(seed)
         # the TA's pseudo labels: the least confident drop_percent dropped, the rest weighted by confidence
         self.selection = DropLowest(options.drop_percent)
         self.weighting = ConfidenceWeights(options.tau)
         self.steps_done = 0
         semi, horizon = steps - self.sup_steps, options.ema_horizon
-        self.ta_to_student = EMA(self.nets["ta"], student, momentum=capped_momentum(
-            options.ta_ema_decay, semi, horizon), warmup=True, scope=options.ta_to_student_scope)
-        self.student_to_teacher = EMA(student, self.nets["teacher"], warmup=True,
-                                      momentum=capped_momentum(options.ema_decay, semi, horizon))
+        # both EMAs are steps of the algorithm, inside the step (not hooks after it)
+        self.ta_to_student = ema(self.nets["ta"], student, momentum=options.ta_ema_decay, updates=semi,
+                                 horizon=horizon, warmup=True, scope=options.ta_to_student_scope)
+        self.student_to_teacher = ema(student, self.nets["teacher"], momentum=options.ema_decay, updates=semi,
+                                      horizon=horizon, warmup=True)
 
     def eval_net(self) -> nn.Module:
         """The student while it alone is trained (supervised epochs), the teacher afterwards (code)."""
@@ -158,13 +162,11 @@ class GTATask(TrainingTask):
             ema.update(t)
 
     def supervised_step(self, lab: dict[str, Any], ctx: StepContext) -> dict[str, float]:
-        with ctx.autocast():
-            loss = cross_entropy(self.nets["student"](lab["image"]), lab["mask"])
-        ctx.optimize("student", loss)
+        out = self.warmup.step(self.nets, lab, ctx)
         if self.opt.legacy_weight_aliasing:  # the code warms teacher / TA BN statistics on labeled images
             teacher_forward(self.nets["teacher"], lab["image"], train_mode=True)
             teacher_forward(self.nets["ta"], lab["image"], train_mode=True)
-        return {"loss_labeled": loss.item()}
+        return out
 
     def start_semi_supervised(self, step: int) -> None:
         """The copy student -> teacher and TA (once; legacy: tied at every step of the first semi epoch)."""
@@ -180,7 +182,7 @@ class GTATask(TrainingTask):
     def train_step(self, batches: dict[str, Any], ctx: StepContext) -> dict[str, float]:
         self.steps_done = ctx.step + 1
         lab, unl = batches["labeled"], batches["unlabeled"]
-        if ctx.step < self.sup_steps:
+        if self.warmup.covers(ctx.step):
             return self.supervised_step(lab, ctx)
         self.start_semi_supervised(ctx.step)
         t = ctx.step - self.sup_steps

@@ -30,13 +30,20 @@ from pydantic import Field
 from torch import nn
 
 from semiseg.data.classes import IGNORE_INDEX
+from semiseg.engine.hooks import EMAHook, ema
 from semiseg.engine.loader import EndlessLoader
 from semiseg.engine.task import Optimized, StepContext, TrainingTask
 from semiseg.losses import cross_entropy
-from semiseg.methods.online import copy_weights, hard_pseudo_labels, teacher_forward, unlabeled_stream
+from semiseg.methods.online import (
+    SupervisedWarmup,
+    copy_weights,
+    hard_pseudo_labels,
+    teacher_forward,
+    unlabeled_stream,
+)
 from semiseg.methods.registry import Method, MethodOptions, register
-from semiseg.methods.schedules import capped_momentum, share_of, unlabeled_weight
-from semiseg.models.ema import EMA, frozen_copy
+from semiseg.methods.schedules import share_of
+from semiseg.models.ema import frozen_copy
 from semiseg.models.factory import unwrap
 from semiseg.options import ALL
 from semiseg.pipeline.plan import Pipeline, StageInputs
@@ -84,11 +91,14 @@ class MeanTeacherTask(TrainingTask):
         self.loaders = {"labeled": labeled, "unlabeled": unlabeled}
         self.optimized = [Optimized("student")]
         self.eval_net_name = options.eval_net
-        self.warmup_steps = share_of(options.sup_warmup, steps)
-        self.rampup_steps = share_of(options.rampup, steps)
-        momentum = capped_momentum(options.ema_momentum, steps - self.warmup_steps, options.ema_horizon)
-        self.ema = EMA(student, self.nets["teacher"], momentum=momentum,
-                       warmup=options.ema_warmup, buffers=options.ema_buffers)
+        self.warmup = SupervisedWarmup(share_of(options.sup_warmup, steps), "student",
+                                       rampup_steps=share_of(options.rampup, steps))
+        self.warmup_steps, self.rampup_steps = self.warmup.steps, self.warmup.rampup_steps
+        # Step 3: teacher := EMA of the student after every semi-supervised step
+        self.ema = ema(student, self.nets["teacher"], momentum=options.ema_momentum,
+                       updates=steps - self.warmup_steps, horizon=options.ema_horizon, warmup=options.ema_warmup,
+                       buffers=options.ema_buffers)
+        self.hooks = [EMAHook(self.ema, start=self.warmup_steps, log="ema_decay")]
         self.steps_done = 0
 
     def eval_net(self) -> nn.Module:
@@ -107,17 +117,13 @@ class MeanTeacherTask(TrainingTask):
 
     def unlabeled_weight(self, step: int) -> float:
         """λ · w(t): 0 during the warm-up, then the sigmoid ramp-up to ``unsup_weight``."""
-        return self.opt.unsup_weight * unlabeled_weight(step, warmup_steps=self.warmup_steps,
-                                                        rampup_steps=self.rampup_steps)
+        return self.opt.unsup_weight * self.warmup.unlabeled_weight(step)
 
     def train_step(self, batches: dict[str, Any], ctx: StepContext) -> dict[str, float]:
         self.steps_done = ctx.step + 1
         lab, unl = batches["labeled"], batches["unlabeled"]
-        if ctx.step < self.warmup_steps:  # Step 0: supervised warm-up, no teacher yet
-            with ctx.autocast():
-                loss = cross_entropy(self.nets["student"](lab["image"]), lab["mask"])
-            ctx.optimize("student", loss)
-            return {"loss": loss.item(), "loss_labeled": loss.item(), "unlabeled_weight": 0.0}
+        if self.warmup.covers(ctx.step):  # Step 0: supervised warm-up, no teacher yet
+            return self.warmup.step(self.nets, lab, ctx)
         if ctx.step == self.warmup_steps > 0:  # the teacher starts as the warmed-up student (U2PL)
             copy_weights(unwrap(self.nets["student"]), self.nets["teacher"])
         pseudo = self.pseudo_labels(unl)
@@ -128,11 +134,9 @@ class MeanTeacherTask(TrainingTask):
             loss_l = cross_entropy(logits[:n], lab["mask"])
             loss_u = cross_entropy(logits[n:], pseudo)
             loss = loss_l + weight * loss_u
-        ctx.optimize("student", loss)
-        decay = self.ema.update(ctx.step - self.warmup_steps)
+        ctx.optimize("student", loss)  # then the EMA hook (step 3)
         return {"loss": loss.item(), "loss_labeled": loss_l.item(), "loss_unlabeled": loss_u.item(),
-                "unlabeled_weight": weight, "pseudo_coverage": (pseudo != IGNORE_INDEX).float().mean().item(),
-                "ema_decay": decay}
+                "unlabeled_weight": weight, "pseudo_coverage": (pseudo != IGNORE_INDEX).float().mean().item()}
 
     def state_dict(self) -> dict[str, Any]:
         return {"steps_done": self.steps_done}

@@ -45,13 +45,14 @@ from semiseg.data.transforms import (
     polyp_paper_noise,
     polyp_paper_transform,
 )
+from semiseg.engine.hooks import BNRefresh, EMAHook, Hook, ema
 from semiseg.engine.loader import EndlessLoader
 from semiseg.engine.task import Optimized, StepContext, TrainingTask
 from semiseg.errors import ConfigError
 from semiseg.losses import LabeledLossName, dice_loss, labeled_loss, tversky_loss
 from semiseg.methods.online import labeled_stream, teacher_forward, unlabeled_stream, weak_view
 from semiseg.methods.registry import Method, MethodOptions, register
-from semiseg.methods.schedules import capped_momentum, retaining_momentum
+from semiseg.methods.schedules import retaining_momentum
 from semiseg.models.ema import EMA, frozen_copy
 from semiseg.options import ALL
 from semiseg.pipeline.context import RunContext
@@ -137,24 +138,16 @@ def _momentum_copy(net: nn.Module, fresh: nn.Module | None) -> nn.Module:
 
 
 class _MomentumMixin:
-    """EMA cadence shared by both stages: ``emas`` run per step or at each epoch end; BN by forward or EMA."""
+    """EMA cadence shared by both stages: the ``emas`` run per step or at each epoch end (EMA hooks); the
+    averaged nets' BN statistics come from a train-mode forward on the labeled batch (BN-refresh hooks) or
+    from the EMA itself."""
 
     opt: MomentumPLOptions
     emas: list[EMA]
-    bn_nets: list[nn.Module]
 
-    def _after_step(self, labeled_images: Tensor) -> None:
-        if self.opt.momentum_bn == "forward":
-            for net in self.bn_nets:
-                teacher_forward(net, labeled_images, train_mode=True)
-        if self.opt.ema_every == "step":
-            for ema in self.emas:
-                ema.update()
-
-    def on_epoch_end(self, epoch: int) -> None:
-        if self.opt.ema_every == "epoch":
-            for ema in self.emas:
-                ema.update()
+    def _momentum_hooks(self, bn_nets: list[nn.Module]) -> list[Hook]:
+        refresh = [BNRefresh(net) for net in bn_nets] if self.opt.momentum_bn == "forward" else []
+        return [*refresh, *(EMAHook(average, every=self.opt.ema_every) for average in self.emas)]
 
     def _updates(self, steps: int, epoch_steps: int) -> int:
         return steps if self.opt.ema_every == "step" else steps // epoch_steps
@@ -162,9 +155,8 @@ class _MomentumMixin:
     def _ema(self, source: nn.Module, target: nn.Module, momentum: float, steps: int,
              epoch_steps: int) -> EMA:
         """An EMA at the option's cadence, its momentum capped by the stage's number of updates."""
-        updates = self._updates(steps, epoch_steps)
-        return EMA(source, target, momentum=capped_momentum(momentum, updates, self.opt.ema_horizon),
-                   buffers=self.opt.momentum_bn == "ema")
+        return ema(source, target, momentum=momentum, updates=self._updates(steps, epoch_steps),
+                   horizon=self.opt.ema_horizon, buffers=self.opt.momentum_bn == "ema")
 
 
 class TeacherTask(_MomentumMixin, TrainingTask):
@@ -179,7 +171,7 @@ class TeacherTask(_MomentumMixin, TrainingTask):
         self.optimized = [Optimized("model")]
         self.emas = [self._ema(model, self.nets["momentum"], options.teacher_momentum, steps,
                                labeled.batches_per_epoch())]
-        self.bn_nets = [self.nets["momentum"]]
+        self.hooks = self._momentum_hooks([self.nets["momentum"]])
 
     def extra_eval_nets(self) -> dict[str, nn.Module]:
         return {"momentum": self.nets["momentum"]}
@@ -188,8 +180,7 @@ class TeacherTask(_MomentumMixin, TrainingTask):
         batch = batches["labeled"]
         with ctx.autocast():
             loss = _labeled_loss(self.opt, self.nets["model"](batch["image"]), batch["mask"])
-        ctx.optimize("model", loss)
-        self._after_step(batch["image"])
+        ctx.optimize("model", loss)  # then the BN refresh and EMA hooks
         return {"loss": loss.item()}
 
 
@@ -211,13 +202,14 @@ class StudentTask(_MomentumMixin, TrainingTask):
         self.eval_net_name = "momentum" if options.deliver == "momentum" else "student"
         epoch = next(iter(self.loaders.values())).batches_per_epoch()
         self.emas = [self._ema(student, self.nets["momentum"], options.student_momentum, steps, epoch)]
-        self.bn_nets = [self.nets["momentum"]]
+        bn_nets = [self.nets["momentum"]]
         if options.teacher_update == "online":
             online = self._ema(student, self.nets["teacher"], options.teacher_ema_momentum, steps, epoch)
             if options.teacher_retain is not None:
                 online.momentum = retaining_momentum(options.teacher_retain, self._updates(steps, epoch))
             self.emas.insert(0, online)
-            self.bn_nets.append(self.nets["teacher"])
+            bn_nets.append(self.nets["teacher"])
+        self.hooks = self._momentum_hooks(bn_nets)
 
     def extra_eval_nets(self) -> dict[str, nn.Module]:
         other = "student" if self.eval_net_name == "momentum" else "momentum"
@@ -242,8 +234,7 @@ class StudentTask(_MomentumMixin, TrainingTask):
             loss_l = _labeled_loss(self.opt, self.nets["student"](lab["image"]), lab["mask"])
             loss_u = _loss(self.opt, self.nets["student"](noised), hard, soft)
             loss = loss_l + self.opt.unsup_weight * loss_u
-        ctx.optimize("student", loss)
-        self._after_step(lab["image"])
+        ctx.optimize("student", loss)  # then the BN refresh and EMA hooks (steps 3 and 4)
         return {"loss": loss.item(), "loss_labeled": loss_l.item(), "loss_unlabeled": loss_u.item()}
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,11 @@ from semiseg.data.classes import IGNORE_INDEX
 from semiseg.data.datasets import oversampled_indices
 from semiseg.data.transforms import PairTransform, weak_transform
 from semiseg.engine.loader import EndlessLoader
+from semiseg.engine.task import StepContext
 from semiseg.errors import ConfigError
+from semiseg.losses import cross_entropy
+from semiseg.methods.schedules import unlabeled_weight
+from semiseg.models.ema import net_mode, teacher_forward  # noqa: F401 - the methods' teacher helpers
 from semiseg.models.factory import unwrap
 from semiseg.pipeline.context import RunContext
 from semiseg.pipeline.training import make_dataset, make_loader
@@ -87,25 +92,6 @@ def unlabeled_stream(run: RunContext, seed: int, *, transform: PairTransform | N
 
 
 # ---------------------------------------------------------------------------------------- teachers
-@contextlib.contextmanager
-def net_mode(net: nn.Module, train: bool) -> Iterator[nn.Module]:
-    """Put ``net`` in train (``True``) or eval mode for a block and restore its previous mode after."""
-    was_training = net.training
-    net.train(train)
-    try:
-        yield net
-    finally:
-        net.train(was_training)
-
-
-@torch.no_grad()
-def teacher_forward(net: nn.Module, images: Tensor, *, train_mode: bool) -> Tensor:
-    """Float logits of ``net`` without gradients. A train-mode forward uses BN batch statistics and
-    updates the net's running statistics (that is how the released codes keep teachers' BN current)."""
-    with net_mode(net, train_mode):
-        return net(images).float()
-
-
 def hard_pseudo_labels(logits: Tensor, *, threshold: float = 0.0, ignore: Tensor | None = None,
                        policy: Policy | None = None) -> tuple[Tensor, Tensor]:
     """``(label, confidence)``: argmax of the softmax, 255 where ``policy`` (an online selection policy;
@@ -160,3 +146,30 @@ def copy_weights(source: nn.Module, target: nn.Module, *, buffers: bool = True) 
         src_buf = dict(source.named_buffers())
         for name, b in target.named_buffers():
             b.copy_(src_buf[name])
+
+
+@dataclass(frozen=True)
+class SupervisedWarmup:
+    """The first ``steps`` steps of an online method learn from labels only (U2PL / GTA-Seg's
+    ``sup_only_epoch``; mean teacher's warm-up), then the unlabeled loss ramps in over ``rampup_steps``
+    (sigmoid, :func:`~semiseg.methods.schedules.unlabeled_weight`). Built once, used by every online method."""
+
+    steps: int
+    net: str
+    rampup_steps: int = 0
+    scale: float = 1.0  # the method's factor on its whole loss (FixMatch code: 0.5)
+
+    def covers(self, step: int) -> bool:
+        return step < self.steps
+
+    def step(self, nets: dict[str, nn.Module], batch: dict[str, Any], ctx: StepContext) -> dict[str, float]:
+        """One optimizer step of ``net`` on the labeled ``batch`` (cross-entropy, 255 ignored)."""
+        with ctx.autocast():
+            loss_x = cross_entropy(nets[self.net](batch["image"]), batch["mask"])
+            loss = loss_x if self.scale == 1.0 else self.scale * loss_x
+        ctx.optimize(self.net, loss)
+        return {"loss": loss.item(), "loss_labeled": loss_x.item(), "unlabeled_weight": 0.0}
+
+    def unlabeled_weight(self, step: int) -> float:
+        """0 during the warm-up, then the sigmoid ramp-up to 1."""
+        return unlabeled_weight(step, warmup_steps=self.steps, rampup_steps=self.rampup_steps)

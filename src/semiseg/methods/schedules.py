@@ -11,33 +11,12 @@ from __future__ import annotations
 
 import math
 
+from semiseg.models.ema import capped_momentum, retaining_momentum  # noqa: F401 - schedules of the EMAs
+
 
 def share_of(fraction: float, total: int) -> int:
     """``round(fraction * total)`` steps: a warm-up or ramp given as a share of a ``total``-step stage."""
     return int(round(fraction * total))
-
-
-def capped_momentum(momentum: float, updates: int, horizon: float | None) -> float:
-    """An EMA momentum whose horizon ``1 / (1 − d)`` (the number of updates it effectively averages) is at
-    most ``horizon × updates``: ``min(momentum, 1 − 1 / (horizon · updates))``, and 0 (a plain copy) when
-    that horizon is shorter than one update. ``horizon`` None: ``momentum`` unchanged (the released codes).
-
-    Why: with ``d = 0.99`` per epoch and 3 epochs, the delivered copy is 0.99³ ≈ 97 % its initialisation;
-    with a cap of 10 % of the stage it follows the last tenth of training whatever the budget, and long
-    stages (``updates ≥ 1 / (horizon (1 − momentum))``) keep the released momentum exactly.
-    """
-    if horizon is None:
-        return momentum
-    limit = horizon * updates
-    return 0.0 if limit <= 1 else min(momentum, 1.0 - 1.0 / limit)
-
-
-def retaining_momentum(retain: float, updates: int) -> float:
-    """The EMA momentum ``retain ** (1 / updates)`` under which the target's starting weights still make up
-    ``retain`` of it after ``updates`` updates (``d^U = retain``): a share of the start kept at any budget."""
-    if not 0 < retain < 1:
-        raise ValueError(f"retain must be in (0, 1), got {retain}")
-    return retain ** (1.0 / max(1, updates))
 
 
 def sigmoid_rampup(step: int, length: int) -> float:

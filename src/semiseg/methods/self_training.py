@@ -32,7 +32,7 @@ from semiseg.config import RunConfig
 from semiseg.errors import ConfigError
 from semiseg.methods.registry import Method, MethodOptions, register
 from semiseg.methods.schedules import offline_student_steps
-from semiseg.methods.st_stability import SnapshotTask, add_stability, snapshot_steps
+from semiseg.methods.st_stability import add_stability, snapshot_steps, snapshot_task
 from semiseg.methods.supervised import SupervisedTask, train_supervised
 from semiseg.models.factory import unwrap
 from semiseg.pipeline.diagnostics import add_diagnostics, stage_rows
@@ -187,8 +187,8 @@ class STPlusPlus(_SelfTrainingBase[STPlusPlusOptions]):
         o, run = self.options, self.run
         snaps = snapshot_steps(run.config.train.steps, o.checkpoints)[:-1]
 
-        def with_snapshots(model: nn.Module, loader: Any) -> SnapshotTask:
-            return SnapshotTask(model, loader, p["supervised"].path, snaps, is_main=run.dist.is_main)
+        def with_snapshots(model: nn.Module, loader: Any) -> SupervisedTask:
+            return snapshot_task(model, loader, p["supervised"].path, snaps, is_main=run.dist.is_main)
 
         sup = train_supervised(p, task=with_snapshots, variant={"snapshots": snaps})
         stability = add_stability(p, sup, o.checkpoints)

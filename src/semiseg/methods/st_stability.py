@@ -12,11 +12,10 @@ import numpy as np
 from torch import nn
 
 from semiseg.atomic import atomic_write_text
-from semiseg.engine.checkpoint import load_checkpoint, save_checkpoint
-from semiseg.engine.task import StepContext
+from semiseg.engine.checkpoint import load_checkpoint
+from semiseg.engine.hooks import Snapshots
 from semiseg.layout import StageLayout
 from semiseg.methods.supervised import SupervisedTask
-from semiseg.models.factory import unwrap
 from semiseg.pipeline.context import RunContext
 from semiseg.pipeline.labeling import ground_truth_fn, make_labeler, unlabeled_index
 from semiseg.pipeline.plan import Pipeline, StageRef
@@ -24,24 +23,13 @@ from semiseg.pipeline.training import new_model
 from semiseg.pseudo.policies import image_miou, split_reliable, stability_scores
 
 
-class SnapshotTask(SupervisedTask):
-    """The supervised step, plus the model's weights saved after steps ``snapshot_steps``.
-
-    A snapshot is written inside the step, before the loop's ``last.pt``; a resumed run replays the
-    same steps and rewrites identical snapshots.
-    """
-
-    def __init__(self, model: nn.Module, loader: Any, snapshot_dir: Path, snapshot_steps: list[int],
-                 is_main: bool = True) -> None:
-        super().__init__(model, loader)
-        self.snapshot_dir, self.snapshot_steps, self.is_main = snapshot_dir, set(snapshot_steps), is_main
-
-    def train_step(self, batches: dict[str, Any], ctx: StepContext) -> dict[str, float]:
-        out = super().train_step(batches, ctx)
-        if ctx.step + 1 in self.snapshot_steps and self.is_main:
-            save_checkpoint(snapshot_path(self.snapshot_dir, ctx.step + 1),
-                            {"net": unwrap(self.nets["model"]).state_dict(), "step": ctx.step + 1})
-        return out
+def snapshot_task(model: nn.Module, loader: Any, stage: Path, steps: list[int], *,
+                  is_main: bool = True) -> SupervisedTask:
+    """The supervised step, plus the model's weights saved after ``steps`` (the snapshots hook)."""
+    task = SupervisedTask(model, loader)
+    task.hooks = [Snapshots(lambda: task.nets["model"], steps, lambda step: snapshot_path(stage, step),
+                            is_main=is_main)]
+    return task
 
 
 def snapshot_path(stage: Path, step: int) -> Path:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Literal
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from semiseg.models.factory import param_group_of, unwrap
 
@@ -19,6 +21,29 @@ def _in_scope(name: str, scope: EMAScope) -> bool:
     if scope == "encoder":
         return group == "encoder"
     return group != "classifier"
+
+
+def capped_momentum(momentum: float, updates: int, horizon: float | None) -> float:
+    """An EMA momentum whose horizon ``1 / (1 − d)`` (the number of updates it effectively averages) is at
+    most ``horizon × updates``: ``min(momentum, 1 − 1 / (horizon · updates))``, and 0 (a plain copy) when
+    that horizon is shorter than one update. ``horizon`` None: ``momentum`` unchanged (the released codes).
+
+    Why: with ``d = 0.99`` per epoch and 3 epochs, the delivered copy is 0.99³ ≈ 97 % its initialisation;
+    with a cap of 10 % of the stage it follows the last tenth of training whatever the budget, and long
+    stages (``updates ≥ 1 / (horizon (1 − momentum))``) keep the released momentum exactly.
+    """
+    if horizon is None:
+        return momentum
+    limit = horizon * updates
+    return 0.0 if limit <= 1 else min(momentum, 1.0 - 1.0 / limit)
+
+
+def retaining_momentum(retain: float, updates: int) -> float:
+    """The EMA momentum ``retain ** (1 / updates)`` under which the target's starting weights still make up
+    ``retain`` of it after ``updates`` updates (``d^U = retain``): a share of the start kept at any budget."""
+    if not 0 < retain < 1:
+        raise ValueError(f"retain must be in (0, 1), got {retain}")
+    return retain ** (1.0 / max(1, updates))
 
 
 class EMA:
@@ -54,6 +79,25 @@ class EMA:
                     else:
                         tgt.copy_(src_buf[name])
         return d
+
+
+@contextlib.contextmanager
+def net_mode(net: nn.Module, train: bool) -> Iterator[nn.Module]:
+    """Put ``net`` in train (``True``) or eval mode for a block and restore its previous mode after."""
+    was_training = net.training
+    net.train(train)
+    try:
+        yield net
+    finally:
+        net.train(was_training)
+
+
+@torch.no_grad()
+def teacher_forward(net: nn.Module, images: Tensor, *, train_mode: bool) -> Tensor:
+    """Float logits of ``net`` without gradients. A train-mode forward uses BN batch statistics and
+    updates the net's running statistics (that is how the released codes keep teachers' BN current)."""
+    with net_mode(net, train_mode):
+        return net(images).float()
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
