@@ -11,8 +11,9 @@ import time
 import pytest
 
 from semiseg.errors import RunBusyError, StageBusyError
+from semiseg.layout import RunLayout
 from semiseg.locks import exclusive, run_lock_path
-from semiseg.pipeline.stages import Stage, key_hash, run_stages, stage_dir
+from semiseg.pipeline.stages import Stage, key_hash, run_stages
 from tests.cli_helpers import TINY, env, semiseg
 
 HOLD = """
@@ -92,7 +93,7 @@ def test_a_discarded_lock_file_is_not_what_a_waiter_ends_up_holding(tmp_path):
 
 def _finished_stage(out_dir, run, key):
     """What another process leaves when it finishes a stage: the stage with DONE and its index entry."""
-    path = stage_dir(out_dir / run, 0, "teacher")
+    path = RunLayout(out_dir / run).stage(0, "teacher").path
     path.mkdir(parents=True)
     (path / "weights.pt").write_text("w")
     (path / "DONE").write_text(json.dumps({"stage": "teacher"}))
@@ -122,7 +123,7 @@ def test_a_shared_stage_another_process_computes_is_waited_for_then_reused(tmp_p
     stage = Stage("teacher", run=calls.append, key=key)
     with pytest.raises(StageBusyError, match="the shared stage 0-teacher is in use by pid"):
         run_stages(tmp_path / "mine", [stage], wait_for_shared=False, log=log)
-    assert not stage_dir(tmp_path / "mine", 0, "teacher").exists()  # nothing started
+    assert not RunLayout(tmp_path / "mine").stage(0, "teacher").path.exists()  # nothing started
     (path,) = run_stages(tmp_path / "mine", [stage], log=log)
     thread.join()
     assert waiting.is_set() and done.is_set() and calls == []  # computed once, by the other process

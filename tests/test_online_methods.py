@@ -435,14 +435,17 @@ def test_momentum_pl_pseudo_targets_on_the_students_view(tmp_path, soft, mode):
 
 def test_dice_loss_of_soft_pseudo_labels_matches_hand_value():
     """The unlabeled loss with soft targets: 1 - 2Σpt / (Σp + Σt) over the whole batch (foreground)."""
-    from semiseg.methods.momentum_pl import _loss
+    from semiseg.losses import overlap_loss
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(2, 2, 4, 4, generator=g)
     soft = torch.rand(2, 4, 4, generator=g)
     p = F.softmax(logits, 1)[:, 1]
     hand = 1 - 2 * (p * soft).sum() / (p.sum() + soft.sum())
-    torch.testing.assert_close(_loss(MomentumPLOptions(), logits, None, soft), hand)
+    torch.testing.assert_close(overlap_loss("dice")(logits, None, soft), hand)
+    torch.testing.assert_close(overlap_loss("tversky")(logits, None, soft), hand)  # alpha = beta = 0.5: Dice
+    with pytest.raises(ValueError, match="unknown overlap loss 'jaccard'"):
+        overlap_loss("jaccard")
 
 
 # ------------------------------------------------------------------------------- end to end (real CLI)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from semiseg.atomic import writer_tag
 from semiseg.data.transforms import to_input
 from semiseg.errors import DataError
 from semiseg.pseudo.labeler import Labeler
@@ -303,7 +304,7 @@ def test_store_exception_leaves_no_round(tmp_path: Path) -> None:
         store.load("bad")
     # a half-finished round (killed between rename and DONE) and a live tmp dir are not rounds
     (tmp_path / "half" / "labels").mkdir(parents=True)
-    (tmp_path / f".x.tmp-{os.getpid()}").mkdir()
+    (tmp_path / f".x.{writer_tag()}.live.tmp").mkdir()
     assert store.rounds() == []
     write_round(store, "half")  # the DONE-less directory is replaced
     assert store.rounds() == ["half"] and store.load("half").stems == STEMS
@@ -337,7 +338,7 @@ def test_store_survives_sigkill(tmp_path: Path) -> None:
         proc.wait(timeout=30)
     store = PseudoLabelStore(tmp_path)
     leftovers = [p.name for p in tmp_path.iterdir()]
-    assert leftovers == [f".r0.tmp-{proc.pid}"] and store.rounds() == []
+    assert len(leftovers) == 1 and leftovers[0].startswith(f".r0.w{proc.pid}h") and store.rounds() == []
     write_round(store, "r0")  # the dead writer's tmp dir is removed by the next write
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r0"] and store.rounds() == ["r0"]
 

@@ -235,17 +235,17 @@ def test_kill_during_labelling_leaves_no_round_and_resume_completes(tmp_path: Pa
     proc = subprocess.Popen([sys.executable, str(script)], env=env, stderr=subprocess.PIPE)
     sdir = tmp_path / "run" / "stages" / "0-label"
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not list(sdir.glob(".pseudo.tmp-*/labels/0.png")):
+    while time.time() < deadline and proc.poll() is None and not list(sdir.glob(".pseudo.w*.tmp/labels/0.png")):
         time.sleep(0.02)
     assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-    assert list(sdir.glob(".pseudo.tmp-*/labels/0.png")), "labelling did not start in time"
+    assert list(sdir.glob(".pseudo.w*.tmp/labels/0.png")), "labelling did not start in time"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert list(sdir.glob(".pseudo.tmp-*"))  # the killed writer's leftovers
+    assert list(sdir.glob(".pseudo.w*.tmp"))  # the killed writer's leftovers
     assert not (sdir / ROUND / "DONE").exists() and not (sdir / "DONE").exists()
     run = fake_run(tmp_path, random_images(8))
     run_stages(run.run_dir, label(run, "label", pixel_net).stages, out_dir=tmp_path)  # resume
-    assert (sdir / "DONE").exists() and not list(sdir.glob(".pseudo.tmp-*"))
+    assert (sdir / "DONE").exists() and not list(sdir.glob(".pseudo.w*.tmp"))
     resumed = load_round(sdir)
     fresh = _label(fake_run(tmp_path / "f", random_images(8)), tmp_path / "f", "fresh").round()
     assert resumed.stems == fresh.stems and len(resumed) == 8
@@ -363,7 +363,7 @@ def _inside(stage: Path) -> bool:
         return (stage / "checkpoints" / "last.pt").exists()
     if stage.name.endswith("stability"):
         return True
-    return bool(list(stage.glob(".pseudo.tmp-*/labels/0.png")))
+    return bool(list(stage.glob(".pseudo.w*.tmp/labels/0.png")))
 
 
 def _err(proc: subprocess.Popen) -> str:

@@ -66,7 +66,7 @@ def _require_export_deps() -> tuple[Any, Any]:
 
 def metadata(ctx: Any, opset: int) -> dict[str, Any]:
     """What a deployment needs to feed the graph and read its output (all from the run's resolved config)."""
-    from semiseg.api import git_commit
+    from semiseg.provenance import git_commit
 
     cfg = ctx.config
     norm = cfg.model.input_normalization()

@@ -109,6 +109,20 @@ class RunLayout:
     def stages_dir(self) -> Path:
         return self.run_dir / STAGES
 
+    @property
+    def config(self) -> Path:
+        return self.run_dir / "config.yaml"
+
+    @property
+    def results(self) -> Path:
+        """What the finished run reports; written last (a run without it is not finished)."""
+        return self.run_dir / "results.json"
+
+    @property
+    def diagnostics(self) -> Path:
+        """Benchmark mode: the staged methods' per-round table (merged into the results)."""
+        return self.run_dir / "diagnostics.json"
+
     def stage(self, index: int, name: str) -> StageLayout:
         return StageLayout(self.stages_dir / f"{index}-{name}")
 

@@ -297,3 +297,19 @@ def labeled_loss(name: str) -> Callable[[Tensor, Tensor], Tensor]:
         return LABELED_LOSSES[name]
     except KeyError:
         raise ValueError(f"unknown labeled loss {name!r}; choose one of {sorted(LABELED_LOSSES)}") from None
+
+
+OverlapLossName = Literal["dice", "tversky"]
+OverlapLoss = Callable[..., Tensor]  # (logits, hard target | None, soft target | None = None) -> loss
+
+
+def overlap_loss(name: str, *, alpha: float = 0.5, beta: float = 0.5,
+                 reduction: Literal["batch", "image"] = "batch") -> OverlapLoss:
+    """A region-overlap loss chosen by name, taking hard or soft targets: ``dice`` or ``tversky`` (false
+    positives weighted ``alpha``, false negatives ``beta``; 0.5 / 0.5 is Dice). momentum-pl's loss."""
+    if name == "dice":
+        return lambda logits, target, soft=None: dice_loss(logits, target, soft_target=soft, reduction=reduction)
+    if name == "tversky":
+        return lambda logits, target, soft=None: tversky_loss(logits, target, soft_target=soft, alpha=alpha,
+                                                              beta=beta, reduction=reduction)
+    raise ValueError(f"unknown overlap loss {name!r}; choose dice or tversky")

@@ -5,19 +5,17 @@ loaded, a fresh directory validated completely before it appears, a reopened one
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from semiseg import config as config_layer
-from semiseg.atomic import atomic_write_text, remove_stale_temporaries, writer_tag
+from semiseg.atomic import atomic_write_text, publish_directory, remove_stale_temporaries
 from semiseg.config import RunConfig, dump_config
 from semiseg.data.presets import load_source
 from semiseg.data.splits import SPLIT_NAMES, Splits, make_splits
-from semiseg.engine.checkpoint import output_error, seed_everything
+from semiseg.engine.checkpoint import seed_everything
 from semiseg.engine.distributed import barrier, init_distributed, resolve_device
 from semiseg.errors import ConfigError, DataError, RunChangedError
 from semiseg.methods.registry import get_method
@@ -94,21 +92,12 @@ def prepare(config: RunConfig, run_dir: Path, *, console: Any = None, fresh: boo
 def _create_run_dir(run_dir: Path, config: RunConfig, splits: Splits, fingerprint: dict[str, Any]) -> None:
     """Splits, config and fingerprint appear together or not at all: a kill mid-creation leaves no half run
     directory."""
-    try:
-        run_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.creating.{writer_tag()}.", dir=run_dir.parent))
-    except OSError as err:
-        raise output_error(run_dir, err) from None
-    try:
+    # an existing run_dir is empty (checked by the caller); a SIGKILL leaves a hidden .NAME.<writer>.*.tmp that
+    # the next run here removes
+    with publish_directory(run_dir) as tmp:
         splits.write(tmp / "splits")
         atomic_write_text(tmp / "config.yaml", dump_config(config))
         write_fingerprint(tmp, fingerprint)
-        if run_dir.exists():
-            run_dir.rmdir()  # empty: checked by the caller
-        os.rename(tmp, run_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # (a SIGKILL leaves .NAME.creating.*: the next run here removes it)
-        raise
 
 
 def read_run_config(run_dir: Path) -> RunConfig:

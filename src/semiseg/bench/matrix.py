@@ -26,6 +26,7 @@ from semiseg.api import config_from_dict
 from semiseg.bench.tables import budget_of, entry_from_results, load_entries, load_sessions, merge, save_entries
 from semiseg.config import RunConfig, apply_overrides, bundled_config
 from semiseg.errors import ConfigError, RunBusyError, RunInterrupted, SemisegError, StageBusyError
+from semiseg.provenance import git_commit, portable_arg, recorded_command
 
 
 class BenchError(SemisegError):
@@ -206,9 +207,9 @@ def run_bench(protocol: str, *, methods: list[str] | None = None, seeds: list[in
     record_session(results_path, {
         "seeds": seeds, "methods": methods, "executed": len(done_times), "read_back": read_back,
         "failed": failures, "busy": busy, "elapsed_seconds": round(elapsed, 1), "cpu_cores": os.cpu_count(),
-        "overrides": [api.portable_arg(o) for o in spec_overrides + overrides],
-        "command": api.recorded_command(),
-        "commit": api.git_commit(),
+        "overrides": [portable_arg(o) for o in spec_overrides + overrides],
+        "command": recorded_command(),
+        "commit": git_commit(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
     log(f"bench {protocol}: {len(done_times)} runs executed, {read_back} read back, {len(failures)} failed"
         + (f", {len(busy)} left to the other process training them" if busy else "") + f" in {elapsed / 60:.1f} min")

@@ -28,8 +28,6 @@ import hashlib
 import inspect
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -40,7 +38,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from semiseg.atomic import atomic_write_bytes, fsync_dir
+from semiseg.atomic import atomic_write_bytes, publish_directory
 from semiseg.data.decode import read_image
 from semiseg.data.types import MaskDecoder, Sample
 from semiseg.errors import DataError, OutputError
@@ -274,9 +272,8 @@ def _build(entry: Path, key: str, samples: Sequence[Sample], digests: list[tuple
     h, w = size
     n = len(samples)
     family = entry.parent
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=family))
-    try:
-        os.chmod(tmp, 0o755)
+    # an existing entry (broken or foreign) is moved aside: open memmaps of it stay valid
+    with publish_directory(entry, mode=0o755) as tmp:
         images = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(n, h, w, 3))
         masks = None
         if decode_mask is not None:
@@ -329,16 +326,6 @@ def _build(entry: Path, key: str, samples: Sequence[Sample], digests: list[tuple
                 "image_digests": [d[0] for d in digests], "mask_digests": [d[1] for d in digests],
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
         atomic_write_bytes(tmp / "meta.json", json.dumps(meta).encode(), mode=CACHE_FILE_MODE)
-        fsync_dir(tmp)
-        if entry.exists():  # a broken or foreign entry: move it aside (open memmaps of it stay valid)
-            old = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".old", dir=family))
-            os.replace(entry, old / "entry")
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, entry)
-        fsync_dir(family)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def file_digests(samples: Sequence[Sample], *, with_masks: bool = True, cache_dir: Path | None = None,

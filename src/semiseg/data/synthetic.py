@@ -26,13 +26,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from semiseg.atomic import publish_directory
 from semiseg.data.classes import ClassTable
 from semiseg.errors import DataError
 
@@ -269,7 +268,7 @@ def generate_synthetic(out_dir: str | Path, *, n: int = 300, size: tuple[int, in
                        kind: str = "binary", seed: int = 0, difficulty: str = "hard") -> Path:
     """Write ``n`` pairs as ``images/NNNN.png`` + ``masks/NNNN.png`` (index PNG) into ``out_dir``.
 
-    Built in a temporary folder next to ``out_dir`` and moved into place with ``os.replace``, so a
+    Built in a temporary folder next to ``out_dir`` and published whole (``atomic.publish_directory``), so a
     crash never leaves a half-written set; a second call with the same parameters reuses it.
     ``size`` is ``(H, W)``.
     """
@@ -279,27 +278,26 @@ def generate_synthetic(out_dir: str | Path, *, n: int = 300, size: tuple[int, in
         if _matches(out_dir, params):
             return out_dir
         raise DataError(f"{out_dir}: exists and is not a synthetic set with parameters {params}")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        (tmp / "images").mkdir(parents=True)
-        (tmp / "masks").mkdir()
-        width = max(4, len(str(n - 1)))
-        h, w = params["size"]  # type: ignore[misc]
-        for i in range(n):
-            img, mask = render_sample(i, size=(h, w), kind=kind, seed=seed, difficulty=difficulty)
-            Image.fromarray(img).save(tmp / "images" / f"{i:0{width}d}.png", compress_level=1)
-            Image.fromarray(mask).save(tmp / "masks" / f"{i:0{width}d}.png", compress_level=1)
-        marker = {"params": params, "classes": list(synthetic_classes(kind).names)}
-        with open(tmp / _MARKER, "w", encoding="utf-8") as f:
-            json.dump(marker, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.replace(tmp, out_dir)
-        except OSError:
-            if not _matches(out_dir, params):  # someone else finished first with other contents
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with publish_directory(out_dir, replace=False, mode=0o755) as tmp:
+            _write_set(tmp, params, n=n, kind=kind, seed=seed, difficulty=difficulty)
+    except OSError:
+        if not _matches(out_dir, params):  # someone else finished first with other contents
+            raise
     return out_dir
+
+
+def _write_set(folder: Path, params: dict[str, object], *, n: int, kind: str, seed: int, difficulty: str) -> None:
+    (folder / "images").mkdir()
+    (folder / "masks").mkdir()
+    width = max(4, len(str(n - 1)))
+    h, w = params["size"]  # type: ignore[misc]
+    for i in range(n):
+        img, mask = render_sample(i, size=(h, w), kind=kind, seed=seed, difficulty=difficulty)
+        Image.fromarray(img).save(folder / "images" / f"{i:0{width}d}.png", compress_level=1)
+        Image.fromarray(mask).save(folder / "masks" / f"{i:0{width}d}.png", compress_level=1)
+    marker = {"params": params, "classes": list(synthetic_classes(kind).names)}
+    with open(folder / _MARKER, "w", encoding="utf-8") as f:
+        json.dump(marker, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())

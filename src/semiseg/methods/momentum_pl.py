@@ -32,6 +32,7 @@ train.lr_schedule=constant train.weight_decay=0 train.batch_size=8`` (16 for its
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import Field
@@ -49,7 +50,7 @@ from semiseg.engine.hooks import BNRefresh, EMAHook, Hook, ema
 from semiseg.engine.loader import EndlessLoader
 from semiseg.engine.task import Optimized, StepContext, TrainingTask
 from semiseg.errors import ConfigError
-from semiseg.losses import LabeledLossName, dice_loss, labeled_loss, tversky_loss
+from semiseg.losses import LabeledLossName, OverlapLoss, labeled_loss, overlap_loss
 from semiseg.methods.online import labeled_stream, teacher_forward, unlabeled_stream, weak_view
 from semiseg.methods.registry import Method, MethodOptions, register
 from semiseg.methods.schedules import retaining_momentum
@@ -116,20 +117,15 @@ class MomentumPLOptions(MethodOptions):
     teacher_steps: int | None = Field(None, gt=0, description="steps of stage 1 (default train.steps)")
 
 
-def _labeled_loss(opt: MomentumPLOptions, logits: Tensor, target: Tensor) -> Tensor:
-    return _loss(opt, logits, target) if opt.labeled_loss == "same" else labeled_loss(opt.labeled_loss)(logits, target)
-
-
 def _teacher_train_mode(opt: MomentumPLOptions) -> bool:
     return opt.teacher_mode == "train" or (opt.teacher_mode == "auto" and opt.teacher_view == "student")
 
 
-def _loss(opt: MomentumPLOptions, logits: Tensor, target: Tensor | None,
-          soft: Tensor | None = None) -> Tensor:
-    if opt.loss == "dice":
-        return dice_loss(logits, target, soft_target=soft, reduction=opt.loss_reduction)
-    return tversky_loss(logits, target, soft_target=soft, alpha=opt.tversky_alpha, beta=opt.tversky_beta,
-                        reduction=opt.loss_reduction)
+def _losses(opt: Any) -> tuple[OverlapLoss, Callable[[Tensor, Tensor], Tensor]]:
+    """(the unlabeled overlap loss, the labeled loss): both chosen by name in :mod:`semiseg.losses`."""
+    unlabeled = overlap_loss(opt.loss, alpha=opt.tversky_alpha, beta=opt.tversky_beta,
+                             reduction=opt.loss_reduction)
+    return unlabeled, (unlabeled if opt.labeled_loss == "same" else labeled_loss(opt.labeled_loss))
 
 
 def _momentum_copy(net: nn.Module, fresh: nn.Module | None) -> nn.Module:
@@ -167,6 +163,7 @@ class TeacherTask(_MomentumMixin, TrainingTask):
         self.opt = options = stage.options
         steps = stage.steps
         self.nets = {"model": model, "momentum": _momentum_copy(model, fresh)}
+        _, self.labeled_loss = _losses(options)
         self.loaders = {"labeled": labeled}
         self.optimized = [Optimized("model")]
         self.emas = [self._ema(model, self.nets["momentum"], options.teacher_momentum, steps,
@@ -179,7 +176,7 @@ class TeacherTask(_MomentumMixin, TrainingTask):
     def train_step(self, batches: dict[str, Any], ctx: StepContext) -> dict[str, float]:
         batch = batches["labeled"]
         with ctx.autocast():
-            loss = _labeled_loss(self.opt, self.nets["model"](batch["image"]), batch["mask"])
+            loss = self.labeled_loss(self.nets["model"](batch["image"]), batch["mask"])
         ctx.optimize("model", loss)  # then the BN refresh and EMA hooks
         return {"loss": loss.item()}
 
@@ -191,6 +188,7 @@ class StudentTask(_MomentumMixin, TrainingTask):
                  unlabeled: EndlessLoader, stage: StageInputs, fresh: nn.Module | None = None) -> None:
         self.opt = options = stage.options
         steps = stage.steps
+        self.unlabeled_loss, self.labeled_loss = _losses(options)
         self.nets = {"student": student, "momentum": _momentum_copy(student, fresh),
                      "teacher": frozen_copy(teacher)}
         # the longer stream defines the epoch (Lightning's max_size_cycle in the code); the other one cycles
@@ -231,8 +229,8 @@ class StudentTask(_MomentumMixin, TrainingTask):
         hard, soft = self.pseudo_targets(unl["image"])  # the clean view, or (student view) the only one
         noised = unl["image_strong"] if self.opt.teacher_view == "clean" else unl["image"]
         with ctx.autocast():  # two forwards, as the code's compute_loss(labeled) then compute_loss(unlabeled)
-            loss_l = _labeled_loss(self.opt, self.nets["student"](lab["image"]), lab["mask"])
-            loss_u = _loss(self.opt, self.nets["student"](noised), hard, soft)
+            loss_l = self.labeled_loss(self.nets["student"](lab["image"]), lab["mask"])
+            loss_u = self.unlabeled_loss(self.nets["student"](noised), hard, soft)
             loss = loss_l + self.opt.unsup_weight * loss_u
         ctx.optimize("student", loss)  # then the BN refresh and EMA hooks (steps 3 and 4)
         return {"loss": loss.item(), "loss_labeled": loss_l.item(), "loss_unlabeled": loss_u.item()}

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from semiseg.atomic import atomic_write_text
+from semiseg.atomic import atomic_write_text, publish_directory
 from semiseg.engine.distributed import DistInfo, barrier
 from semiseg.errors import StageBusyError
 from semiseg.layout import RunLayout, StageLayout, is_done
@@ -133,8 +133,6 @@ def _computing_once(out_dir: Path, key_hash: str | None, dist: DistInfo, label: 
 
 def _copy_stage(src: Path, dst: Path) -> None:
     """Copy a finished stage (checkpoints hard-linked where the file system allows)."""
-    tmp = dst.with_name(dst.name + ".reuse-tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
 
     def link_or_copy(s: str, d: str) -> None:
         try:
@@ -142,11 +140,10 @@ def _copy_stage(src: Path, dst: Path) -> None:
         except OSError:
             shutil.copy2(s, d)
 
-    shutil.copytree(src, tmp, copy_function=link_or_copy)
-    done = StageLayout(tmp).done
-    info = json.loads(done.read_text())
-    info["reused_from"] = str(src)
-    done.unlink()  # it may be a hard link to the source's marker
-    done.write_text(json.dumps(info, indent=1))
-    shutil.rmtree(dst, ignore_errors=True)
-    os.replace(tmp, dst)
+    with publish_directory(dst) as tmp:
+        shutil.copytree(src, tmp, copy_function=link_or_copy, dirs_exist_ok=True)
+        done = StageLayout(tmp).done
+        info = json.loads(done.read_text())
+        info["reused_from"] = str(src)
+        done.unlink()  # it may be a hard link to the source's marker
+        done.write_text(json.dumps(info, indent=1))

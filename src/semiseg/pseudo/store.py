@@ -10,9 +10,9 @@ Layout of ``root/<round>/``::
     DONE               written last: a round without it does not exist
 
 Files are named by position because stems may hold ``/`` or spaces (``kvasir-seg/abc 1``). A round is
-built in ``root/.<round>.tmp-<pid>``, every file fsynced, renamed into place, then ``DONE`` is
-written; an exception removes the temporary directory, and a killed writer's leftovers (temporary
-directories of dead processes, round directories without ``DONE``) are removed by the next write.
+built in a hidden sibling named with its writer, every file fsynced, ``DONE`` written last, and published whole
+(``atomic.publish_directory``); an exception removes the temporary directory, and a killed writer's leftovers
+(temporary directories of dead processes, round directories without ``DONE``) are removed by the next write.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import io
 import json
 import math
 import os
-import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,14 +31,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from semiseg.atomic import fsync_dir
+from semiseg.atomic import fsync_dir, publish_directory, remove_stale_temporaries
 from semiseg.data.classes import IGNORE_INDEX
 from semiseg.errors import ConfigError, DataError
 from semiseg.evaluation.metrics import ConfusionMatrix, ForegroundScores
 from semiseg.layout import DONE, is_done
 
 HIST_BINS = 20
-_TMP = ".tmp-"
 
 
 # ------------------------------------------------------------------------------------------- files
@@ -79,16 +77,6 @@ def _json_safe(x: Any) -> Any:
     if isinstance(x, (float, np.floating)):
         return None if not math.isfinite(float(x)) else float(x)
     return x
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: existence check only
-    except PermissionError:
-        return True
-    except OSError:  # ProcessLookupError and friends
-        return False
-    return True
 
 
 # -------------------------------------------------------------------------------------- provenance
@@ -313,7 +301,7 @@ class PseudoLabelStore:
         self.root = Path(root)
 
     def _check_name(self, name: str) -> None:
-        if not name or name.startswith(".") or "/" in name or "\\" in name or _TMP in name:
+        if not name or name.startswith(".") or "/" in name or "\\" in name:
             raise ConfigError(f"pseudo-label round name {name!r}: no '/', '\\' or leading '.'")
 
     def rounds(self) -> list[str]:
@@ -335,20 +323,7 @@ class PseudoLabelStore:
 
     def clean_stale(self) -> list[Path]:
         """Remove temporary directories of dead writers; return what was removed."""
-        removed: list[Path] = []
-        if not self.root.is_dir():
-            return removed
-        for p in self.root.iterdir():
-            if not (p.is_dir() and p.name.startswith(".") and _TMP in p.name):
-                continue
-            try:
-                pid = int(p.name.rsplit(_TMP, 1)[1])
-            except ValueError:
-                continue
-            if not _pid_alive(pid):
-                shutil.rmtree(p, ignore_errors=True)
-                removed.append(p)
-        return removed
+        return remove_stale_temporaries(self.root, recursive=False) if self.root.is_dir() else []
 
     @contextmanager
     def writer(
@@ -379,31 +354,20 @@ class PseudoLabelStore:
         prev = self.load(previous) if isinstance(previous, str) else previous
         self.root.mkdir(parents=True, exist_ok=True)
         self.clean_stale()
-        tmp = self.root / f".{name}{_TMP}{os.getpid()}"
-        if tmp.exists():
-            raise RuntimeError(f"{tmp}: round {name!r} is already being written by this process")
-        w = RoundWriter(tmp, num_classes=num_classes, previous=prev, ground_truth=ground_truth,
-                        foreground=foreground)
-        try:
+        # a DONE-less round (a killed commit's, or one being overwritten) is replaced when the new one is whole
+        with publish_directory(final) as tmp:
+            w = RoundWriter(tmp, num_classes=num_classes, previous=prev, ground_truth=ground_truth,
+                            foreground=foreground)
             yield w
-            self._commit(w, final, dict(provenance))
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            self._commit(w, dict(provenance))
 
-    def _commit(self, w: RoundWriter, final: Path, provenance: dict[str, Any]) -> None:
+    def _commit(self, w: RoundWriter, provenance: dict[str, Any]) -> None:
+        """The round's index and records, every file fsynced, DONE last (the folder is then published)."""
         tmp = w.tmp
         _write_bytes(tmp / "stems.txt", "".join(s + "\n" for s in w.stems).encode("utf-8"))
         prov = _json_safe({"format": "semiseg-pseudo-round/1", **provenance})
         _write_bytes(tmp / "provenance.json", json.dumps(prov, indent=2, sort_keys=True).encode("utf-8"))
         _write_bytes(tmp / "stats.json", json.dumps(w.stats(), indent=2, allow_nan=False).encode("utf-8"))
-        for d in (tmp / "labels", tmp / "confidence", tmp):
+        for d in (tmp / "labels", tmp / "confidence"):
             fsync_dir(d)
-        if final.exists():  # an old round being overwritten, or a killed commit's round without DONE
-            trash = self.root / f".{final.name}.old{_TMP}{os.getpid()}"
-            os.replace(final, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        os.replace(tmp, final)
-        fsync_dir(self.root)
-        _write_bytes(final / DONE, b"done\n")
-        fsync_dir(final)
+        _write_bytes(tmp / DONE, b"done\n")
