@@ -28,11 +28,10 @@ from typing import Any, ClassVar, Literal, TypeVar
 import numpy as np
 from pydantic import Field
 
-from semiseg.engine.loader import EndlessLoader
 from semiseg.errors import ConfigError
+from semiseg.methods.offline import label_all, student_steps, train_student
 from semiseg.methods.registry import Method, MethodOptions, register
-from semiseg.methods.schedules import offline_student_steps
-from semiseg.methods.supervised import SupervisedTask, train_supervised
+from semiseg.methods.supervised import train_supervised
 from semiseg.pipeline.diagnostics import (
     add_diagnostics,
     quality_summary,
@@ -40,10 +39,7 @@ from semiseg.pipeline.diagnostics import (
     scores_on_reference,
     scores_on_test,
 )
-from semiseg.pipeline.labeling import PseudoLabeledDataset, oversampled_size, pseudo_dataset
-from semiseg.pipeline.plan import Pipeline, StageInputs, StageRef
-from semiseg.pipeline.training import make_dataset, make_loader, new_model
-from semiseg.pseudo.policies import SelectAll
+from semiseg.pipeline.plan import Pipeline, StageRef
 
 UNVERIFIED = "paper-derived, unverified (no public ATSO code exists)"
 
@@ -118,47 +114,28 @@ class GenerationMethod(Method[OptionsT]):
     def label(self, p: Pipeline, name: str, teacher: StageRef, stems: Sequence[str],
               previous: StageRef | None) -> StageRef:
         o = self.options
-        return p.label(name, teacher=teacher, which=self.which, stems=list(stems), policy=SelectAll(),
-                       tta_scales=tuple(o.tta_scales), tta_flip=o.tta_flip, previous=[previous] if previous else [])
+        return label_all(p, name, teacher=teacher, which=self.which, stems=list(stems), tta_scales=o.tta_scales,
+                         tta_flip=o.tta_flip, previous=[previous] if previous else [])
 
     def student_steps(self, n_pseudo: int) -> int:
         """``generation_steps``, else ``generation_scale`` x ``train.steps``, else the epoch rule over the
         student's set (labeled, oversampled as the loader does, + ``n_pseudo`` pseudo-labeled images)."""
-        o, cfg, n_labeled = self.options, self.run.config, len(self.run.splits.labeled)
-        n_set = oversampled_size(n_labeled, n_pseudo) if o.oversample_labeled else n_labeled + n_pseudo
-        return offline_student_steps(cfg.train.steps, cfg.train.batch_size * self.run.dist.world_size, n_labeled,
-                                     n_set, fixed=o.generation_steps, scale=o.generation_scale)
+        o = self.options
+        return student_steps(self.run, n_pseudo, oversample=o.oversample_labeled, fixed=o.generation_steps,
+                             scale=o.generation_scale)
 
     def train(self, p: Pipeline, name: str, rounds: Sequence[StageRef], init: StageRef | None,
               n_pseudo: int) -> StageRef:
         """Student ``name`` on S ∪ ``rounds`` (``n_pseudo`` images); starts from ``init``'s teacher checkpoint or
         from scratch."""
-        run, seed = self.run, self.run.stage_seed(name)
-
-        def task(stage: StageInputs) -> SupervisedTask:
-            o = stage.options
-            model = new_model(run) if stage.init is None else stage.init.resolve().model(which=o.teacher)
-            return SupervisedTask(model, self.loader(rounds, seed, o))
 
         def record() -> dict[str, Any]:
             return {"init": init.name if init else "scratch", "rounds": [r.name for r in rounds],
                     "pseudo_stems": sorted(s for r in rounds for s in r.round().stems)}
 
-        return p.train(name, task, options=("teacher", "oversample_labeled", "strong_aug"),
-                       steps=self.student_steps(n_pseudo), init=init, inputs=rounds, record=record)
-
-    def loader(self, rounds: Sequence[StageRef], seed: int, o: Any) -> EndlessLoader:
-        """Labeled + pseudo-labeled images of ``rounds`` (``o``: the student's options)."""
-        run = self.run
-        spec = [(r.path, r.round().stems) for r in rounds]
-        if o.oversample_labeled:
-            ds = pseudo_dataset(run, spec, seed=seed, strong=o.strong_aug)
-        else:
-            pseudo = pseudo_dataset(run, spec, seed=seed, strong=o.strong_aug, labeled=False).pseudo
-            lab = run.arrays("labeled")
-            labeled = make_dataset(run, lab.images, lab.masks, range(len(lab.stems)), seed=seed)
-            ds = PseudoLabeledDataset(labeled, pseudo)
-        return make_loader(run, ds, run.config.train.batch_size, seed)
+        return train_student(p, name, [(r, lambda r=r: r.round().stems) for r in rounds],
+                             steps=self.student_steps(n_pseudo), init=init, which=self.which,
+                             oversample=self.options.oversample_labeled, record=record)
 
     def row(self, generation: int | str, labels: dict[str, list[StageRef]], models: dict[str, StageRef],
             halves: dict[str, list[str]]) -> Callable[[], dict[str, Any]]:

@@ -22,7 +22,7 @@ identical stages are shared between runs under the same ``out_dir``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal, TypeVar
 
 from pydantic import Field, field_validator
@@ -30,16 +30,12 @@ from torch import nn
 
 from semiseg.config import RunConfig
 from semiseg.errors import ConfigError
+from semiseg.methods.offline import Round, Stems, label_all, student_steps, train_student
 from semiseg.methods.registry import Method, MethodOptions, register
-from semiseg.methods.schedules import offline_student_steps
 from semiseg.methods.st_stability import add_stability, snapshot_steps, snapshot_task
 from semiseg.methods.supervised import SupervisedTask, train_supervised
-from semiseg.models.factory import unwrap
 from semiseg.pipeline.diagnostics import add_diagnostics, stage_rows
-from semiseg.pipeline.labeling import oversampled_size, pseudo_dataset
-from semiseg.pipeline.plan import Pipeline, StageInputs, StageRef
-from semiseg.pipeline.training import make_loader, new_model
-from semiseg.pseudo.policies import SelectAll
+from semiseg.pipeline.plan import Pipeline, StageRef
 
 RELEASED_TTA_SCALES = (0.5, 0.75, 1.0, 1.5, 2.0)
 
@@ -92,7 +88,6 @@ class STPlusPlusOptions(SelfTrainingOptions):
         "this many times (paper appendix B; not in the released code)"))
 
 
-Stems = Sequence[str] | Callable[[], Sequence[str]]
 
 
 OptionsT = TypeVar("OptionsT", bound=SelfTrainingOptions)
@@ -105,36 +100,19 @@ class _SelfTrainingBase(Method[OptionsT]):
     def label(self, p: Pipeline, name: str, *, teacher: StageRef, stems: Stems, inputs: Sequence[StageRef] = (),
               previous: Sequence[StageRef] = ()) -> StageRef:
         o = self.options
-        return p.label(name, teacher=teacher, stems=stems, policy=SelectAll(), tta_scales=tuple(o.tta_scales),
-                       tta_flip=o.tta_flip, batch_size=o.label_batch_size, inputs=inputs, previous=previous)
+        return label_all(p, name, teacher=teacher, stems=stems, tta_scales=o.tta_scales, tta_flip=o.tta_flip,
+                         batch_size=o.label_batch_size, inputs=inputs, previous=previous)
 
-    def retrain(self, p: Pipeline, name: str, *, rounds: list[tuple[StageRef, Stems]], teacher: StageRef,
-                n_pseudo: int) -> StageRef:
+    def retrain(self, p: Pipeline, name: str, *, rounds: list[Round], teacher: StageRef, n_pseudo: int) -> StageRef:
         """A student on labeled + ``rounds`` = [(label stage, its stems)] (``n_pseudo`` pseudo-labeled images),
         from the shared initialisation or, with ``student_init=teacher``, from ``teacher``'s model."""
-        run = self.run
-        seed = run.stage_seed(name)
-
-        def task(stage: StageInputs) -> SupervisedTask:
-            parts = [(ref.path, stems() if callable(stems) else stems) for ref, stems in rounds]
-            ds = pseudo_dataset(run, parts, seed=seed, strong=stage.options.strong_aug)
-            model = new_model(run)
-            if stage.init is not None:
-                model.load_state_dict(unwrap(stage.init.resolve().model()).state_dict())
-            return SupervisedTask(model, make_loader(run, ds, run.config.train.batch_size, seed))
-
         init = teacher if self.options.student_init == "teacher" else None
-        return p.train(name, task, options=("strong_aug",), steps=self.retrain_steps(n_pseudo), init=init,
-                       inputs=[ref for ref, _ in rounds])
+        return train_student(p, name, rounds, steps=self.retrain_steps(n_pseudo), init=init)
 
     def retrain_steps(self, n_pseudo: int) -> int:
         """Steps of a re-training on the labeled images + ``n_pseudo`` pseudo-labeled ones: ``retrain_steps``,
         else ``retrain_scale`` x ``train.steps``, else the released epoch rule."""
-        o, cfg = self.options, self.run.config
-        n_labeled = len(self.run.splits.labeled)
-        return offline_student_steps(cfg.train.steps, cfg.train.batch_size * self.run.dist.world_size, n_labeled,
-                                     oversampled_size(n_labeled, n_pseudo), fixed=o.retrain_steps,
-                                     scale=o.retrain_scale)
+        return student_steps(self.run, n_pseudo, fixed=self.options.retrain_steps, scale=self.options.retrain_scale)
 
     def diagnose(self, p: Pipeline, stability: StageRef | None = None) -> None:
         """Benchmark mode: every round's quality and every training's best validation score."""

@@ -28,6 +28,7 @@ from semiseg.engine.task import StepContext
 from semiseg.engine.trainer import Trainer
 from semiseg.methods.atso import atso_halves
 from semiseg.methods.dst_cbc import DstCbc, DstCbcOptions, DstCbcTask, LegacyRandomResize
+from semiseg.methods.offline import student_loader
 from semiseg.methods.registry import get_method
 from semiseg.pipeline.context import RunContext
 from semiseg.pipeline.labeling import load_round
@@ -35,7 +36,7 @@ from semiseg.pipeline.plan import BestOf, StageRef
 from semiseg.pipeline.stages import run_stages
 from semiseg.pipeline.training import new_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -444,10 +445,11 @@ def test_generation_students_learn_the_strong_view_of_flip_fused_labels(tmp_path
     execute(method, tmp_path)
     labels = method.pipeline["label-1"]
     assert method.stages()[1].key["variant"]["tta_flip"] is True
-    ds = method.loader([labels], 0, method.options).dataset
+    stems = labels.round().stems
+    ds = student_loader(run, [(labels, stems)], 0, strong=method.options.strong_aug).dataset
     item, raw = ds[ds.n_labeled], ds.pseudo[0]  # the first pseudo-labeled item
     assert item["pseudo"] == 1 and torch.equal(item["image"], raw["image_strong"])
     assert not torch.equal(item["image"], raw["image"]) and torch.equal(item["mask"], raw["mask_strong"])
     plain = type(method)(run, method.options.model_copy(update={"strong_aug": False}))
-    item = plain.loader([labels], 0, plain.options).dataset[ds.n_labeled]
+    item = student_loader(run, [(labels, stems)], 0, strong=plain.options.strong_aug).dataset[ds.n_labeled]
     assert torch.equal(item["image"], raw["image"])

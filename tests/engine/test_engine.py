@@ -13,7 +13,7 @@ from semiseg.engine.loader import EndlessLoader
 from semiseg.engine.trainer import poly_factor
 from tests.engine_helpers import data, make_trainer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_poly_factor_hand_values():

@@ -33,7 +33,7 @@ from semiseg.models.ema import EMA
 from semiseg.pipeline.plan import StageInputs, StageRef
 from semiseg.pipeline.training import MOVED_WARNING
 from tests.method_helpers import method_for
-from tests.test_online_methods import TinySeg, params, run_steps, streams, trainer_for
+from tests.methods.test_online_methods import TinySeg, params, run_steps, streams, trainer_for
 
 
 # ------------------------------------------------------------------------------------------ helpers

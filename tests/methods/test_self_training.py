@@ -37,7 +37,7 @@ from semiseg.pipeline.plan import Pipeline, StageRef
 from semiseg.pipeline.stages import run_stages
 from semiseg.pseudo.policies import ClassBalanced, SelectAll
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -211,7 +211,7 @@ KILL_SCRIPT = """
 import sys, time, torch
 sys.path.insert(0, {root!r})
 from pathlib import Path
-from tests.test_self_training import fake_run, label, pixel_net, random_images
+from tests.methods.test_self_training import fake_run, label, pixel_net, random_images
 from semiseg.pipeline.stages import run_stages
 
 class Slow(torch.nn.Module):

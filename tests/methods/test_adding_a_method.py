@@ -12,7 +12,7 @@ from semiseg import api
 from semiseg.api import config_from_dict
 from semiseg.methods.registry import _REGISTRY, get_method
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "adding-a-method.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "adding-a-method.md"
 EXAMPLES = {"example-confident-st": ["0-supervised", "1-label", "2-student"],
             "example-pseudo-label": ["0-pseudo-label"]}
 

@@ -19,7 +19,7 @@ from semiseg.methods.online import _channel_dropout, feature_perturbation, hard_
 from semiseg.methods.unimatch import UniMatchOptions, UniMatchTask
 from semiseg.pipeline.plan import StageInputs
 from semiseg.pseudo.policies import ClassBalanced, FixedThreshold
-from tests.test_online_methods import (
+from tests.methods.test_online_methods import (
     DETERMINISTIC,
     KILLED,
     TinySeg,
@@ -29,7 +29,7 @@ from tests.test_online_methods import (
     run_steps,
     trainer_for,
 )
-from tests.test_self_training import fake_run
+from tests.methods.test_self_training import fake_run
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -179,7 +179,7 @@ def test_feature_perturbation_by_hand_and_only_inside_its_block():
 def test_feature_perturbation_on_an_smp_model_keeps_the_input_normalisation():
     from semiseg.config import ModelConfig
     from semiseg.models.factory import build_model
-    from tests.test_self_training import TINY_ENCODER
+    from tests.methods.test_self_training import TINY_ENCODER
 
     torch.manual_seed(0)
     net = build_model(ModelConfig(encoder=TINY_ENCODER, weights="none", decoder_channels=[16, 8, 8],

@@ -30,7 +30,7 @@ from semiseg.pseudo.policies import (
 )
 from semiseg.pseudo.store import PseudoLabelStore, make_provenance
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 def probs_from(columns: list[tuple[int, float]], c: int = 3) -> np.ndarray:

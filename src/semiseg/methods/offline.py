@@ -1,0 +1,71 @@
+"""The offline (staged) self-training families' shared steps: a teacher labels every given unlabeled image
+(argmax, no threshold), and a student learns from the labeled images plus those pseudo labels in one shuffled
+loader. ST / ST++ (``self_training``) and self-learning / STSO / ATSO (``atso``) are both made of these; they
+differ in who labels what, and where each student starts from."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from semiseg.engine.loader import EndlessLoader
+from semiseg.methods.schedules import offline_student_steps
+from semiseg.methods.supervised import SupervisedTask
+from semiseg.pipeline.context import RunContext
+from semiseg.pipeline.labeling import PseudoLabeledDataset, oversampled_size, pseudo_dataset
+from semiseg.pipeline.plan import Pipeline, Source, StageInputs, StageRef, Which
+from semiseg.pipeline.training import make_dataset, make_loader, new_model
+from semiseg.pseudo.policies import SelectAll
+
+Stems = Sequence[str] | Callable[[], Sequence[str]]
+Round = tuple[StageRef, Stems]  # a label stage and the stems it labelled (a callable: known once upstream ran)
+
+
+def label_all(p: Pipeline, name: str, *, teacher: Source, stems: Stems, tta_scales: Sequence[float],
+              tta_flip: bool, which: Which = "best", batch_size: int | None = None,
+              previous: Sequence[StageRef] = (), inputs: Sequence[Source] = ()) -> StageRef:
+    """A label stage: ``teacher``'s hard labels of every pixel of ``stems`` (no selection), TTA-fused."""
+    return p.label(name, teacher=teacher, which=which, stems=stems, policy=SelectAll(),
+                   tta_scales=tuple(tta_scales), tta_flip=tta_flip, batch_size=batch_size, previous=previous,
+                   inputs=inputs)
+
+
+def student_steps(run: RunContext, n_pseudo: int, *, oversample: bool = True, fixed: int | None = None,
+                  scale: float | None = None) -> int:
+    """A student's steps: ``fixed``, else ``scale`` x ``train.steps``, else the released epoch rule over its set
+    (the labeled images, oversampled as the loader does, + ``n_pseudo`` pseudo-labeled ones)."""
+    cfg, n_labeled = run.config, len(run.splits.labeled)
+    n_set = oversampled_size(n_labeled, n_pseudo) if oversample else n_labeled + n_pseudo
+    return offline_student_steps(cfg.train.steps, cfg.train.batch_size * run.dist.world_size, n_labeled, n_set,
+                                 fixed=fixed, scale=scale)
+
+
+def student_loader(run: RunContext, rounds: Sequence[Round], seed: int, *, strong: bool,
+                   oversample: bool = True) -> EndlessLoader:
+    """Labeled + pseudo-labeled images of ``rounds`` in one shuffled loader; ``strong``: ST++'s strong view of the
+    pseudo-labeled ones; ``oversample``: the labeled images repeated ceil(P / L) times so both parts weigh alike
+    (ST/ST++), else the plain union."""
+    spec = [(ref.path, stems() if callable(stems) else stems) for ref, stems in rounds]
+    if oversample:
+        ds = pseudo_dataset(run, spec, seed=seed, strong=strong)
+    else:
+        pseudo = pseudo_dataset(run, spec, seed=seed, strong=strong, labeled=False).pseudo
+        lab = run.arrays("labeled")
+        ds = PseudoLabeledDataset(make_dataset(run, lab.images, lab.masks, range(len(lab.stems)), seed=seed), pseudo)
+    return make_loader(run, ds, run.config.train.batch_size, seed)
+
+
+def train_student(p: Pipeline, name: str, rounds: Sequence[Round], *, steps: int, init: Source | None = None,
+                  which: Which = "best", oversample: bool = True,
+                  record: Callable[[], dict[str, Any]] | None = None) -> StageRef:
+    """A student on labeled + ``rounds``, cross-entropy, from the shared initialisation or from ``init``'s
+    ``which`` checkpoint; it reads the method's ``strong_aug``."""
+    run, seed = p.run, p.run.stage_seed(name)
+
+    def task(stage: StageInputs) -> SupervisedTask:
+        model = new_model(run) if stage.init is None else stage.init.resolve().model(which=which)
+        return SupervisedTask(model, student_loader(run, rounds, seed, strong=stage.options.strong_aug,
+                                                    oversample=oversample))
+
+    return p.train(name, task, options=("strong_aug",), steps=steps, init=init, inputs=[ref for ref, _ in rounds],
+                   variant={"init_from": which, "oversample_labeled": oversample}, record=record)
