@@ -331,6 +331,37 @@ def bench_throughput(steps: Annotated[int, typer.Option(help="timed steps")] = 3
         atomic_write_text(json_out, json.dumps(figures, indent=1) + "\n")
 
 
+@app.command("suggest-labels")
+def suggest_labels(
+        run: Annotated[Path, typer.Argument(help="finished run directory")],
+        n: Annotated[int, typer.Option("--n", help="how many images to suggest")],
+        out_dir: Annotated[Path | None, typer.Option("--out", help="folder of labels-to-add.txt / .html "
+                                                     "(default: the run directory)")] = None,
+        strategy: Annotated[str, typer.Option(help="uncertain (default) | confident | random (the last two: "
+                                              "control arms)")] = "uncertain",
+        similarity: Annotated[float, typer.Option(help="skip an image whose thumbnail is more alike than this "
+                                                  "(cosine) to one already chosen; 1 keeps near-duplicates")] = 0.95,
+        seed: Annotated[int, typer.Option(help="seed of --strategy random")] = 0,
+        json_out: Annotated[Path | None, typer.Option("--json", help="also write the suggestion here")] = None,
+        no_progress: NoProgress = False) -> None:
+    """Which unlabeled images to annotate next: the least confident (and, after st++, least stable) first,
+    near-duplicate frames skipped. Writes labels-to-add.txt (stems, best first) and a contact sheet."""
+    from semiseg.atomic import atomic_write_text
+    from semiseg.pipeline.preflight import check_writable_file
+    from semiseg.report.suggest import suggest_labels as suggest
+
+    _display(no_progress)
+    if json_out:
+        check_writable_file(json_out, "--json")
+    res = suggest(run, n, out_dir=out_dir, strategy=strategy, similarity=similarity,  # type: ignore[arg-type]
+                  seed=seed, progress=not no_progress, console=console, log=log_line)
+    if json_out:
+        atomic_write_text(json_out, json.dumps(res.to_dict(), indent=1))
+    dup = f"; {res.skipped_as_duplicates} near-duplicate(s) skipped" if res.skipped_as_duplicates else ""
+    out.print(f"wrote {len(res.stems)} images to label, best first, to {res.files['list']} and a contact sheet to "
+              f"{res.files['sheet']} ({res.criterion}{dup})")
+
+
 @app.command()
 def report(runs: Annotated[list[Path], typer.Argument(help="run directory (several with --compare)")],
            compare: Annotated[bool, typer.Option("--compare", help="one page comparing the runs' methods")] = False,

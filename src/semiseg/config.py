@@ -58,6 +58,9 @@ class SplitConfig(_Strict):
     test: float | int | None = Field(0.1, description="share or count for test; ignored when the preset fixes it")
     files: str | None = Field(None, description="folder with labeled/unlabeled/val/test.txt to use as given")
     group_aware: bool = Field(True, description="keep a preset's groups (video sequences) within one split")
+    add_labeled: str | None = Field(None, description=(
+        "a file of unlabeled stems (one per line, e.g. `semiseg suggest-labels`' labels-to-add.txt) moved into the "
+        "labeled split once their masks exist: the split seed's split plus the images you annotated"))
 
 
 class AugmentConfig(_Strict):

@@ -14,6 +14,7 @@ from semiseg import config as config_layer
 from semiseg.atomic import atomic_write_text, publish_directory, remove_stale_temporaries
 from semiseg.config import RunConfig, dump_config
 from semiseg.data.presets import load_source
+from semiseg.data.sources import read_stem_list
 from semiseg.data.splits import SPLIT_NAMES, Splits, make_splits
 from semiseg.engine.checkpoint import seed_everything
 from semiseg.engine.distributed import barrier, init_distributed, resolve_device
@@ -40,9 +41,27 @@ def _splits_for(config: RunConfig, source: Any) -> Splits:
     if config.split.files:
         splits = Splits.read(Path(config.split.files), known=source.by_stem())
         check_split_masks(source, splits, config.split.files)
-        return splits
-    return make_splits(source, seed=config.split.seed, labeled=config.split.labeled, val=config.split.val,
-                       test=config.split.test, fixed=source.fixed_splits, group_aware=config.split.group_aware)
+    else:
+        splits = make_splits(source, seed=config.split.seed, labeled=config.split.labeled, val=config.split.val,
+                             test=config.split.test, fixed=source.fixed_splits, group_aware=config.split.group_aware)
+    return _with_added_labels(splits, source, config.split.add_labeled) if config.split.add_labeled else splits
+
+
+def _with_added_labels(splits: Splits, source: Any, path: str) -> Splits:
+    """``splits`` with the unlabeled stems listed in ``path`` moved to labeled (each needs its mask now)."""
+    added = read_stem_list(Path(path), known=source.by_stem())
+    pool = set(splits.unlabeled)
+    outside = [s for s in added if s not in pool]
+    if outside:
+        raise ConfigError(f"split.add_labeled={path}: {len(outside)} stem(s) are not unlabeled images of this split "
+                          f"(e.g. {outside[0]!r}); list stems of the run's unlabeled.txt")
+    no_mask = [s for s in added if source.by_stem()[s].mask is None]
+    if no_mask:
+        raise DataError(f"split.add_labeled={path}: {len(no_mask)} stem(s) have no mask yet (e.g. {no_mask[0]!r}); "
+                        "add their masks to the data folder first")
+    moved = set(added)
+    return Splits(labeled=[*splits.labeled, *added], unlabeled=[s for s in splits.unlabeled if s not in moved],
+                  val=splits.val, test=splits.test)
 
 
 def prepare(config: RunConfig, run_dir: Path, *, console: Any = None, fresh: bool,

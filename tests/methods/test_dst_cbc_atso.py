@@ -402,7 +402,7 @@ def main(out: str) -> None:
 
 def _start(out: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "tests.test_dst_cbc_atso", str(out)], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-m", "tests.methods.test_dst_cbc_atso", str(out)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 

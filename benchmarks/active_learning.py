@@ -1,0 +1,107 @@
+"""Does `suggest-labels` pick better images to annotate than chance? (issue 30's measured protocol)
+
+    python benchmarks/active_learning.py --out-dir bench-runs --seeds 0,1,2 --k 33 \
+        --set data.root=../shared/data --set train.threads=1 [--protocol polyp] \
+        [--methods "supervised;st++:retrain_scale=2"]
+
+For each split seed: the protocol's supervised run (5 % labels on polyp: 65 masks) is trained or read back; from
+it ``suggest-labels`` picks K images by each arm, every arm's K masks are added to the labeled split
+(``split.add_labeled``), and each method is trained again from scratch:
+
+- ``uncertain``: the suggestion (least confident, near-duplicates skipped);
+- ``random-0``, ``random-1``, ``random-2``: three seeded random draws of K;
+- ``confident``: the K most confident (a sanity check: it should be the worst arm).
+
+Every run is resumable and reused when finished (``api.finish``); validation picks each run's checkpoint, test is
+read once per run. The rows go to ``RESULTS`` (default ``benchmarks/results/polyp-al.json``) with the recorded
+command and commit, and a table (test Dice per arm and seed, the mean, and the gain per added mask over the
+starting run) is printed and written next to it as ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+ARMS = ("uncertain", "random-0", "random-1", "random-2", "confident")
+
+
+def arm_strategy(arm: str) -> tuple[str, int]:
+    return ("random", int(arm.split("-")[1])) if arm.startswith("random-") else (arm, 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from semiseg import api
+    from semiseg.atomic import atomic_write_text
+    from semiseg.report.suggest import LIST_FILE, suggest_labels
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--protocol", default="polyp", help="a bundled protocol config")
+    ap.add_argument("--out-dir", type=Path, default=Path("bench-runs"))
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--k", type=int, default=33, help="masks added per arm")
+    ap.add_argument("--methods", default="supervised", help=(
+        "methods retrained with the added masks, ';'-separated, each METHOD[:option=value,...] (its bench options)"))
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override a.b=c")
+    ap.add_argument("--results", type=Path, default=Path("benchmarks/results/polyp-al.json"))
+    args = ap.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    methods = [m.split(":", 1) for m in args.methods.split(";")]
+    quiet = {"log": lambda *a, **k: None}
+    rows = []
+    for seed in seeds:
+        base = [*args.overrides, f"split.seed={seed}", f"out_dir={args.out_dir}", "train.progress=false"]
+        start_cfg = api.load_config(args.protocol, [*base, f"name={args.protocol}-s{seed}-supervised"])
+        start, _ = api.finish(start_cfg, **quiet)
+        start_run = args.out_dir / start_cfg.name
+        rows.append({"split_seed": seed, "method": "supervised", "arm": "start", "added": 0,
+                     "test": start["test"]["headline"], "val": start["val"].get(start["val_metric"])})
+        for arm in ARMS:
+            strategy, draw = arm_strategy(arm)
+            picks = args.out_dir / f"al-s{seed}-{arm}"
+            if not (picks / LIST_FILE).is_file():
+                suggest_labels(start_run, args.k, out_dir=picks, strategy=strategy, seed=draw,  # type: ignore[arg-type]
+                               progress=False, **quiet)
+            for method, *options in methods:
+                extra = [f"method.{o}" for part in options for o in part.split(",") if o]
+                cfg = api.load_config(args.protocol, [*base, f"name=al-s{seed}-{arm}-{method}", f"method.name={method}",
+                                                      *extra, f"split.add_labeled={picks / LIST_FILE}"])
+                res, _ = api.finish(cfg, **quiet)
+                rows.append({"split_seed": seed, "method": method, "arm": arm, "added": args.k,
+                             "test": res["test"]["headline"], "val": res["val"].get(res["val_metric"])})
+                print(f"seed {seed} {method:<12} {arm:<10} test {rows[-1]['test']:.4f}", flush=True)
+    command = " ".join(["python benchmarks/active_learning.py", *map(api.portable_arg, sys.argv[1:])])
+    doc = {"protocol": args.protocol, "k": args.k, "command": command, "commit": api.git_commit(), "rows": rows}
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.results, json.dumps(doc, indent=1) + "\n")
+    table = markdown(rows, args.k)
+    atomic_write_text(args.results.with_suffix(".md"), table)
+    print(table)
+    return 0
+
+
+def markdown(rows: list[dict], k: int) -> str:
+    """Test Dice per method and arm: per split seed, the mean, and the gain per added mask over the start."""
+    seeds = sorted({r["split_seed"] for r in rows})
+    start = {r["split_seed"]: r["test"] for r in rows if r["arm"] == "start"}
+    lines = ["| method | arm | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | Dice points per added mask |",
+             "|---|---|" + "---|" * len(seeds) + "---|---|"]
+    for method in sorted({r["method"] for r in rows if r["arm"] != "start"}):
+        for arm in ARMS:
+            got = {r["split_seed"]: r["test"] for r in rows if r["method"] == method and r["arm"] == arm}
+            if not got:
+                continue
+            cells = [f"{100 * got[s]:.1f}" if s in got else "—" for s in seeds]
+            mean = statistics.fmean(got.values())
+            gain = statistics.fmean(got[s] - start[s] for s in got if s in start) * 100 / k
+            lines.append(f"| {method} | {arm} | " + " | ".join(cells) + f" | {100 * mean:.1f} | {gain:+.3f} |")
+    starts = " | ".join(f"{100 * start[s]:.1f}" if s in start else "—" for s in seeds)
+    lines.append(f"| supervised | start (no mask added) | {starts} | {100 * statistics.fmean(start.values()):.1f} | |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
