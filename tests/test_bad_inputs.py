@@ -93,7 +93,7 @@ def _low_space(env: Env) -> list[str]:
     return env.train()
 
 
-SUPERVISED_BLOCK = "name: supervised\n  loss: cross-entropy"  # config.yaml's method block of a supervised run
+SUPERVISED_BLOCK = "name: supervised\n  loss: run"  # config.yaml's method block of a supervised run
 
 
 def _edit(path: Path, old: str, new: str) -> None:
@@ -277,9 +277,9 @@ CASES = [
     Case("resume-method-edited", lambda e: _then(lambda: _edit(e.run / "config.yaml", SUPERVISED_BLOCK,
                                                                "name: mean-teacher"), ["resume", e.run]),
          ("config.yaml changed", "method.name: 'supervised' -> 'mean-teacher'")),
-    Case("resume-method-option-edited", lambda e: _then(lambda: _edit(e.run / "config.yaml", "loss: cross-entropy",
+    Case("resume-method-option-edited", lambda e: _then(lambda: _edit(e.run / "config.yaml", "loss: run",
                                                                       "loss: dice"), ["resume", e.run]),
-         ("config.yaml changed", "method.loss: 'cross-entropy' -> 'dice'")),
+         ("config.yaml changed", "method.loss: 'run' -> 'dice'")),
     Case("resume-lr-edited", lambda e: _then(lambda: _edit(e.run / "config.yaml", "lr: 0.001", "lr: 0.5"),
                                              ["resume", e.run]), ("train.lr: 0.001 -> 0.5",)),
     Case("evaluate-test-mask-changed",

@@ -21,7 +21,7 @@ def test_defaults_and_overrides(tmp_path):
     assert cfg.name == "x" and cfg.train.lr == 0.01 and cfg.train.steps == 50
     assert tuple(cfg.data.size) == (64, 64)
     assert cfg.method.name == "supervised"
-    assert cfg.model_dump()["method"] == {"name": "supervised", "loss": "cross-entropy"}
+    assert cfg.model_dump()["method"] == {"name": "supervised", "loss": "run"}
 
 
 def test_unknown_key_is_named(tmp_path):

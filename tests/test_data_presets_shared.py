@@ -70,6 +70,21 @@ def test_camvid() -> None:
     np.testing.assert_array_equal(decoded == 255, raw == 11)
 
 
+def test_camvid_complete_set_fixes_the_official_split() -> None:
+    from semiseg.data.splits import make_splits
+
+    src = load_source("camvid", root=data_dir("camvid-full"))
+    assert len(src.samples) == 701 and src.classes.num_classes == 11
+    test, val = src.fixed_splits["test"], src.fixed_splits["val"]
+    assert len(test) == 233 and len(val) == 101 and not set(test) & set(val)
+    assert Counter(s.split("_", 1)[0] for s in test) == {"0001TP": 62, "Seq05VD": 171}
+    assert {s.split("_", 1)[0] for s in val} == {"0016E5"}
+    splits = make_splits(src, seed=0, labeled=0.125, val=0.1, test=0.1, group_aware=False)
+    assert splits.test == sorted(test) and splits.val == sorted(val)  # the config's shares yield to the fixed lists
+    assert len(splits.labeled) == 46 and len(splits.labeled) + len(splits.unlabeled) == 367  # 1/8 of train
+    assert make_splits(src, seed=1, labeled=0.125, val=0.1, group_aware=False).labeled != splits.labeled
+
+
 def test_chase_db1() -> None:
     src = load_source("chase-db1", root=data_dir("chase_db1"))
     assert len(src.samples) == 28 and len({s.group for s in src.samples}) == 14

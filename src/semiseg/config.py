@@ -70,8 +70,14 @@ class AugmentConfig(_Strict):
     pad_label: int = Field(255, description="mask value of padding when the crop exceeds the image")
 
 
+LabeledLossName = Literal["cross-entropy", "dice", "cross-entropy+dice"]
+
+
 class TrainConfig(_Strict):
     steps: int = Field(2000, gt=0, description="optimizer steps of one training stage")
+    loss: LabeledLossName = Field("cross-entropy", description=(
+        "loss of every method's labeled term (teachers, students, warm-ups; dst-cbc: cross-entropy only): "
+        "cross-entropy (the papers), dice or cross-entropy+dice; in every stage key"))
     batch_size: int = Field(8, gt=0, description="labeled images per step and process")
     unlabeled_batch_size: int | None = Field(None, description="unlabeled images per step (default batch_size)")
     optimizer: Literal["sgd", "adam", "adamw"] = "adamw"

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from semiseg.config import LabeledLossName  # noqa: F401 - the names of LABELED_LOSSES, for method options
 from semiseg.data.classes import IGNORE_INDEX
 from semiseg.pseudo.policies import ConfidenceWeights, DropLowest
 
@@ -286,7 +287,6 @@ def cross_entropy_plus_dice(logits: Tensor, target: Tensor) -> Tensor:
     return cross_entropy(logits, target) + dice_loss(logits, target)
 
 
-LabeledLossName = Literal["cross-entropy", "dice", "cross-entropy+dice"]
 LABELED_LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
     "cross-entropy": cross_entropy, "dice": dice_loss, "cross-entropy+dice": cross_entropy_plus_dice}
 

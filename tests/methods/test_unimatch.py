@@ -138,12 +138,12 @@ def test_both_cutmix_streams_get_the_mix_images_and_their_unmixed_labels(tmp_pat
     for v, key in enumerate(["image_strong", "image_strong2"][:views]):
         box = HAND_BOXES[v]
         assert torch.equal(strong_in[v], torch.where(box[:, None], mix[key], unl[key]))
-        target, norm = seen[1 + v]  # seen[0] is the labeled CE
+        target, norm = seen[v]  # (the labeled term is the stage's labeled_loss, not this module's CE)
         assert torch.equal(target, torch.where(box, mix_label, label))
         assert torch.equal(norm, torch.where(box, mix["mask"] != 255, unl["mask"] != 255))
     if cls is UniMatchTask:  # the FP stream learns the weak labels, uncut
-        assert torch.equal(seen[3][0], label) and torch.equal(seen[3][1], unl["mask"] != 255)
-    assert len(seen) == 1 + views + (cls is UniMatchTask)
+        assert torch.equal(seen[2][0], label) and torch.equal(seen[2][1], unl["mask"] != 255)
+    assert len(seen) == views + (cls is UniMatchTask)
 
 
 def test_the_mix_stream_holds_the_same_images_differently_augmented_or_others(tmp_path):

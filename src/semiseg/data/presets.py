@@ -143,16 +143,24 @@ def camvid_test_frame(stem: str) -> bool:
 
 
 def camvid(root: Path, **options: object) -> DataSource:
-    """CamVid (SegNet version): ``images/*.png`` + ``masks/*.png`` index masks, 11 classes, 11 = void.
+    """CamVid (SegNet version): ``images/*`` + ``masks/*.png`` index masks, 11 classes, 11 = void.
 
-    Group = the sequence prefix (0001TP, 0006R0, 0016E5, ...): frames of one sequence are
-    near-duplicates, so a split that separates them leaks. ``fixed_splits["test"]`` = the official
-    val frames.
+    Group = the sequence prefix (0001TP, 0006R0, 0016E5, ...): frames of one sequence are near-duplicates, so a
+    split that separates them leaks. The complete set (701 frames with ``official-split/{train,val,test}.txt``)
+    fixes the official split: test = the 233 test frames, validation = the 101 val frames, and the 367 train
+    frames are the labeled + unlabeled pool. A folder without ``official-split/`` (the older 224-frame subset)
+    fixes only test, as the official val frames (protocol camvid v1).
     """
     _no_options("camvid", options)
     src = folder_source(root, classes=CAMVID, mask_format=IndexMask(CAMVID, void_values=(CAMVID_VOID, 255)),
                         name="camvid", group_of=lambda s: s.split("_", 1)[0])
-    src.fixed_splits["test"] = [s.stem for s in src.samples if camvid_test_frame(s.stem)]
+    official = Path(root) / "official-split"
+    if official.is_dir():
+        known = [s.stem for s in src.samples]
+        src.fixed_splits["test"] = read_stem_list(official / "test.txt", known)
+        src.fixed_splits["val"] = read_stem_list(official / "val.txt", known)
+    else:
+        src.fixed_splits["test"] = [s.stem for s in src.samples if camvid_test_frame(s.stem)]
     return src
 
 

@@ -44,6 +44,7 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
+from semiseg.config import RunConfig
 from semiseg.data.transforms import weak_transform
 from semiseg.engine.loader import EndlessLoader
 from semiseg.engine.task import Optimized, StepContext, TrainingTask
@@ -154,6 +155,13 @@ class DstCbc(Method[DstCbcOptions]):
     summary = "dynamic self-training with a class-balanced curriculum (20 -> 100 % pseudo labels, fine-tuned)"
     paper = ("Feng et al., Semi-Supervised Semantic Segmentation via Dynamic Self-Training and "
              "Class-Balanced Curriculum (arXiv 2004.08514); code voldemortX/DST-CBC, branch dst-cbc")
+
+    @classmethod
+    def check_config(cls, config: RunConfig, options: DstCbcOptions) -> None:
+        if config.train.loss != "cross-entropy":  # the paper's loss is one cross-entropy over [pseudo; labeled]
+            raise ConfigError(f"method dst-cbc: train.loss={config.train.loss} is not available: its labeled term is "
+                              "part of the dynamic cross-entropy over pseudo-labeled and labeled images (the paper's "
+                              "loss); use train.loss=cross-entropy")
 
     def plan(self, p: Pipeline) -> None:
         """M0 supervised; round r: the best model so far labels every unlabeled image with CBC at ratio r and

@@ -115,7 +115,9 @@ class FixMatchTask(TrainingTask):
                  seed: int, rank: int = 0, views: int = 1) -> None:
         self.opt, self.seed, self.rank, self.views = stage.options, seed, rank, views
         options = stage.options
-        self.warmup = SupervisedWarmup(share_of(options.sup_warmup, stage.steps), "model", scale=options.loss_scale)
+        self.labeled_loss = stage.labeled_loss
+        self.warmup = SupervisedWarmup(share_of(options.sup_warmup, stage.steps), "model", scale=options.loss_scale,
+                                       loss=stage.labeled_loss)
         self.warmup_steps = self.warmup.steps
         self.nets = {"model": model}
         self.loaders = loaders
@@ -161,7 +163,7 @@ class FixMatchTask(TrainingTask):
             # Step 3: labeled loss and the weak prediction that labels the strong views
             logits, logits_fp = self.forward_weak(torch.cat([lab["image"], unl["image"]]), rng)
             label, valid = self.pseudo(logits[n:].detach(), unl["mask"])
-            loss_x = cross_entropy(logits[:n], lab["mask"])
+            loss_x = self.labeled_loss(logits[:n], lab["mask"])
             # Step 4: the strong views learn the weak labels, and the mix images' labels inside their boxes
             preds = model(torch.cat(views)).chunk(self.views)
             strong = [cross_entropy(pred, paste_boxes(box, label, mix_label),

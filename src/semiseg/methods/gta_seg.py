@@ -40,7 +40,7 @@ from semiseg.data.transforms import cutmix_batch
 from semiseg.engine.hooks import ema
 from semiseg.engine.loader import EndlessLoader
 from semiseg.engine.task import Optimized, StepContext, TrainingTask
-from semiseg.losses import cross_entropy, pseudo_label_loss
+from semiseg.losses import pseudo_label_loss
 from semiseg.methods.online import (
     SupervisedWarmup,
     copy_weights,
@@ -138,7 +138,8 @@ class GTATask(TrainingTask):
         self.optimized = [Optimized("student"), Optimized("ta", schedule=options.ta_schedule)]
         self.epoch_steps = labeled.batches_per_epoch()
         self.sup_steps = sup_only_steps(options, steps, self.epoch_steps)
-        self.warmup = SupervisedWarmup(self.sup_steps, "student")
+        self.labeled_loss = stage.labeled_loss
+        self.warmup = SupervisedWarmup(self.sup_steps, "student", loss=stage.labeled_loss)
         self.generator = torch.Generator().manual_seed(seed)
         # the TA's pseudo labels: the least confident drop_percent dropped, the rest weighted by confidence
         self.selection = DropLowest(options.drop_percent)
@@ -201,7 +202,7 @@ class GTATask(TrainingTask):
         self._ema(self.ta_to_student, t)
         # Step 3: the student learns from labels only; EMA student -> teacher
         with ctx.autocast():
-            loss_l = cross_entropy(self.nets["student"](both)[:n], lab["mask"])
+            loss_l = self.labeled_loss(self.nets["student"](both)[:n], lab["mask"])
         ctx.optimize("student", loss_l)
         self._ema(self.student_to_teacher, t)
         return {"loss_labeled": loss_l.item(), "loss_ta": loss_u.item(), "ema_decay": self.ta_to_student.decay(t)}

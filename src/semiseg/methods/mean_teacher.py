@@ -91,8 +91,9 @@ class MeanTeacherTask(TrainingTask):
         self.loaders = {"labeled": labeled, "unlabeled": unlabeled}
         self.optimized = [Optimized("student")]
         self.eval_net_name = options.eval_net
+        self.labeled_loss = stage.labeled_loss
         self.warmup = SupervisedWarmup(share_of(options.sup_warmup, steps), "student",
-                                       rampup_steps=share_of(options.rampup, steps))
+                                       rampup_steps=share_of(options.rampup, steps), loss=stage.labeled_loss)
         self.warmup_steps, self.rampup_steps = self.warmup.steps, self.warmup.rampup_steps
         # Step 3: teacher := EMA of the student after every semi-supervised step
         self.ema = ema(student, self.nets["teacher"], momentum=options.ema_momentum,
@@ -131,7 +132,7 @@ class MeanTeacherTask(TrainingTask):
         n, weight = lab["image"].shape[0], self.unlabeled_weight(ctx.step)
         with ctx.autocast():
             logits = self.nets["student"](torch.cat([lab["image"], view]))
-            loss_l = cross_entropy(logits[:n], lab["mask"])
+            loss_l = self.labeled_loss(logits[:n], lab["mask"])
             loss_u = cross_entropy(logits[n:], pseudo)
             loss = loss_l + weight * loss_u
         ctx.optimize("student", loss)  # then the EMA hook (step 3)

@@ -73,11 +73,12 @@ class MomentumPLOptions(MethodOptions):
     unsup_weight: float = Field(0.3, ge=0, description="weight of the unlabeled loss (code: beta = 0.3)")
     loss: Literal["dice", "tversky"] = Field(
         "dice", description="code: smp DiceLoss (binary, batch-global); the paper says Tversky")
-    labeled_loss: LabeledLossName | Literal["same"] = Field("cross-entropy", description=(
+    labeled_loss: LabeledLossName | Literal["same", "run"] = Field("run", description=(
         "loss of the labeled images in both stages. same: the `loss` option, as the code (Dice) and the paper "
-        "(Tversky). Default cross-entropy, chosen on validation: the supervised controls of the polyp protocol "
-        "validate at Dice 0.715 with cross-entropy, 0.704 with cross-entropy+dice and 0.696 with Dice (mean of "
-        "split seeds 0-2, benchmarks/results/polyp-notes.md); the unlabeled term keeps `loss`"))
+        "(Tversky). run (default): the run's train.loss, cross-entropy unless set, chosen on validation: the "
+        "supervised controls of the polyp protocol validate at Dice 0.715 with cross-entropy, 0.704 with "
+        "cross-entropy+dice and 0.696 with Dice (mean of split seeds 0-2, benchmarks/results/polyp-notes.md); "
+        "the unlabeled term keeps `loss`"))
     teacher_view: Literal["clean", "student"] = Field("clean", description=(
         "what the teacher labels. clean: the paper (III-B2, the student noised, the teacher not): both share the "
         "augmentation's geometry and only the student's copy gets its photometric noise (augment=polyp: RGB "
@@ -121,10 +122,14 @@ def _teacher_train_mode(opt: MomentumPLOptions) -> bool:
     return opt.teacher_mode == "train" or (opt.teacher_mode == "auto" and opt.teacher_view == "student")
 
 
-def _losses(opt: Any) -> tuple[OverlapLoss, Callable[[Tensor, Tensor], Tensor]]:
-    """(the unlabeled overlap loss, the labeled loss): both chosen by name in :mod:`semiseg.losses`."""
+def _losses(stage: StageInputs) -> tuple[OverlapLoss, Callable[[Tensor, Tensor], Tensor]]:
+    """(the unlabeled overlap loss, the labeled loss): chosen by name in :mod:`semiseg.losses`; ``run``: the
+    run's ``train.loss``."""
+    opt = stage.options
     unlabeled = overlap_loss(opt.loss, alpha=opt.tversky_alpha, beta=opt.tversky_beta,
                              reduction=opt.loss_reduction)
+    if opt.labeled_loss == "run":
+        return unlabeled, stage.labeled_loss
     return unlabeled, (unlabeled if opt.labeled_loss == "same" else labeled_loss(opt.labeled_loss))
 
 
@@ -163,7 +168,7 @@ class TeacherTask(_MomentumMixin, TrainingTask):
         self.opt = options = stage.options
         steps = stage.steps
         self.nets = {"model": model, "momentum": _momentum_copy(model, fresh)}
-        _, self.labeled_loss = _losses(options)
+        _, self.labeled_loss = _losses(stage)
         self.loaders = {"labeled": labeled}
         self.optimized = [Optimized("model")]
         self.emas = [self._ema(model, self.nets["momentum"], options.teacher_momentum, steps,
@@ -188,7 +193,7 @@ class StudentTask(_MomentumMixin, TrainingTask):
                  unlabeled: EndlessLoader, stage: StageInputs, fresh: nn.Module | None = None) -> None:
         self.opt = options = stage.options
         steps = stage.steps
-        self.unlabeled_loss, self.labeled_loss = _losses(options)
+        self.unlabeled_loss, self.labeled_loss = _losses(stage)
         self.nets = {"student": student, "momentum": _momentum_copy(student, fresh),
                      "teacher": frozen_copy(teacher)}
         # the longer stream defines the epoch (Lightning's max_size_cycle in the code); the other one cycles

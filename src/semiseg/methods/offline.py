@@ -65,7 +65,7 @@ def train_student(p: Pipeline, name: str, rounds: Sequence[Round], *, steps: int
     def task(stage: StageInputs) -> SupervisedTask:
         model = new_model(run) if stage.init is None else stage.init.resolve().model(which=which)
         return SupervisedTask(model, student_loader(run, rounds, seed, strong=stage.options.strong_aug,
-                                                    oversample=oversample))
+                                                    oversample=oversample), loss=stage.labeled_loss)
 
     return p.train(name, task, options=("strong_aug",), steps=steps, init=init, inputs=[ref for ref, _ in rounds],
                    variant={"init_from": which, "oversample_labeled": oversample}, record=record)

@@ -15,7 +15,7 @@ algorithm box; the plumbing they have in common lives here:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,14 +158,15 @@ class SupervisedWarmup:
     net: str
     rampup_steps: int = 0
     scale: float = 1.0  # the method's factor on its whole loss (FixMatch code: 0.5)
+    loss: Callable[[Tensor, Tensor], Tensor] = cross_entropy  # the run's labeled loss (train.loss)
 
     def covers(self, step: int) -> bool:
         return step < self.steps
 
     def step(self, nets: dict[str, nn.Module], batch: dict[str, Any], ctx: StepContext) -> dict[str, float]:
-        """One optimizer step of ``net`` on the labeled ``batch`` (cross-entropy, 255 ignored)."""
+        """One optimizer step of ``net`` on the labeled ``batch`` (the labeled loss, 255 ignored)."""
         with ctx.autocast():
-            loss_x = cross_entropy(nets[self.net](batch["image"]), batch["mask"])
+            loss_x = self.loss(nets[self.net](batch["image"]), batch["mask"])
             loss = loss_x if self.scale == 1.0 else self.scale * loss_x
         ctx.optimize(self.net, loss)
         return {"loss": loss.item(), "loss_labeled": loss_x.item(), "unlabeled_weight": 0.0}

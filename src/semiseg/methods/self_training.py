@@ -165,8 +165,8 @@ class STPlusPlus(_SelfTrainingBase[STPlusPlusOptions]):
         o, run = self.options, self.run
         snaps = snapshot_steps(run.config.train.steps, o.checkpoints)[:-1]
 
-        def with_snapshots(model: nn.Module, loader: Any) -> SupervisedTask:
-            return snapshot_task(model, loader, p["supervised"].path, snaps, is_main=run.dist.is_main)
+        def with_snapshots(model: nn.Module, loader: Any, **kwargs: Any) -> SupervisedTask:
+            return snapshot_task(model, loader, p["supervised"].path, snaps, is_main=run.dist.is_main, **kwargs)
 
         sup = train_supervised(p, task=with_snapshots, variant={"snapshots": snaps})
         stability = add_stability(p, sup, o.checkpoints)

@@ -23,10 +23,10 @@ from semiseg.pipeline.training import new_model
 from semiseg.pseudo.policies import image_miou, split_reliable, stability_scores
 
 
-def snapshot_task(model: nn.Module, loader: Any, stage: Path, steps: list[int], *,
-                  is_main: bool = True) -> SupervisedTask:
-    """The supervised step, plus the model's weights saved after ``steps`` (the snapshots hook)."""
-    task = SupervisedTask(model, loader)
+def snapshot_task(model: nn.Module, loader: Any, stage: Path, steps: list[int], *, is_main: bool = True,
+                  **kwargs: Any) -> SupervisedTask:
+    """The supervised step (``kwargs``: its loss), plus the model's weights saved after ``steps`` (a hook)."""
+    task = SupervisedTask(model, loader, **kwargs)
     task.hooks = [Snapshots(lambda: task.nets["model"], steps, lambda step: snapshot_path(stage, step),
                             is_main=is_main)]
     return task

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 from torch import Tensor, nn
@@ -40,23 +39,24 @@ class SupervisedTask(TrainingTask):
 
 
 def train_supervised(pipeline: Pipeline, name: str = "supervised", *, split: str = "labeled",
-                     steps: int | None = None, task: Callable[[nn.Module, Any], TrainingTask] = SupervisedTask,
-                     options: Sequence[str] = (), variant: dict[str, Any] | None = None) -> StageRef:
+                     steps: int | None = None, task: Callable[..., TrainingTask] = SupervisedTask,
+                     loss: Loss | None = None, options: Sequence[str] = (),
+                     variant: dict[str, Any] | None = None) -> StageRef:
     """A supervised training stage on ``split``; every method's teacher, so benchmarks share it across methods
     (its key holds no method option).
 
     The oracle is "the same pipeline with every image labeled": it shares the supervised stage's seed
     (data order, augmentation) and, like every from-scratch network, the run's initialisation, so the two
     differ only in their labels. (With a seed of its own, one unlucky initialisation kept the polyp oracle
-    at the class prior for 400 steps.) ``task``, ``options`` and ``variant``: a variant of the step and what
-    it reads (ST++'s snapshots, a labeled loss other than cross-entropy).
+    at the class prior for 400 steps.) ``task(model, loader, loss=...)``, ``options`` and ``variant``: a variant
+    of the step and what it reads (ST++'s snapshots). ``loss``: other than the run's ``train.loss``.
     """
     run = pipeline.run
     seed = run.stage_seed("supervised")
 
     def make_task(stage: StageInputs) -> TrainingTask:
         loader = labeled_loader(run, seed) if split == "labeled" else _oracle_loader(run, seed)
-        return task(new_model(run), loader)
+        return task(new_model(run), loader, loss=loss or stage.labeled_loss)
 
     return pipeline.train(name, make_task, steps=steps, options=options,
                           variant={"split": split, **(variant or {})})
@@ -69,10 +69,11 @@ def _oracle_loader(run: RunContext, seed: int) -> Any:
 
 
 class SupervisedOptions(MethodOptions):
-    loss: LabeledLossName = Field("cross-entropy", description=(
-        "cross-entropy (every method's teacher), Dice (momentum-pl's loss, the polyp repo's smp DiceLoss: "
-        "batch-global, mean one-vs-rest over classes when there are more than two; the control that tells "
-        "momentum-pl's loss from its pseudo labels) or their sum"))
+    loss: LabeledLossName | Literal["run"] = Field("run", description=(
+        "run: the run's train.loss, as every method's teacher (cross-entropy by default); or this method's own: "
+        "cross-entropy, Dice (momentum-pl's loss, the polyp repo's smp DiceLoss: batch-global, mean one-vs-rest "
+        "over classes when there are more than two; the control that tells momentum-pl's loss from its pseudo "
+        "labels) or their sum"))
 
 
 @register
@@ -82,10 +83,10 @@ class Supervised(Method[SupervisedOptions]):
 
     def plan(self, pipeline: Pipeline) -> None:
         loss = self.options.loss
-        if loss == "cross-entropy":  # the stage every method's teacher shares: its key holds no loss
+        if loss == "run":  # the stage every method's teacher shares (its loss: train.loss, in its key)
             train_supervised(pipeline)
         else:
-            train_supervised(pipeline, task=partial(SupervisedTask, loss=labeled_loss(loss)), options=("loss",))
+            train_supervised(pipeline, loss=labeled_loss(loss), options=("loss",))
 
 
 @register

@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from torch import nn
+from torch import Tensor, nn
 
 from semiseg.atomic import atomic_write_text
 from semiseg.engine.checkpoint import load_checkpoint, seed_everything
 from semiseg.engine.task import TrainingTask
 from semiseg.layout import RunLayout, StageLayout
+from semiseg.losses import cross_entropy, labeled_loss
 from semiseg.models.factory import build_model
 from semiseg.options import Declared, MethodOptions, declared_names, key_of, option_slice, reading_only
 from semiseg.pipeline.context import RunContext
@@ -125,13 +126,15 @@ Source = StageRef | BestOf
 @dataclass(frozen=True)
 class StageInputs:
     """What a training stage's task is handed: the options it declared (``options``: a slice, or the method's
-    options object when it declared ``ALL``), its total optimizer steps, and its input stages."""
+    options object when it declared ``ALL``), its total optimizer steps, its input stages, and the loss of its
+    labeled term (the run's ``train.loss``, in every stage key through the training section)."""
 
     name: str
     options: Any  # OptionSlice | MethodOptions: typed as the method declares each option
     steps: int
     inputs: tuple[Source, ...] = ()
     init: Source | None = None
+    labeled_loss: Callable[[Tensor, Tensor], Tensor] = cross_entropy  # the run's train.loss
 
 
 def stage_key(run: RunContext, name: str, *, inputs: Sequence[Source] = (), options: dict[str, Any] | None = None,
@@ -202,7 +205,8 @@ class Pipeline:
         run = self.run
         steps = steps or run.config.train.steps
         sources = [*inputs, *([init] if init is not None else [])]
-        handed = StageInputs(name, option_slice(self.options, options, name), steps, tuple(inputs), init)
+        handed = StageInputs(name, option_slice(self.options, options, name), steps, tuple(inputs), init,
+                             labeled_loss=labeled_loss(run.config.train.loss))
 
         def work(path: Path) -> None:
             seed_everything(run.stage_seed(name))  # a fresh start does not depend on what ran before
