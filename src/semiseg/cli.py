@@ -9,52 +9,21 @@ from typing import Annotated
 
 import click
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from typer.core import TyperGroup
 
-from semiseg.errors import ConfigError, SemisegError
+from semiseg.cli_bench import bench_app, pilot
+from semiseg.cli_common import NoProgress, SetOption, console, log_line, out
+from semiseg.cli_common import display as _display
+from semiseg.cli_common import pair as _pair
+from semiseg.errors import SemisegError
 
 app = typer.Typer(help="Semi-supervised semantic segmentation with teacher-student pseudo labelling.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 data_app = typer.Typer(help="Look at data before training on it.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
-console = Console(stderr=True)
-out = Console()
-
-def log_line(message: str) -> None:
-    """Progress and warnings on stderr, one unwrapped line each (paths stay whole, ``[...]`` stays text)."""
-    console.print(message, markup=False, highlight=False, soft_wrap=True)
-
-
-def _display(no_progress: bool = False) -> None:
-    """Progress of this command's long phases: on stderr unless --no-progress (plain lines when not a terminal)."""
-    from semiseg.progress import configure
-
-    configure(enabled=not no_progress, console=console)
-
-
-SetOption = Annotated[list[str] | None, typer.Option("--set", help="override a config key: a.b=c (repeatable)")]
-NoProgress = Annotated[bool, typer.Option("--no-progress", help="no progress bar (also off when not a terminal)")]
-
-
-def _pair(value: str | None) -> tuple[int, int] | None:
-    if value is None:
-        return None
-    parts = value.lower().replace("x", ",").split(",")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise SemisegError(f"expected H,W (e.g. 256,256), got {value!r}")
-    return int(parts[0]), int(parts[1])
-
-
-def _whole_numbers(value: str, option: str) -> list[int]:
-    parts = [p.strip() for p in value.split(",")]
-    if not all(p.isdigit() for p in parts):
-        raise SemisegError(f"{option} {value!r}: expected comma-separated whole numbers (e.g. 0,1,2)")
-    return [int(p) for p in parts]
-
-
+app.add_typer(bench_app, name="bench")
+app.command("pilot")(pilot)
 def _print_results(results: dict, scored: str = "test") -> None:
     """The result table; ``scored`` labels the rows of ``results["test"]`` (what was evaluated)."""
     test = results.get("test") or {}
@@ -223,112 +192,6 @@ def data_inspect(spec: Annotated[str, typer.Argument(help="preset name or folder
     render_report(report, out)
     if not report.usable:
         raise typer.Exit(1)
-
-
-class _ProtocolShorthand(TyperGroup):
-    """``semiseg bench polyp`` is short for ``semiseg bench run polyp`` (the commands BENCHMARKS.md records)."""
-
-    def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple:
-        if args and args[0] not in self.commands and not args[0].startswith("-"):
-            args = ["run", *args]
-        return super().resolve_command(ctx, args)
-
-
-bench_app = typer.Typer(cls=_ProtocolShorthand, no_args_is_help=True, help=(
-    "Benchmarks: run a protocol's method matrix (`bench run polyp`, or `bench polyp`), rebuild BENCHMARKS.md "
-    "(`bench tables`), merge other checkouts' result files (`bench merge`), time the engine against a bare loop "
-    "(`bench throughput`)."))
-app.add_typer(bench_app, name="bench")
-ResultsOption = Annotated[Path, typer.Option(help="folder of the merged result JSONs")]
-MarkdownOption = Annotated[Path, typer.Option(help="generated tables")]
-
-
-@bench_app.command("run")
-def bench_run(protocol: Annotated[str, typer.Argument(help="a bundled protocol: polyp | camvid | demo")],
-              methods: Annotated[str | None, typer.Option(help="comma-separated methods (default: the matrix)")] = None,
-              seeds: Annotated[str | None, typer.Option(help="comma-separated split seeds")] = None,
-              out_dir: Annotated[Path, typer.Option(help="run directories of the bench")] = Path("bench-runs"),
-              results: ResultsOption = Path("benchmarks/results"), markdown: MarkdownOption = Path("BENCHMARKS.md"),
-              set_: SetOption = None,
-              workers: Annotated[int, typer.Option(min=1, help=(
-                  "bench processes of one torch thread each, side by side (CPU: one per core); they split the "
-                  "runs between them"))] = 1) -> None:
-    """Run a protocol's method matrix (resumable), merged into RESULTS/PROTOCOL.json, then BENCHMARKS.md."""
-    from semiseg.bench.matrix import run_bench
-    from semiseg.bench.tables import write_benchmarks_md
-
-    seed_list = _whole_numbers(seeds, "--seeds") if seeds else None  # before any worker or run starts
-    if workers > 1:
-        from semiseg.bench.workers import run_workers
-
-        args = [protocol, "--out-dir", str(out_dir), "--results", str(results), "--markdown", str(markdown),
-                *(["--methods", methods] if methods else []), *(["--seeds", seeds] if seeds else []),
-                *[x for s in set_ or [] for x in ("--set", s)]]
-        code = run_workers(args, workers, write=log_line)
-        if any(results.glob("*.json")):
-            write_benchmarks_md(results, markdown)  # once more, with every worker's runs
-            out.print(f"wrote {markdown}")
-        if code:
-            raise typer.Exit(code)
-        return
-    try:
-        run_bench(protocol, methods=methods.split(",") if methods else None,
-                  seeds=seed_list, out_dir=out_dir,
-                  results_path=results / f"{protocol}.json", overrides=set_ or [], log=log_line, console=console)
-    finally:  # runs that finished reach the tables even when others failed (the exit code says so)
-        if any(results.glob("*.json")):
-            write_benchmarks_md(results, markdown)
-            out.print(f"wrote {markdown}")
-
-
-@bench_app.command("tables")
-def bench_tables(results: ResultsOption = Path("benchmarks/results"),
-                 markdown: MarkdownOption = Path("BENCHMARKS.md")) -> None:
-    """Regenerate BENCHMARKS.md from the result JSONs (no training)."""
-    from semiseg.bench.tables import write_benchmarks_md
-
-    if not any(results.glob("*.json")):
-        raise ConfigError(f"{results}: no <protocol>.json result files to build tables from")
-    write_benchmarks_md(results, markdown)
-    out.print(f"wrote {markdown}")
-
-
-@bench_app.command("merge")
-def bench_merge(files: Annotated[list[Path], typer.Argument(help="result files <protocol>.json of another "
-                                                                 "checkout or machine")],
-                results: ResultsOption = Path("benchmarks/results"),
-                markdown: MarkdownOption = Path("BENCHMARKS.md")) -> None:
-    """Merge other benches' result files into RESULTS (the later run of a row wins), then BENCHMARKS.md."""
-    from semiseg.bench.tables import merge_result_files, write_benchmarks_md
-
-    for path in files:
-        if not path.is_file():
-            raise ConfigError(f"{path}: no such result file")
-        taken, added = merge_result_files(path, results / path.name)
-        out.print(f"{path}: {taken} rows taken, {added} bench sessions added -> {results / path.name}",
-                  soft_wrap=True)  # paths stay whole
-    write_benchmarks_md(results, markdown)
-    out.print(f"wrote {markdown}")
-
-
-@bench_app.command("throughput")
-def bench_throughput(steps: Annotated[int, typer.Option(help="timed steps")] = 30,
-                     size: Annotated[int, typer.Option(help="square input size")] = 128,
-                     batch: Annotated[int, typer.Option(min=1, help="images per step and per forward pass")] = 8,
-                     frames: Annotated[int, typer.Option(min=1, help="960x540 JPEG frames the inference reads")] = 32,
-                     threads: Annotated[int | None, typer.Option(help="torch threads")] = None,
-                     device: Annotated[str, typer.Option(help="cpu | cuda | cuda:N | auto")] = "cpu",
-                     json_out: Annotated[Path | None, typer.Option("--json", help="also write the figures here")] = None
-                     ) -> None:
-    """Training and inference speed of the engine against a bare PyTorch loop on the same model and batch."""
-    from semiseg.atomic import atomic_write_text
-    from semiseg.bench.throughput import run_throughput
-    from semiseg.engine.distributed import resolve_device
-
-    figures = run_throughput(steps=steps, batch=batch, size=size, threads=threads, out=out,
-                             device=resolve_device(device), frames=frames)
-    if json_out:
-        atomic_write_text(json_out, json.dumps(figures, indent=1) + "\n")
 
 
 @app.command("suggest-labels")

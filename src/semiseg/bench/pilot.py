@@ -1,0 +1,157 @@
+"""Which method should I run on my data? (``semiseg pilot [CONFIG] --set data.source=mydata``)
+
+Short pilots of a few candidate methods, each beside its compute-matched supervised control (supervised trained
+for as many steps as the candidate's delivered network: ``trained_steps``), on one or more split seeds, scored on
+**validation only**: every pilot run has ``eval.test=false``, so no test image is read. A pilot trains
+``share`` x ``train.steps`` per training stage (default a quarter), so a pilot of a candidate costs about that
+share of its full run. The ranking is by the mean validation gain over the control; a gain is called clear when it
+is positive on every seed and larger than twice its spread across seeds, otherwise within noise.
+
+The candidates are the bench's strongest rows (BENCHMARKS.md, polyp), with the options their rows use.
+"""
+
+from __future__ import annotations
+
+import shlex
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from semiseg.errors import ConfigError
+
+CANDIDATES: dict[str, dict[str, Any]] = {
+    "st++": {"retrain_scale": 2},
+    "unimatch": {},
+    "self-training": {"retrain_scale": 2},
+    "mean-teacher": {},
+    "stso": {"generations": 1, "generation_scale": 2},
+}
+DEFAULT_SHARE = 0.25
+
+
+@dataclass
+class PilotRow:
+    method: str
+    seed: int
+    val: float
+    control_val: float
+    trained_steps: int
+    seconds: float
+
+    @property
+    def gain(self) -> float:
+        return self.val - self.control_val
+
+
+@dataclass
+class Ranked:
+    method: str
+    gain: float
+    spread: float
+    positive_seeds: int
+    seeds: int
+    val: float
+    control_val: float
+    full_minutes: float
+
+    @property
+    def trust(self) -> str:
+        clear = self.positive_seeds == self.seeds and self.gain > 2 * self.spread
+        return "clear" if clear else "within noise"
+
+
+@dataclass
+class PilotResult:
+    ranking: list[Ranked]
+    rows: list[PilotRow]
+    command: str
+    share: float
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ranking": [{**r.__dict__, "trust": r.trust} for r in self.ranking],
+                "rows": [r.__dict__ for r in self.rows], "winner_command": self.command, "share": self.share,
+                "seconds": self.seconds, "test_read": False}
+
+
+def parse_methods(methods: str | None) -> list[tuple[str, dict[str, Any]]]:
+    """``None``: the candidates; else ``a,b,...`` of registered methods (a candidate keeps its bench options)."""
+    from semiseg.methods.registry import list_methods
+
+    if methods is None:
+        return [(m, dict(o)) for m, o in CANDIDATES.items()]
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    known = list_methods()
+    unknown = [m for m in names if m not in known]
+    if unknown or not names:
+        raise ConfigError(f"--methods {methods!r}: unknown method(s) {unknown or ['(none given)']}; known: "
+                          f"{', '.join(sorted(known))}")
+    if "supervised" in names:
+        raise ConfigError("--methods: supervised is every candidate's control, not a candidate")
+    return [(m, dict(CANDIDATES.get(m, {}))) for m in names]
+
+
+def _val(results: dict[str, Any]) -> float:
+    return float(results["val"][results["val_metric"]])
+
+
+def run_pilot(config: str | None, overrides: Sequence[str], *, methods: str | None = None,
+              seeds: Sequence[int] = (0, 1), share: float = DEFAULT_SHARE, out_dir: Path = Path("pilot-runs"),
+              log: Callable[[str], None] = print) -> PilotResult:
+    """Pilot every candidate and its control on ``seeds`` (resumable: finished pilot runs are read back)."""
+    from semiseg import api
+
+    if not 0 < share <= 1:
+        raise ConfigError(f"--share {share}: a share of train.steps in (0, 1]")
+    if not seeds:
+        raise ConfigError("--seeds: give at least one split seed")
+    candidates = parse_methods(methods)
+    base = api.load_config(config, list(overrides))  # a bad config fails before anything trains
+    steps = max(1, round(base.train.steps * share))
+    common = [*overrides, f"train.steps={steps}", "eval.test=false", "train.progress=false", f"out_dir={out_dir}"]
+    quiet = {"log": lambda *a, **k: None}
+    rows: list[PilotRow] = []
+    total, done, t0 = len(candidates) * len(seeds), 0, time.time()
+    for seed in seeds:
+        for method, options in candidates:
+            cfg = api.load_config(config, [*common, f"split.seed={seed}", f"name=pilot-s{seed}-{method}",
+                                           f"method.name={method}", *(f"method.{k}={v}" for k, v in options.items())])
+            res, _ = api.finish(cfg, **quiet)
+            trained = int(res.get("trained_steps") or steps)
+            ctrl_cfg = api.load_config(config, [*overrides, "eval.test=false", "train.progress=false",
+                                                f"out_dir={out_dir}", f"train.steps={trained}", f"split.seed={seed}",
+                                                f"name=pilot-s{seed}-supervised-{trained}", "method.name=supervised"])
+            ctrl, _ = api.finish(ctrl_cfg, **quiet)
+            rows.append(PilotRow(method, seed, _val(res), _val(ctrl), trained, float(res.get("stage_seconds", 0.0))))
+            done += 1
+            elapsed = time.time() - t0
+            eta = elapsed / done * (total - done)
+            log(f"pilot {done}/{total}: {method} split seed {seed}: validation {rows[-1].val:.3f} vs control "
+                f"{rows[-1].control_val:.3f} ({rows[-1].gain:+.3f}); elapsed {elapsed / 60:.1f} min, "
+                f"ETA {eta / 60:.1f} min")
+    ranking = rank(rows, share)
+    winner = ranking[0]
+    options = dict(candidates)[winner.method]
+    command = " ".join(["semiseg", "train", *([shlex.quote(config)] if config else []),
+                        *(f"--set {shlex.quote(api.portable_arg(o))}" for o in overrides),
+                        f"--set method.name={winner.method}",
+                        *(f"--set method.{k}={v}" for k, v in options.items())])
+    return PilotResult(ranking, rows, command, share, time.time() - t0)
+
+
+def rank(rows: Sequence[PilotRow], share: float) -> list[Ranked]:
+    """Candidates by mean validation gain over their controls (best first); the full run's time is the pilot's
+    stage time over ``share`` (steps scale linearly)."""
+    out = []
+    for method in dict.fromkeys(r.method for r in rows):
+        mine = [r for r in rows if r.method == method]
+        gains = [r.gain for r in mine]
+        out.append(Ranked(method, statistics.fmean(gains), statistics.pstdev(gains) if len(gains) > 1 else 0.0,
+                          sum(g > 0 for g in gains), len(gains), statistics.fmean(r.val for r in mine),
+                          statistics.fmean(r.control_val for r in mine),
+                          statistics.fmean(r.seconds for r in mine) / share / 60))
+    return sorted(out, key=lambda r: r.gain, reverse=True)

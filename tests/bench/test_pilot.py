@@ -1,0 +1,50 @@
+"""semiseg pilot: ranked validation gains over compute-matched controls, never a test image, the winner's command."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from semiseg.bench.pilot import PilotRow, rank
+from tests.safety_helpers import TINY, cli
+
+
+def test_ranking_by_hand():
+    rows = [PilotRow("a", 0, 0.70, 0.60, 10, 60.0), PilotRow("a", 1, 0.66, 0.60, 10, 60.0),
+            PilotRow("b", 0, 0.61, 0.60, 10, 30.0), PilotRow("b", 1, 0.58, 0.60, 10, 30.0)]
+    first, second = rank(rows, share=0.25)
+    assert (first.method, second.method) == ("a", "b")
+    assert first.gain == pytest.approx(0.08) and first.spread == pytest.approx(0.02)
+    assert first.trust == "clear" and first.positive_seeds == 2 and first.full_minutes == pytest.approx(4.0)
+    assert second.gain == pytest.approx(-0.005) and second.trust == "within noise" and second.positive_seeds == 1
+
+
+def test_pilot_ranks_candidates_on_validation_only_and_prints_the_winners_command(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SEMISEG_CACHE", str(tmp_path / "cache"))
+    sets = [x for s in [*TINY, "data.options.n=30"] for x in ("--set", s)]
+    res = cli(["pilot", *sets, "--methods", "mean-teacher,fixmatch", "--seeds", "0,1", "--share", "0.5",
+               "--out-dir", tmp_path / "pilot", "--json", tmp_path / "pilot.json"], capsys)
+    assert res.code == 0, res.err
+    doc = json.loads((tmp_path / "pilot.json").read_text())
+    assert [r["method"] for r in doc["ranking"]] == sorted(["mean-teacher", "fixmatch"],
+                                                             key=lambda m: -next(r["gain"] for r in doc["ranking"]
+                                                                                if r["method"] == m))
+    assert len(doc["rows"]) == 4 and doc["test_read"] is False
+    assert "pilot 4/4" in res.err and "ETA" in res.err  # progress with an ETA
+    assert "train " in res.out and ("--set method.name=" in res.out or "train supervised" in res.out)
+    results = [json.loads(p.read_text()) for p in (tmp_path / "pilot").glob("*/results.json")]
+    assert len(results) >= 4 and all(r["test"] is None for r in results)  # candidates and controls: no test read
+    steps = {r["name"]: r["trained_steps"] for r in results}
+    assert steps["pilot-s0-mean-teacher"] == 3  # half of TINY's 6 steps
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--methods", "magic"], "unknown method(s) ['magic']"),
+    (["--methods", "supervised"], "supervised is every candidate's control"),
+    (["--share", "0"], "--share 0.0"),
+    (["--seeds", "a"], "--seeds 'a'"),
+])
+def test_bad_pilot_requests_are_one_line_errors(capsys, args, message):
+    res = cli(["pilot", *args], capsys)
+    assert res.code != 0 and message in res.err and "Traceback" not in res.err
