@@ -323,7 +323,7 @@ def test_trained_steps_reach_the_bench_entry():
         {"loss": "dice"}
 
 
-@pytest.mark.parametrize("protocol,labeled,unlabeled", [("polyp", 65, 1180), ("camvid", 14, 97)])
+@pytest.mark.parametrize("protocol,labeled,unlabeled", [("polyp", 65, 1180), ("camvid", 46, 321)])
 def test_every_bench_method_has_its_compute_matched_control(protocol, labeled, unlabeled, tmp_path):
     """A method whose delivered net trains longer than `supervised` needs a supervised row of as many steps
     (split sizes about the protocol's: ST/ST++'s default epoch rule depends on them)."""

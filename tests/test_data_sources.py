@@ -224,6 +224,25 @@ def test_camvid_on_fake_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     np.testing.assert_array_equal(src.decode_mask(src.samples[0].mask), [[0, 255], [10, 3]])  # type: ignore
 
 
+def test_camvid_official_split_on_fake_layout(tmp_path: Path) -> None:
+    root = tmp_path / "camvid-full"
+    stems = ("0001TP_006690", "0016E5_07959", "0001TP_008550", "Seq05VD_f00000")
+    for stem in stems:
+        put_image(root / "images" / f"{stem}.jpg")
+        put_mask(root / "masks" / f"{stem}.png", np.array([[0, 11], [10, 3]]))
+    with pytest.raises(DataError, match="split=official needs the complete CamVid"):
+        load_source("camvid", root=root, split="official")  # no official-split/ yet: the subset's layout
+    (root / "official-split").mkdir()
+    (root / "official-split" / "train.txt").write_text("0001TP_006690\n")
+    (root / "official-split" / "val.txt").write_text("0016E5_07959\n")
+    (root / "official-split" / "test.txt").write_text("0001TP_008550\nSeq05VD_f00000\n")
+    src = load_source("camvid", root=root, split="official")
+    assert src.fixed_splits == {"test": ["0001TP_008550", "Seq05VD_f00000"], "val": ["0016E5_07959"]}
+    assert load_source("camvid", root=root).fixed_splits == src.fixed_splits  # auto: the official split, found
+    with pytest.raises(DataError, match="takes auto or official"):
+        load_source("camvid", root=root, split="mine")
+
+
 def test_cvc_and_polyp_on_fake_layout(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "cvc-clinicdb" / "masks").mkdir(parents=True)
     (tmp_path / "kvasir-seg" / "masks").mkdir(parents=True)

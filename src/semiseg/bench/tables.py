@@ -312,12 +312,16 @@ def matrix_wall_clock(sessions: list[dict], methods_by_seed: dict[int, set[str]]
 PROTOCOL_NOTES = {
     "polyp": "test Dice = per-image Dice of the polyp class, mean of the Kvasir-SEG and CVC-ClinicDB test-set "
              "means (original resolution); test split fixed (semiseg/splits/polyp/test.txt).",
-    "camvid": "test mIoU over 11 classes, void ignored, on the 101 official val frames (original resolution).",
+    "camvid": "test mIoU over 11 classes, void ignored, on the 233 official test frames of the complete CamVid "
+              "(original resolution); validation = the 101 official val frames; 46 of the 367 train frames labeled.",
+    "camvid-subset-v1": "test mIoU over 11 classes, void ignored, on the 101 official val frames of the 224-frame "
+                        "subset (original resolution); 14 labeled frames. Superseded by the complete-CamVid protocol "
+                        "`camvid` (issue 29).",
 }
 # result files of superseded protocols: reported beside the current ones (after them), never instead
-SUPERSEDED = ("polyp-before-issue25", "polyp-scratch-v1", "camvid-scratch-v1")
+SUPERSEDED = ("polyp-before-issue25", "polyp-scratch-v1", "camvid-subset-v1", "camvid-scratch-v1")
 PROTOCOL_NOTES["polyp-scratch-v1"] = PROTOCOL_NOTES["polyp"] + " Superseded protocol (from scratch), see below."
-PROTOCOL_NOTES["camvid-scratch-v1"] = PROTOCOL_NOTES["camvid"] + " Superseded protocol (from scratch), see below."
+PROTOCOL_NOTES["camvid-scratch-v1"] = PROTOCOL_NOTES["camvid-subset-v1"] + " From scratch (no pretrained encoder)."
 PROTOCOL_NOTES["polyp-before-issue25"] = PROTOCOL_NOTES["polyp"] + (
     " The polyp table as it stood at commit 1746466, before issue 25 changed gta-seg, momentum-pl, the ATSO family "
     "and dst-cbc (paper-faithful defaults, strong views, longer students); their current rows are above.")

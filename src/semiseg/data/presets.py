@@ -149,12 +149,19 @@ def camvid(root: Path, **options: object) -> DataSource:
     split that separates them leaks. The complete set (701 frames with ``official-split/{train,val,test}.txt``)
     fixes the official split: test = the 233 test frames, validation = the 101 val frames, and the 367 train
     frames are the labeled + unlabeled pool. A folder without ``official-split/`` (the older 224-frame subset)
-    fixes only test, as the official val frames (protocol camvid v1).
+    fixes only test, as the official val frames (protocol camvid-subset-v1). Option ``split``: ``auto`` (that
+    rule) or ``official`` (the complete set required: the camvid protocol).
     """
+    split = options.pop("split", "auto")
     _no_options("camvid", options)
+    if split not in ("auto", "official"):
+        raise DataError(f"data.options.split={split!r}: preset 'camvid' takes auto or official")
     src = folder_source(root, classes=CAMVID, mask_format=IndexMask(CAMVID, void_values=(CAMVID_VOID, 255)),
                         name="camvid", group_of=lambda s: s.split("_", 1)[0])
     official = Path(root) / "official-split"
+    if split == "official" and not official.is_dir():
+        raise DataError(f"{official}: not found; data.options.split=official needs the complete CamVid with its "
+                        "official split (701 frames, e.g. camvid-full/), not the 224-frame subset")
     if official.is_dir():
         known = [s.stem for s in src.samples]
         src.fixed_splits["test"] = read_stem_list(official / "test.txt", known)
