@@ -1,16 +1,16 @@
-"""Training behaviours the loop runs after a method's step or epoch, each built once and chosen by name.
+"""Training behaviours the loop runs after a method's step or epoch, each built once.
 
 A task lists its hooks (``TrainingTask.hooks``); the trainer calls ``after_step(step, batches)`` right after
 ``train_step`` (what it returns is logged with the step's losses) and ``on_epoch_end(epoch)`` after the
 task's own. A method changes a behaviour by choosing another hook, or other arguments, never by rewriting it
 (the anchors: USB's ``core/hooks/ema.py``, mmengine's ``EMAHook``).
 
-- ``ema``: a teacher or momentum network as the moving average of a source network, per step or per epoch,
+- ``EMAHook``: a teacher or momentum network as the moving average of a source network, per step or per epoch,
   from a start step on, with warm-up decay, a momentum capped to a horizon of the stage, a scope
   (encoder / all but the classifier) and optionally BN statistics;
-- ``bn-refresh``: a no-grad train-mode forward of a network on a batch, so that its BN running statistics
+- ``BNRefresh``: a no-grad train-mode forward of a network on a batch, so that its BN running statistics
   follow its averaged weights (the released codes' way);
-- ``snapshots``: the weights of a network saved after given steps (ST++'s stability snapshots).
+- ``Snapshots``: the weights of a network saved after given steps (ST++'s stability snapshots).
 
 An EMA that is part of the algorithm inside a step (GTA-Seg's TA -> student between two optimizer steps)
 uses the same construction, :func:`ema`, and calls its ``update`` where the algorithm says.
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
 from torch import nn
 
@@ -30,9 +30,7 @@ from semiseg.models.factory import unwrap
 
 
 class Hook:
-    """A behaviour around the steps of a training stage. Subclasses set ``name`` and override what they need."""
-
-    name: ClassVar[str]
+    """A behaviour around the steps of a training stage. Subclasses override what they need."""
 
     def after_step(self, step: int, batches: dict[str, Any]) -> dict[str, float]:
         """After the step ``step`` (0-based) on ``batches``; returns values to log with the step's losses."""
@@ -40,25 +38,6 @@ class Hook:
 
     def on_epoch_end(self, epoch: int) -> None:
         """After the first loader finished epoch ``epoch``."""
-
-
-HOOKS: dict[str, type[Hook]] = {}
-
-
-def register_hook(cls: type[Hook]) -> type[Hook]:
-    if cls.name in HOOKS and HOOKS[cls.name] is not cls:
-        raise ValueError(f"hook {cls.name!r} registered twice")
-    HOOKS[cls.name] = cls
-    return cls
-
-
-def build_hook(name: str, **kwargs: Any) -> Hook:
-    """The hook registered as ``name``, built with ``kwargs``."""
-    try:
-        cls = HOOKS[name]
-    except KeyError:
-        raise KeyError(f"unknown hook {name!r}; known: {', '.join(sorted(HOOKS))}") from None
-    return cls(**kwargs)
 
 
 def ema(source: nn.Module, target: nn.Module, *, momentum: float, updates: int, horizon: float | None = None,
@@ -69,12 +48,9 @@ def ema(source: nn.Module, target: nn.Module, *, momentum: float, updates: int, 
                buffers=buffers)
 
 
-@register_hook
 class EMAHook(Hook):
     """``target := d·target + (1 − d)·source`` after every step (``every="step"``, from step ``start`` on, the
     update count counted from there) or every epoch; ``log`` names the decay in the step's log."""
-
-    name = "ema"
 
     def __init__(self, average: EMA, *, every: Literal["step", "epoch"] = "step", start: int = 0,
                  log: str | None = None) -> None:
@@ -91,11 +67,8 @@ class EMAHook(Hook):
             self.average.update()
 
 
-@register_hook
 class BNRefresh(Hook):
     """A no-grad train-mode forward of ``net`` on the images of batch ``batch`` after every step."""
-
-    name = "bn-refresh"
 
     def __init__(self, net: nn.Module, batch: str = "labeled") -> None:
         self.net, self.batch = net, batch
@@ -105,12 +78,9 @@ class BNRefresh(Hook):
         return {}
 
 
-@register_hook
 class Snapshots(Hook):
     """``net``'s weights saved to ``path(step)`` after steps ``steps`` (1-based counts). Written before the
     loop's resume checkpoint, so a resumed run replays the same steps and rewrites identical snapshots."""
-
-    name = "snapshots"
 
     def __init__(self, net: Callable[[], nn.Module], steps: list[int], path: Callable[[int], Path], *,
                  is_main: bool = True) -> None:
