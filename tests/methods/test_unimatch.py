@@ -18,7 +18,7 @@ from semiseg.methods.fixmatch import FixMatchOptions, FixMatchTask, weak_strong_
 from semiseg.methods.online import _channel_dropout, feature_perturbation, hard_pseudo_labels
 from semiseg.methods.unimatch import UniMatchOptions, UniMatchTask
 from semiseg.pipeline.plan import StageInputs
-from semiseg.pseudo.policies import ClassBalanced, FixedThreshold
+from semiseg.pseudo.policies import ClassBalanced, ClassRelativeThreshold, FixedThreshold
 from tests.methods.test_online_methods import (
     DETERMINISTIC,
     KILLED,
@@ -71,6 +71,24 @@ def test_threshold_policy_selects_on_tensors_like_on_arrays():
                                                                                                     [255, 255]]
     with pytest.raises(TypeError, match="whole set"):
         ClassBalanced(0.5).on_tensor(probs)
+
+
+def test_class_relative_threshold_scales_each_class_by_its_mean_probability():
+    # 4 pixels, 2 classes; class means 0.7075 and 0.2925, so class 1's threshold is 0.95 · 0.2925 / 0.7075 = 0.3928
+    probs = torch.tensor([[0.97, 0.96, 0.6, 0.3], [0.03, 0.04, 0.4, 0.7]]).reshape(1, 2, 2, 2)
+    policy = ClassRelativeThreshold(0.95)
+    assert policy.class_thresholds(probs).tolist() == pytest.approx([0.95, 0.95 * 0.2925 / 0.7075], abs=1e-6)
+    label, conf = policy.on_tensor(probs)
+    # background at 0.6 misses 0.95; foreground at 0.7 passes its 0.39, where one threshold for all would drop it
+    assert label[0].tolist() == [[0, 0], [255, 1]]
+    assert FixedThreshold(0.95).on_tensor(probs)[0][0].tolist() == [[0, 0], [255, 255]]
+    assert policy(probs.numpy())[0].tolist() == label.tolist()  # the offline (numpy) path agrees
+
+
+def test_fixmatch_threshold_rule_picks_the_policy(tmp_path):
+    task, _ = task_for(tmp_path, FixMatchOptions(threshold_rule="class_relative"))
+    assert type(task.policy) is ClassRelativeThreshold and task.policy.threshold == 0.95
+    assert type(task_for(tmp_path / "b", FixMatchOptions())[0].policy) is FixedThreshold
 
 
 # -------------------------------------------------------------------------------------------- CutMix

@@ -8,6 +8,7 @@ from semiseg.methods import (
     mean_teacher,  # noqa: F401
     momentum_pl,  # noqa: F401
     self_training,  # noqa: F401
+    st_match,  # noqa: F401
     supervised,  # noqa: F401
     unimatch,  # noqa: F401
 )

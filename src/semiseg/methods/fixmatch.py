@@ -3,8 +3,9 @@ form the UniMatch authors reproduced it (released code ``LiheYoung/UniMatch``, `
 
 Algorithm (one network, no teacher; every step draws a labeled batch x, an unlabeled batch u and a mix batch m):
 
-1. the network, in eval mode and without gradients, labels the WEAK view of m: argmax, kept where the shared
-   threshold policy keeps it (max probability >= ``conf_threshold``), 255 where m's weak crop padded;
+1. the network, in eval mode and without gradients, labels the WEAK view of m: argmax, kept where the
+   threshold policy keeps it (max probability >= ``conf_threshold``, or its class-relative form chosen by
+   ``threshold_rule``), 255 where m's weak crop padded;
 2. u's STRONG view (colour jitter p 0.8, greyscale p 0.2, Gaussian blur p 0.5; no cutout) gets, with probability
    ``cutmix_p`` per image, one CutMix box (area U(``cutmix_area``)·HW, aspect U(``cutmix_ratio``)) filled with m's
    strong view;
@@ -51,13 +52,17 @@ from semiseg.options import ALL
 from semiseg.pipeline.context import RunContext
 from semiseg.pipeline.plan import Pipeline, StageInputs
 from semiseg.pipeline.training import new_model
-from semiseg.pseudo.policies import FixedThreshold
+from semiseg.pseudo.policies import ONLINE_THRESHOLDS
 
 
 class FixMatchOptions(MethodOptions):
     conf_threshold: float = Field(0.95, ge=0, le=1, description=(
         "weak-view pseudo labels are kept where the max probability is >= this (UniMatch configs/pascal.yaml "
         "conf_thresh: 0.95, FixMatch paper tau = 0.95; the released cityscapes.yaml later set 0)"))
+    threshold_rule: Literal["threshold", "class_relative"] = Field("threshold", description=(
+        "how conf_threshold selects: threshold = one value for every class (the released code); class_relative "
+        "= per class, scaled by the class's mean probability in the batch (FreeMatch's self-adaptive local "
+        "threshold, ICLR 2023; ours, against the collapse to confident background on polyp)"))
     strong_weight: float = Field(1.0, ge=0, description=(
         "weight of the strong view's loss (UniMatch fixmatch.py: loss_x + loss_u_s; FixMatch paper lambda_u = 1)"))
     loss_scale: float = Field(0.5, gt=0, description=(
@@ -123,7 +128,7 @@ class FixMatchTask(TrainingTask):
         self.loaders = loaders
         self.optimized = [Optimized("model")]
         self.eval_net_name = "model"
-        self.policy = FixedThreshold(options.conf_threshold)
+        self.policy = ONLINE_THRESHOLDS[options.threshold_rule](options.conf_threshold)
 
     def step_rng(self, step: int) -> np.random.Generator:
         """The step's random draws (boxes, dropout masks): a pure function of (seed, rank, step)."""

@@ -162,6 +162,10 @@ class STPlusPlus(_SelfTrainingBase[STPlusPlusOptions]):
                               f"steps), got {config.train.steps}")
 
     def plan(self, p: Pipeline) -> None:
+        self.diagnose(p, self.staged(p)[2])
+
+    def staged(self, p: Pipeline) -> tuple[StageRef, list[Round], StageRef]:
+        """ST++'s stages: the last student, the pseudo-label rounds it learned from, the stability stage."""
         o, run = self.options, self.run
         snaps = snapshot_steps(run.config.train.steps, o.checkpoints)[:-1]
 
@@ -184,13 +188,14 @@ class STPlusPlus(_SelfTrainingBase[STPlusPlusOptions]):
         labels2 = self.label(p, "label-unreliable", teacher=student1, stems=unreliable, inputs=[stability])
         teacher = self.retrain(p, "retrain-all", rounds=[(labels1, reliable), (labels2, unreliable)],
                                teacher=student1, n_pseudo=n_all)
+        rounds: list[Round] = [(labels1, reliable), (labels2, unreliable)]
         previous, stems = [labels1, labels2], list(run.splits.unlabeled)
         for r in range(1, o.extra_rounds + 1):
             labels = self.label(p, f"label-extra-{r}", teacher=teacher, stems=stems, previous=previous)
-            teacher = self.retrain(p, f"retrain-extra-{r}", rounds=[(labels, stems)], teacher=teacher,
-                                   n_pseudo=n_all)
+            rounds = [(labels, stems)]
+            teacher = self.retrain(p, f"retrain-extra-{r}", rounds=rounds, teacher=teacher, n_pseudo=n_all)
             previous = [labels]
-        self.diagnose(p, stability)
+        return teacher, rounds, stability
 
     def retrain_sizes(self) -> list[int]:
         """Reliable half (``len // 2``, as :func:`split_reliable`), then all, then every extra round: all."""

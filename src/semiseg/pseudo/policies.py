@@ -100,14 +100,41 @@ class FixedThreshold(Policy):
     def params(self) -> dict[str, Any]:
         return {"threshold": self.threshold}
 
-    def keep(self, conf: Any) -> Any:
-        """The selected pixels, ``conf >= threshold`` (numpy or torch alike)."""
-        return conf >= self.threshold
-
     def select(self, label: Any, conf: Any, probs: Any) -> Any:
         if isinstance(label, torch.Tensor):  # online: long labels on the probabilities' device
-            return label.masked_fill(~self.keep(conf), IGNORE_INDEX)
-        return np.where(self.keep(conf), label, IGNORE_INDEX).astype(np.uint8)
+            return label.masked_fill(conf < self.threshold, IGNORE_INDEX)
+        return np.where(conf >= self.threshold, label, IGNORE_INDEX).astype(np.uint8)
+
+
+class ClassRelativeThreshold(FixedThreshold):
+    """Class-wise thresholds scaled by how much of the batch each class holds: a pixel predicted as c is kept
+    where its max probability is ``>= threshold · p̄_c / max_k p̄_k``, ``p̄_c`` the mean probability of class c
+    over the call's pixels.
+
+    FreeMatch's self-adaptive local threshold (Wang et al., ICLR 2023, Eq. 6-8: "MaxNorm" of the classes' mean
+    probabilities) with a fixed global ``threshold``, taken over each call's batch instead of an EMA, so it holds
+    no state and a resumed run selects what an unbroken one did. The majority class keeps ``threshold``; a class
+    that fills a tenth of the pixels needs a tenth of it, so a rare class is not thresholded away while the
+    network learns it (FixMatch's collapse to confident background on polyp).
+    """
+
+    name = "class_relative"
+
+    def class_thresholds(self, probs: Any) -> Any:
+        """``threshold · p̄_c / max p̄``, one per class (numpy or torch alike)."""
+        axes = tuple(d for d in range(probs.ndim) if d != probs.ndim - 3)
+        mean = probs.float().mean(dim=axes) if isinstance(probs, torch.Tensor) else probs.mean(axis=axes)
+        return self.threshold * mean / mean.max().clip(min=1e-12)
+
+    def select(self, label: Any, conf: Any, probs: Any) -> Any:
+        per_pixel = self.class_thresholds(probs)[label.long() if isinstance(label, torch.Tensor) else label]
+        if isinstance(label, torch.Tensor):
+            return label.masked_fill(conf < per_pixel, IGNORE_INDEX)
+        return np.where(conf >= per_pixel, label, IGNORE_INDEX).astype(np.uint8)
+
+
+ONLINE_THRESHOLDS: dict[str, type[FixedThreshold]] = {
+    FixedThreshold.name: FixedThreshold, ClassRelativeThreshold.name: ClassRelativeThreshold}
 
 
 def percentile_linear(values: torch.Tensor, percent: float) -> torch.Tensor:
