@@ -48,3 +48,23 @@ def test_pilot_ranks_candidates_on_validation_only_and_prints_the_winners_comman
 def test_bad_pilot_requests_are_one_line_errors(capsys, args, message):
     res = cli(["pilot", *args], capsys)
     assert res.code != 0 and message in res.err and "Traceback" not in res.err
+
+
+def test_pilot_vs_bench_compares_the_pick_with_the_bench_best_of_that_seed(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "pilot_vs_bench.py"
+    spec = importlib.util.spec_from_file_location("pilot_vs_bench", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    entries = [{"method": m, "split_seed": s, "test": t} for m, s, t in [
+        ("supervised", 0, 0.70), ("st++", 0, 0.79), ("unimatch", 0, 0.785), ("oracle", 0, 0.85),
+        ("supervised", 1, 0.71), ("st++", 1, 0.74), ("unimatch", 1, 0.78)]]
+    (tmp_path / "p.json").write_text(json.dumps({"entries": entries}))
+    close = script.compare("p", 0, "unimatch", ["st++", "unimatch"], tmp_path)
+    # the oracle is no candidate: the best is st++, half a point ahead of the pick
+    assert close["bench_best"] == "st++" and close["behind_best"] == pytest.approx(0.005)
+    far = script.compare("p", 1, "st++", ["st++", "unimatch", "mean-teacher"], tmp_path)
+    assert far["behind_best"] == pytest.approx(0.04) and far["bench_rows_missing"] == ["mean-teacher"]
+    assert "Within 1 point of the bench's best: 1 of 2 seeds" in script.table([close, far])
