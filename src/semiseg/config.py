@@ -76,7 +76,7 @@ LabeledLossName = Literal["cross-entropy", "dice", "cross-entropy+dice"]
 class TrainConfig(_Strict):
     steps: int = Field(2000, gt=0, description="optimizer steps of one training stage")
     loss: LabeledLossName = Field("cross-entropy", description=(
-        "loss of every method's labeled term (teachers, students, warm-ups; dst-cbc: cross-entropy only): "
+        "loss of every method's labeled term (teachers, students, warm-ups; dst-cbc rounds: of the labeled half): "
         "cross-entropy (the papers), dice or cross-entropy+dice; in every stage key"))
     batch_size: int = Field(8, gt=0, description="labeled images per step and process")
     unlabeled_batch_size: int | None = Field(None, description="unlabeled images per step (default batch_size)")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -52,11 +55,8 @@ def test_the_labeled_term_of_every_step_is_the_runs_loss(tmp_path, which):
     assert torch.equal(spy.targets[0], first)
 
 
-def test_the_loss_is_in_every_stage_key_and_dst_cbc_refuses_another():
-    from semiseg.api import config_from_dict
-    from semiseg.errors import ConfigError
-
-    for name in ("supervised", "st++", "mean-teacher", "momentum-pl", "fixmatch"):
+def test_the_loss_is_in_every_stage_key():
+    for name in ("supervised", "st++", "mean-teacher", "momentum-pl", "fixmatch", "dst-cbc"):
         ce, dice = method_for(name), method_for(name)
         dice.run.config.train.loss = "dice"
         dice._pipeline = None  # plan again with the other loss
@@ -64,5 +64,35 @@ def test_the_loss_is_in_every_stage_key_and_dst_cbc_refuses_another():
             [r.key_hash for r in dice.pipeline.refs.values() if r.key_hash], name
         teacher = next(iter(ce.pipeline.refs.values()))
         assert teacher.key_hash != next(iter(dice.pipeline.refs.values())).key_hash, name  # no CE teacher reused
-    with pytest.raises(ConfigError, match="dst-cbc: train.loss=dice is not available"):
-        config_from_dict({"method": {"name": "dst-cbc"}, "train": {"loss": "dice"}})
+
+
+def test_dst_cbc_round_with_another_loss_gives_the_labeled_half_that_loss():
+    """Under a Dice protocol a round's loss is the dynamic CE of the pseudo half plus the run's loss of the
+    labeled half; under cross-entropy it stays the paper's one dynamic CE over both halves."""
+    from semiseg.losses import dice_loss, dynamic_cross_entropy
+    from semiseg.methods.dst_cbc import DstCbcTask
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 2, 3, 3)
+    target = torch.randint(0, 2, (4, 3, 3))
+    target[0, 0, 0] = 255
+
+    class Net(torch.nn.Module):
+        def forward(self, x):  # noqa: ANN001, ANN202
+            return logits
+
+    seen = {}
+
+    def step(labeled_loss):  # noqa: ANN001, ANN202
+        task = DstCbcTask(Net(), None, None, gamma=2.0, labeled_loss=labeled_loss)
+        batches = {"pseudo": {"image": torch.zeros(2, 3, 3, 3), "mask": target[:2]},
+                   "labeled": {"image": torch.zeros(2, 3, 3, 3), "mask": target[2:]}}
+        ctx = SimpleNamespace(autocast=contextlib.nullcontext,
+                              optimize=lambda name, loss: seen.__setitem__("loss", loss))
+        task.train_step(batches, ctx)
+        return seen["loss"]
+
+    dice = lambda lg, t: dice_loss(lg, t)  # noqa: E731
+    expected = dynamic_cross_entropy(logits[:2], target[:2], gamma=2.0, pseudo_count=2) + dice(logits[2:], target[2:])
+    assert step(dice) == pytest.approx(expected.item())
+    assert step(None) == pytest.approx(dynamic_cross_entropy(logits, target, gamma=2.0, pseudo_count=2).item())

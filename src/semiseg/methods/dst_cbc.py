@@ -9,7 +9,9 @@ and a restarted poly schedule (a new Trainer per round = the released optimizer 
 ``[pseudo; labeled]`` with the dynamic loss (pseudo pixels weighted by the student's own detached
 probability of the pseudo class ** gamma); the pseudo-labeled images enter as ST++'s strong view
 (``strong_aug``, our addition) at ``round_lr_scale`` x the run's rate. The pseudo loader defines the epoch;
-the labeled loader restarts when exhausted. The delivered model is the best so far after the last round.
+the labeled loader restarts when exhausted. Under a ``train.loss`` other than cross-entropy (ours, so that a Dice
+protocol can run it) the dynamic CE covers the pseudo half and the labeled half gets the run's loss. The delivered
+model is the best so far after the last round.
 Optimizer, lr and its schedule are the run's ``train`` section (released: SGD momentum 0.9, lr 0.002 = the
 supervised lr, weight decay 5e-4, one lr for backbone and head, poly per round); labelling is one eval-mode forward
 at the working size, no TTA (released: a fixed resize to the crop size); each image's pixels are
@@ -42,9 +44,8 @@ import cv2
 import numpy as np
 import torch
 from pydantic import Field, field_validator
-from torch import nn
+from torch import Tensor, nn
 
-from semiseg.config import RunConfig
 from semiseg.data.transforms import weak_transform
 from semiseg.engine.loader import EndlessLoader
 from semiseg.engine.task import Optimized, StepContext, TrainingTask
@@ -128,23 +129,32 @@ class LegacyRandomResize:
 
 
 class DstCbcTask(TrainingTask):
-    """One self-training round: dynamic CE on ``[pseudo; labeled]`` batches (pseudo loader first)."""
+    """One self-training round: dynamic CE on ``[pseudo; labeled]`` batches (pseudo loader first).
+
+    ``labeled_loss`` (the run's ``train.loss`` when it is not cross-entropy; ours): the dynamic CE covers the
+    pseudo half only and the labeled half gets that loss, so a Dice protocol's rounds learn their labeled images
+    as its controls do. None: the paper's one dynamic CE over both halves."""
 
     def __init__(self, model: nn.Module, pseudo: EndlessLoader, labeled: EndlessLoader, gamma: float, *,
-                 lr: float | None = None) -> None:
+                 lr: float | None = None, labeled_loss: Callable[[Tensor, Tensor], Tensor] | None = None) -> None:
         self.nets = {"model": model}
         self.loaders = {"pseudo": pseudo, "labeled": labeled}
         self.optimized = [Optimized("model", lr=lr)]
-        self.gamma = gamma
+        self.gamma, self.labeled_loss = gamma, labeled_loss
 
     def train_step(self, batches: dict[str, Any], ctx: StepContext) -> dict[str, float]:
         p, lab = batches["pseudo"], batches["labeled"]
         strong = "image_strong" in p  # the pseudo-labeled images' strong view, when the round has one
         x = torch.cat([p["image_strong" if strong else "image"], lab["image"]])
         y = torch.cat([p["mask_strong" if strong else "mask"], lab["mask"]])
+        n = p["image"].shape[0]
         with ctx.autocast():
             logits = self.nets["model"](x)
-        loss = dynamic_cross_entropy(logits, y, gamma=self.gamma, pseudo_count=p["image"].shape[0])
+        if self.labeled_loss is None:
+            loss = dynamic_cross_entropy(logits, y, gamma=self.gamma, pseudo_count=n)
+        else:
+            loss = (dynamic_cross_entropy(logits[:n], y[:n], gamma=self.gamma, pseudo_count=n)
+                    + self.labeled_loss(logits[n:], y[n:]))
         ctx.optimize("model", loss)
         return {"loss": loss.item()}
 
@@ -155,13 +165,6 @@ class DstCbc(Method[DstCbcOptions]):
     summary = "dynamic self-training with a class-balanced curriculum (20 -> 100 % pseudo labels, fine-tuned)"
     paper = ("Feng et al., Semi-Supervised Semantic Segmentation via Dynamic Self-Training and "
              "Class-Balanced Curriculum (arXiv 2004.08514); code voldemortX/DST-CBC, branch dst-cbc")
-
-    @classmethod
-    def check_config(cls, config: RunConfig, options: DstCbcOptions) -> None:
-        if config.train.loss != "cross-entropy":  # the paper's loss is one cross-entropy over [pseudo; labeled]
-            raise ConfigError(f"method dst-cbc: train.loss={config.train.loss} is not available: its labeled term is "
-                              "part of the dynamic cross-entropy over pseudo-labeled and labeled images (the paper's "
-                              "loss); use train.loss=cross-entropy")
 
     def plan(self, p: Pipeline) -> None:
         """M0 supervised; round r: the best model so far labels every unlabeled image with CBC at ratio r and
@@ -229,7 +232,8 @@ class DstCbc(Method[DstCbcOptions]):
             return DstCbcTask(source.resolve().model(),  # fine-tune the best model so far
                               make_loader(run, pseudo, pseudo_bs, seed + 1),
                               make_loader(run, labeled, run.config.train.batch_size, seed), o.gamma,
-                              lr=run.config.train.lr * o.round_lr_scale)
+                              lr=run.config.train.lr * o.round_lr_scale,
+                              labeled_loss=None if run.config.train.loss == "cross-entropy" else stage.labeled_loss)
 
         return task
 
