@@ -345,11 +345,9 @@ def test_every_bench_method_has_its_compute_matched_control(protocol, labeled, u
             run = RunContext(cfg, tmp_path / name, source, splits, torch.device("cpu"))
             needs[name] = get_method(cfg.method.name)(run, cfg.method).trained_steps()
     assert {name: steps for name, steps in needs.items() if steps not in controls} == {}
-    if protocol == "polyp":  # issue 25: the ATSO family's students of 2x, self-learning fine-tuned for 1x
-        assert needs["self-training"] == needs["st++"] == needs["dst-cbc"] == needs["stso"] == 2000
-        assert needs["atso"] == needs["self-learning"] == 2000
-    else:
-        assert needs["self-training"] == needs["st++"] == needs["dst-cbc"] == 2000 and needs["self-learning"] == 1500
+    # issue 25 (both protocols, issue 29): the ATSO family's students of 2x, self-learning fine-tuned for 1x
+    assert needs["self-training"] == needs["st++"] == needs["dst-cbc"] == needs["stso"] == 2000
+    assert needs["atso"] == needs["self-learning"] == 2000
 
 
 def test_a_supervised_control_row_is_a_baseline_not_a_method():
