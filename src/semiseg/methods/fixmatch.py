@@ -62,7 +62,7 @@ class FixMatchOptions(MethodOptions):
     threshold_rule: Literal["threshold", "class_relative"] = Field("threshold", description=(
         "how conf_threshold selects: threshold = one value for every class (the released code); class_relative "
         "= per class, scaled by the class's mean probability in the batch (FreeMatch's self-adaptive local "
-        "threshold, ICLR 2023; ours, against the collapse to confident background on polyp)"))
+        "threshold, ICLR 2023; ours: on polyp it slows the collapse to confident background, it does not stop it)"))
     strong_weight: float = Field(1.0, ge=0, description=(
         "weight of the strong view's loss (UniMatch fixmatch.py: loss_x + loss_u_s; FixMatch paper lambda_u = 1)"))
     loss_scale: float = Field(0.5, gt=0, description=(

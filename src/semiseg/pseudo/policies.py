@@ -115,7 +115,8 @@ class ClassRelativeThreshold(FixedThreshold):
     probabilities) with a fixed global ``threshold``, taken over each call's batch instead of an EMA, so it holds
     no state and a resumed run selects what an unbroken one did. The majority class keeps ``threshold``; a class
     that fills a tenth of the pixels needs a tenth of it, so a rare class is not thresholded away while the
-    network learns it (FixMatch's collapse to confident background on polyp).
+    network learns it. Tried against FixMatch's collapse to confident background on polyp: it slows the collapse
+    but does not stop it (polyp-notes.md).
     """
 
     name = "class_relative"
