@@ -116,3 +116,11 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path):
     ra = json.loads((tmp_path / "runs" / "straight" / "results.json").read_text())
     rb = json.loads((tmp_path / "runs" / "killed" / "results.json").read_text())
     assert ra["test"]["dice"] == rb["test"]["dice"] and ra["val"] == rb["val"]
+
+
+def test_unknown_option_is_a_usage_error_not_a_traceback(tmp_path):
+    # typer >= 0.2x raises its vendored click's exceptions: they must still end in click's usage message
+    proc = semiseg(["train", "--out-dir", "x"], tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "No such option: --out-dir" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "x").exists()

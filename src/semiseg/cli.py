@@ -7,13 +7,12 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 from rich.markup import escape
 from rich.table import Table
 
 from semiseg.cli_bench import bench_app, pilot
-from semiseg.cli_common import NoProgress, SetOption, console, log_line, out
+from semiseg.cli_common import NoProgress, SetOption, UsageError, console, log_line, out
 from semiseg.cli_common import display as _display
 from semiseg.cli_common import pair as _pair
 from semiseg.errors import SemisegError
@@ -253,10 +252,10 @@ def main(argv: list[str] | None = None) -> None:
         # soft_wrap: one line however long, so that the message can be grepped and read in a log
         console.print(f"[bold red]error:[/bold red] {escape(str(err))}", highlight=False, soft_wrap=True)
         sys.exit(err.exit_code)
-    except (KeyboardInterrupt, click.exceptions.Abort):
+    except (KeyboardInterrupt, typer.Abort):
         console.print("interrupted", soft_wrap=True)
         sys.exit(130)
-    except click.ClickException as err:
+    except UsageError as err:
         err.show()
         sys.exit(err.exit_code)
     sys.exit(code if isinstance(code, int) else 0)

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 from rich.table import Table
 from typer.core import TyperGroup
@@ -19,7 +18,7 @@ from semiseg.errors import ConfigError
 class _ProtocolShorthand(TyperGroup):
     """``semiseg bench polyp`` is short for ``semiseg bench run polyp`` (the commands BENCHMARKS.md records)."""
 
-    def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple:
+    def resolve_command(self, ctx: typer.Context, args: list[str]) -> tuple:
         if args and args[0] not in self.commands and not args[0].startswith("-"):
             args = ["run", *args]
         return super().resolve_command(ctx, args)

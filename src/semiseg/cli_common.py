@@ -9,6 +9,19 @@ from rich.console import Console
 
 from semiseg.errors import SemisegError
 
+
+def _usage_error_class() -> type[Exception]:
+    """The base class of the usage errors typer raises: typer >= 0.2x runs on a vendored click (typer._click) whose
+    exceptions are not the click package's, and no longer depends on click at all."""
+    try:
+        from typer._click.exceptions import ClickException
+    except ImportError:
+        from click.exceptions import ClickException
+    return ClickException
+
+
+UsageError = _usage_error_class()
+
 console = Console(stderr=True)
 out = Console()
 
