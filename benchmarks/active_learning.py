@@ -13,9 +13,10 @@ it ``suggest-labels`` picks K images by each arm, every arm's K masks are added 
 - ``confident``: the K most confident (a sanity check: it should be the worst arm).
 
 Every run is resumable and reused when finished (``api.finish``); validation picks each run's checkpoint, test is
-read once per run. The rows go to ``RESULTS`` (default ``benchmarks/results/polyp-al.json``) with the recorded
-command and commit, and a table (test Dice per arm and seed, the mean, and the gain per added mask over the
-starting run) is printed and written next to it as ``.md``.
+read once per run. Each row goes to ``RESULTS`` (default ``benchmarks/results/polyp-al.json``) as it finishes, with
+its command and commit; rows already there are not run again (a protocol longer than a session resumes). A table
+(test Dice per arm and seed, the mean, and the gain per added mask over the starting run) is written next to it as
+``.md`` and printed.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ def arm_strategy(arm: str) -> tuple[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     from semiseg import api
-    from semiseg.atomic import atomic_write_text
     from semiseg.report.suggest import LIST_FILE, suggest_labels
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -51,36 +51,71 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     methods = [m.split(":", 1) for m in args.methods.split(";")]
     quiet = {"log": lambda *a, **k: None}
-    rows = []
+    command = " ".join(["python benchmarks/active_learning.py", *map(api.portable_arg, sys.argv[1:])])
+    # rows already in RESULTS are kept and not run again: a protocol longer than a session resumes row by row
+    rows = load_rows(args.results, args.protocol, args.k)
+
+    def save(row: dict) -> None:
+        rows.append({**row, "command": command, "commit": api.git_commit()})
+        write_results(args.results, args.protocol, args.k, rows)
+
     for seed in seeds:
+        todo = [(arm, method, options) for arm in ARMS for method, *options in methods
+                if row_key(seed, method, options, arm) not in {row_key(**r) for r in rows}]
+        have_start = any(r["split_seed"] == seed and r["arm"] == "start" for r in rows)
+        if not todo and have_start:
+            continue
         base = [*args.overrides, f"split.seed={seed}", f"out_dir={args.out_dir}", "train.progress=false"]
         start_cfg = api.load_config(args.protocol, [*base, f"name={args.protocol}-s{seed}-supervised"])
         start, _ = api.finish(start_cfg, **quiet)
         start_run = args.out_dir / start_cfg.name
-        rows.append({"split_seed": seed, "method": "supervised", "arm": "start", "added": 0,
-                     "test": start["test"]["headline"], "val": start["val"].get(start["val_metric"])})
-        for arm in ARMS:
+        if not have_start:
+            save({"split_seed": seed, "method": "supervised", "options": [], "arm": "start", "added": 0,
+                  "test": start["test"]["headline"], "val": start["val"].get(start["val_metric"])})
+        for arm, method, options in todo:
             strategy, draw = arm_strategy(arm)
             picks = args.out_dir / f"al-s{seed}-{arm}"
             if not (picks / LIST_FILE).is_file():
                 suggest_labels(start_run, args.k, out_dir=picks, strategy=strategy, seed=draw,  # type: ignore[arg-type]
                                progress=False, **quiet)
-            for method, *options in methods:
-                extra = [f"method.{o}" for part in options for o in part.split(",") if o]
-                cfg = api.load_config(args.protocol, [*base, f"name=al-s{seed}-{arm}-{method}", f"method.name={method}",
-                                                      *extra, f"split.add_labeled={picks / LIST_FILE}"])
-                res, _ = api.finish(cfg, **quiet)
-                rows.append({"split_seed": seed, "method": method, "arm": arm, "added": args.k,
-                             "test": res["test"]["headline"], "val": res["val"].get(res["val_metric"])})
-                print(f"seed {seed} {method:<12} {arm:<10} test {rows[-1]['test']:.4f}", flush=True)
-    command = " ".join(["python benchmarks/active_learning.py", *map(api.portable_arg, sys.argv[1:])])
-    doc = {"protocol": args.protocol, "k": args.k, "command": command, "commit": api.git_commit(), "rows": rows}
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.results, json.dumps(doc, indent=1) + "\n")
-    table = markdown(rows, args.k)
-    atomic_write_text(args.results.with_suffix(".md"), table)
-    print(table)
+            extra = [f"method.{o}" for part in options for o in part.split(",") if o]
+            cfg = api.load_config(args.protocol, [*base, f"name=al-s{seed}-{arm}-{method}", f"method.name={method}",
+                                                  *extra, f"split.add_labeled={picks / LIST_FILE}"])
+            res, _ = api.finish(cfg, **quiet)
+            save({"split_seed": seed, "method": method, "options": options, "arm": arm, "added": args.k,
+                  "test": res["test"]["headline"], "val": res["val"].get(res["val_metric"])})
+            print(f"seed {seed} {method:<12} {arm:<10} test {rows[-1]['test']:.4f}", flush=True)
+    write_results(args.results, args.protocol, args.k, rows)
+    print(markdown(rows, args.k))
     return 0
+
+
+def row_key(split_seed: int, method: str, options: list[str], arm: str, **_: object) -> tuple:
+    return split_seed, method, tuple(options), arm
+
+
+def load_rows(path: Path, protocol: str, k: int) -> list[dict]:
+    """The rows of an earlier (partial) run of the protocol, refused if it measured another protocol or K."""
+    if not path.is_file():
+        return []
+    try:
+        doc = json.loads(path.read_text())
+        held = (doc["protocol"], doc["k"])
+        rows = list(doc["rows"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise SystemExit(f"error: {path}: not an active-learning results file ({err})") from None
+    if held != (protocol, k):
+        raise SystemExit(f"error: {path}: holds protocol {held[0]} with k={held[1]}, not {protocol} with k={k}: "
+                         "give another --results")
+    return rows
+
+
+def write_results(path: Path, protocol: str, k: int, rows: list[dict]) -> None:
+    from semiseg.atomic import atomic_write_text
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps({"protocol": protocol, "k": k, "rows": rows}, indent=1) + "\n")
+    atomic_write_text(path.with_suffix(".md"), markdown(rows, k))
 
 
 def markdown(rows: list[dict], k: int) -> str:
@@ -96,10 +131,13 @@ def markdown(rows: list[dict], k: int) -> str:
                 continue
             cells = [f"{100 * got[s]:.1f}" if s in got else "—" for s in seeds]
             mean = statistics.fmean(got.values())
-            gain = statistics.fmean(got[s] - start[s] for s in got if s in start) * 100 / k
-            lines.append(f"| {method} | {arm} | " + " | ".join(cells) + f" | {100 * mean:.1f} | {gain:+.3f} |")
-    starts = " | ".join(f"{100 * start[s]:.1f}" if s in start else "—" for s in seeds)
-    lines.append(f"| supervised | start (no mask added) | {starts} | {100 * statistics.fmean(start.values()):.1f} | |")
+            gains = [got[s] - start[s] for s in got if s in start]
+            gain = f"{statistics.fmean(gains) * 100 / k:+.3f}" if gains else "—"
+            lines.append(f"| {method} | {arm} | " + " | ".join(cells) + f" | {100 * mean:.1f} | {gain} |")
+    if start:
+        starts = " | ".join(f"{100 * start[s]:.1f}" if s in start else "—" for s in seeds)
+        mean = statistics.fmean(start.values())
+        lines.append(f"| supervised | start (no mask added) | {starts} | {100 * mean:.1f} | |")
     return "\n".join(lines) + "\n"
 
 

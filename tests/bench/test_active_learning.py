@@ -1,0 +1,76 @@
+"""benchmarks/active_learning.py: each row saved as it finishes, finished rows never run again, another K refused."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from semiseg import api
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "active_learning.py"
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("active_learning", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(arm: str, test: float, seed: int = 0) -> dict:
+    return {"split_seed": seed, "method": "supervised", "options": [], "arm": arm,
+            "added": 0 if arm == "start" else 10, "test": test, "val": test}
+
+
+@pytest.fixture
+def fake_runs(monkeypatch):
+    """api.finish and suggest_labels replaced by fakes that record what was run (no training)."""
+    import semiseg.report.suggest as suggest
+
+    trained: list[str] = []
+
+    def finish(cfg, **_):
+        trained.append(cfg.name)
+        score = 0.5 + 0.01 * len(trained)
+        return {"test": {"headline": score}, "val": {"dice": score}, "val_metric": "dice"}, None
+
+    def suggest_labels(run, k, *, out_dir, **_):
+        Path(out_dir).mkdir(parents=True)
+        (Path(out_dir) / suggest.LIST_FILE).write_text("a\n")
+
+    monkeypatch.setattr(api, "finish", finish)
+    monkeypatch.setattr(suggest, "suggest_labels", suggest_labels)
+    return trained
+
+
+def test_resumes_row_by_row_and_saves_each_row(tmp_path, fake_runs):
+    al = _script()
+    results = tmp_path / "al.json"
+    results.write_text(json.dumps({"protocol": "demo", "k": 10, "rows": [
+        _row("start", 0.40), _row("uncertain", 0.50), _row("random-0", 0.45)]}))
+    assert al.main(["--protocol", "demo", "--seeds", "0", "--k", "10", "--out-dir", str(tmp_path / "runs"),
+                    "--results", str(results)]) == 0
+    # the start run is read back (it picks the images); only the three missing arms are trained
+    assert fake_runs == ["demo-s0-supervised", "al-s0-random-1-supervised", "al-s0-random-2-supervised",
+                         "al-s0-confident-supervised"]
+    rows = json.loads(results.read_text())["rows"]
+    assert [r["arm"] for r in rows] == ["start", "uncertain", "random-0", "random-1", "random-2", "confident"]
+    assert rows[1]["test"] == 0.50 and all(r["commit"] and "active_learning.py" in r["command"] for r in rows[3:])
+    table = results.with_suffix(".md").read_text()
+    assert "| supervised | uncertain | 50.0 | 50.0 | +1.000 |" in table  # (0.50 - 0.40) * 100 / 10 per mask
+
+    fake_runs.clear()  # every row there: nothing runs again, not even the start run
+    assert al.main(["--protocol", "demo", "--seeds", "0", "--k", "10", "--out-dir", str(tmp_path / "runs"),
+                    "--results", str(results)]) == 0
+    assert fake_runs == [] and len(json.loads(results.read_text())["rows"]) == 6
+
+
+def test_refuses_a_results_file_of_another_k(tmp_path, fake_runs):
+    results = tmp_path / "al.json"
+    results.write_text(json.dumps({"protocol": "demo", "k": 33, "rows": []}))
+    with pytest.raises(SystemExit, match="al.json: holds protocol demo with k=33, not demo with k=10"):
+        _script().main(["--protocol", "demo", "--seeds", "0", "--k", "10", "--results", str(results)])
+    assert fake_runs == []
