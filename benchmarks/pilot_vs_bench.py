@@ -9,7 +9,8 @@ controls on validation only, at ``share`` of the budget, and picks its winner. T
 test: the pick's test score, the best test score among the candidates and supervised, and the difference. The
 pilot never reads test; this script reads the bench's recorded test scores, after the pick is made.
 
-Rows go to ``benchmarks/results/<protocol>-pilot.json`` with the command and commit, and a table to ``.md`` beside it.
+Each seed's row goes to ``benchmarks/results/<protocol>-pilot.json`` as it finishes, with the command and commit, and
+a table to ``.md`` beside it; seeds already there are not piloted again.
 """
 
 from __future__ import annotations
@@ -68,26 +69,43 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default=None, help="candidates, comma-separated (default: the pilot's)")
     ap.add_argument("--out-dir", type=Path, default=Path("pilot-runs"))
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override a.b=c")
+    ap.add_argument("--results", type=Path, default=None, help="default benchmarks/results/<protocol>-pilot.json")
     args = ap.parse_args(argv)
     candidates = [m for m, _ in parse_methods(args.methods)]
-    rows = []
+    out = args.results or RESULTS / f"{args.protocol}-pilot.json"
+    command = " ".join(["python benchmarks/pilot_vs_bench.py", *map(api.portable_arg, sys.argv[1:] if argv is None
+                                                                     else argv)])
+    # seeds already in the results file (same share and candidates) are kept and not piloted again: a session may
+    # end between seeds
+    rows = earlier_rows(out, args.share, candidates)
     for seed in (int(s) for s in args.seeds.split(",")):
+        if any(r["split_seed"] == seed for r in rows):
+            continue
         result = run_pilot(args.protocol, args.overrides, methods=args.methods, seeds=[seed], share=args.share,
                            out_dir=args.out_dir, log=lambda m: print(m, flush=True))
         pick = result.ranking[0]
         # nothing ahead of its control: the pilot's advice is supervised
-        row = compare(args.protocol, seed, pick.method if pick.gain > 0 else "supervised", candidates)
-        rows.append({**row, "ranking": [r.__dict__ for r in result.ranking], "pilot_seconds": result.seconds})
+        row = compare(args.protocol, seed, pick.method if pick.gain > 0 else "supervised", candidates, RESULTS)
+        rows.append({**row, "ranking": [r.__dict__ for r in result.ranking], "pilot_seconds": result.seconds,
+                     "command": command, "commit": api.git_commit()})
+        rows.sort(key=lambda r: r["split_seed"])
+        doc = {"share": args.share, "candidates": candidates, "rows": rows}
+        atomic_write_text(out, json.dumps(doc, indent=1))
+        atomic_write_text(out.with_suffix(".md"), table(rows) + "\n")
         print(f"split seed {seed}: pick {row['pick']}, bench best {row['bench_best']}", flush=True)
-    out = RESULTS / f"{args.protocol}-pilot.json"
-    command = " ".join(["python benchmarks/pilot_vs_bench.py", *map(api.portable_arg, sys.argv[1:] if argv is None
-                                                                     else argv)])
-    doc = {"command": command, "commit": api.git_commit(), "share": args.share, "candidates": candidates,
-           "rows": rows}
-    atomic_write_text(out, json.dumps(doc, indent=1))
-    atomic_write_text(out.with_suffix(".md"), table(rows) + "\n")
     print(table(rows))
     return 0
+
+
+def earlier_rows(path: Path, share: float, candidates: list[str]) -> list[dict]:
+    """The seeds an earlier run of the same measurement finished; another share or candidate list is refused."""
+    if not path.is_file():
+        return []
+    doc = json.loads(path.read_text())
+    if (doc.get("share"), doc.get("candidates")) != (share, candidates):
+        raise SystemExit(f"error: {path}: holds share {doc.get('share')} with candidates {doc.get('candidates')}, "
+                         f"not share {share} with {candidates}: give another --results")
+    return list(doc["rows"])
 
 
 if __name__ == "__main__":

@@ -68,3 +68,36 @@ def test_pilot_vs_bench_compares_the_pick_with_the_bench_best_of_that_seed(tmp_p
     far = script.compare("p", 1, "st++", ["st++", "unimatch", "mean-teacher"], tmp_path)
     assert far["behind_best"] == pytest.approx(0.04) and far["bench_rows_missing"] == ["mean-teacher"]
     assert "Within 1 point of the bench's best: 1 of 2 seeds" in script.table([close, far])
+
+
+def test_pilot_vs_bench_saves_each_seed_and_skips_seeds_already_measured(tmp_path, monkeypatch):
+    import importlib.util
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import semiseg.bench.pilot as pilot
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "pilot_vs_bench.py"
+    spec = importlib.util.spec_from_file_location("pilot_vs_bench", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    entries = [{"method": m, "split_seed": s, "test": t} for m, s, t in [
+        ("supervised", 0, 0.70), ("st++", 0, 0.79), ("unimatch", 0, 0.785),
+        ("supervised", 1, 0.71), ("st++", 1, 0.74), ("unimatch", 1, 0.78)]]
+    (tmp_path / "p.json").write_text(json.dumps({"entries": entries}))
+    monkeypatch.setattr(script, "RESULTS", tmp_path)
+    piloted: list[int] = []
+
+    def fake_pilot(protocol, overrides, *, seeds, **_):
+        piloted.extend(seeds)
+        return SimpleNamespace(ranking=[pilot.PilotRow("unimatch", seeds[0], 0.7, 0.6, 10, 1.0)], seconds=1.0)
+
+    monkeypatch.setattr(pilot, "run_pilot", fake_pilot)
+    argv = ["--protocol", "p", "--methods", "st++,unimatch", "--seeds", "0"]
+    assert script.main(argv) == 0 and piloted == [0]
+    assert script.main([*argv[:-1], "0,1"]) == 0 and piloted == [0, 1]  # seed 0 read back, seed 1 piloted
+    rows = json.loads((tmp_path / "p-pilot.json").read_text())["rows"]
+    assert [(r["split_seed"], r["pick"]) for r in rows] == [(0, "unimatch"), (1, "unimatch")]
+    assert all("pilot_vs_bench.py" in r["command"] for r in rows)
+    with pytest.raises(SystemExit, match="p-pilot.json: holds share 0.25"):
+        script.main([*argv, "--share", "0.5"])
