@@ -1,6 +1,7 @@
 """Benchmark result arithmetic: merging partial runs, gap recovered, mean ± std, the markdown table."""
 
 import math
+import re
 from datetime import UTC, datetime
 
 import pytest
@@ -467,3 +468,17 @@ def test_every_claim_has_its_rows_in_the_bench_matrix(protocol, tmp_path):
     assert no_cbc.ratios == [1.0] * 5
     assert no_cbc.model_dump(exclude={"ratios"}) == run_config(
         protocol, "dst-cbc", spec["dst-cbc"], 0, tmp_path, []).method.model_dump(exclude={"ratios"})
+
+
+@pytest.mark.parametrize("protocol", ["polyp", "camvid"])
+def test_controls_train_the_multiple_of_the_budget_their_names_say(protocol, tmp_path):
+    # a protocol's budget moved without its controls would pair every method with the wrong control
+    spec = bench_spec(protocol)
+    budget = run_config(protocol, "supervised", {}, 0, tmp_path, []).train.steps
+    multiples = {name: float(name.split("-")[1].rstrip("x")) for name in spec["methods"]
+                 if re.fullmatch(r"supervised-[0-9.]+x", name)}
+    multiples["oracle"] = 4.0  # BENCHMARK.md: the oracle trains 4x the budget
+    assert {"supervised-2x", "supervised-3x"} <= multiples.keys()
+    for name, multiple in multiples.items():
+        cfg = run_config(protocol, name, spec["methods"][name] or {}, 0, tmp_path, [])
+        assert cfg.train.steps == round(multiple * budget), name
