@@ -484,3 +484,15 @@ def test_controls_train_the_multiple_of_the_budget_their_names_say(protocol, tmp
     for name, multiple in multiples.items():
         cfg = run_config(protocol, name, spec["methods"][name] or {}, 0, tmp_path, [])
         assert cfg.train.steps == round(multiple * budget), name
+
+
+def test_budget_line_names_the_protocol_budget_then_the_longer_controls():
+    from semiseg.bench.tables import budget_line
+
+    size = "96x128 px, Unet-efficientnet-lite0 (weights imagenet), {} steps x batch 8 per training"
+    rows = [entry("supervised", 0, 0.5, budget=size.format(2000)), entry("oracle", 0, 0.6, budget=size.format(8000)),
+            entry("supervised-2x", 0, 0.5, budget=size.format(4000)), entry("st++", 0, 0.5, budget=size.format(2000))]
+    assert budget_line(rows) == f"Budget: {size.format(2000)} (other step counts: 4000, 8000, for the controls and " \
+                                "the oracle)."
+    assert budget_line([*rows, entry("x", 0, 0.5, budget="64x64 px, Unet-resnet18, 10 steps x batch 2 per training")]) \
+        .endswith("the oracle); 64x64 px, Unet-resnet18, 10 steps x batch 2 per training.")

@@ -131,13 +131,31 @@ def _algorithm(e: dict) -> str:
     return e.get("algorithm") or e["method"]
 
 
+_STEPS = re.compile(r"(\d+) steps x batch")
+
+
 def _supervised_steps(e: dict) -> int | None:
     """A supervised row's steps: ``trained_steps``, or, for rows recorded before that field existed, the steps of
     its budget line (one training of ``N steps x batch ...``)."""
     if e.get("trained_steps") is not None:
         return e["trained_steps"]
-    found = re.search(r"(\d+) steps x batch", e.get("budget") or "")
+    found = _STEPS.search(e.get("budget") or "")
     return int(found.group(1)) if found else None
+
+
+def budget_line(entries: list[dict]) -> str:
+    """The protocol's budget (its ``supervised`` rows'), then the step counts of the longer controls and the oracle
+    where only their steps differ, then any other budget whole."""
+    budgets = sorted({e.get("budget") or "not recorded" for e in entries})
+    base = sorted({e["budget"] for e in entries if e["method"] == "supervised" and e.get("budget")})
+    if len(base) != 1:
+        return "Budget: " + "; ".join(budgets) + "."
+    shape = _STEPS.sub("N steps x batch", base[0])
+    longer = sorted({int(_STEPS.search(b).group(1)) for b in budgets  # type: ignore[union-attr]
+                     if b != base[0] and _STEPS.sub("N steps x batch", b) == shape})
+    others = [b for b in budgets if b != base[0] and _STEPS.sub("N steps x batch", b) != shape]
+    steps = f" (other step counts: {', '.join(map(str, longer))}, for the controls and the oracle)" if longer else ""
+    return "Budget: " + "; ".join([base[0] + steps, *others]) + "."
 
 
 def is_control(e: dict) -> bool:
@@ -347,11 +365,10 @@ def write_benchmarks_md(results_dir: Path, out_path: Path) -> Path:
         entries = by_protocol[protocol] = load_entries(path)
         rows = summarize(entries, protocol)
         commands = sorted({e.get("command") or "" for e in entries})
-        budgets = sorted({e.get("budget") or "not recorded" for e in entries})
         gate = [f"- **split seed {seed} invalid**: {why}; left out of gap recovered."
                 for seed, why in invalid_seeds(entries, protocol).items()]
         parts += [f"## `{protocol}`", "", PROTOCOL_NOTES.get(protocol, ""), "",
-                  "Budget: " + "; ".join(budgets) + ".", "", markdown_table(rows), "",
+                  budget_line(entries), "", markdown_table(rows), "",
                   *(["Validity gate (the oracle must beat supervised by at least "
                      f"{VALIDITY_GATE * 100:.0f} points on a split seed):", "", *gate, ""] if gate else []),
                   f"Read with care: {_seed_count(entries)} and one run per seed; where validation was still rising "
