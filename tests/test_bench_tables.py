@@ -1,5 +1,6 @@
 """Benchmark result arithmetic: merging partial runs, gap recovered, mean ± std, the markdown table."""
 
+import json
 import math
 import re
 from datetime import UTC, datetime
@@ -496,3 +497,15 @@ def test_budget_line_names_the_protocol_budget_then_the_longer_controls():
                                 "the oracle)."
     assert budget_line([*rows, entry("x", 0, 0.5, budget="64x64 px, Unet-resnet18, 10 steps x batch 2 per training")]) \
         .endswith("the oracle); 64x64 px, Unet-resnet18, 10 steps x batch 2 per training.")
+
+
+def test_side_measurements_are_shown_beside_the_protocols_not_read_as_one(tmp_path):
+    results = tmp_path / "results"
+    save_entries(results / "p.json", [entry("supervised", 0, 0.7)])
+    (results / "p-al.json").write_text(json.dumps({"protocol": "p", "k": 3, "rows": [
+        {"arm": "start", "command": "python benchmarks/active_learning.py --k 3", "commit": "abc"}]}))
+    (results / "p-al.md").write_text("| method | arm |\n|---|---|\n| supervised | uncertain |\n")
+    md = write_benchmarks_md(results, tmp_path / "B.md").read_text()
+    assert "## `p`" in md and "## `p-al`" not in md
+    assert "## Which images to label next: `p`" in md and "| supervised | uncertain |" in md
+    assert "- `python benchmarks/active_learning.py --k 3` (commit abc)" in md
