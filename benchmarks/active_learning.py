@@ -60,8 +60,9 @@ def main(argv: list[str] | None = None) -> int:
         write_results(args.results, args.protocol, args.k, rows)
 
     for seed in seeds:
+        done = {row_key(**r) for r in rows}
         todo = [(arm, method, options) for arm in ARMS for method, *options in methods
-                if row_key(seed, method, options, arm) not in {row_key(**r) for r in rows}]
+                if row_key(seed, method, options, arm) not in done]
         have_start = any(r["split_seed"] == seed and r["arm"] == "start" for r in rows)
         if not todo and have_start:
             continue

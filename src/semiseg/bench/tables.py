@@ -150,10 +150,12 @@ def budget_line(entries: list[dict]) -> str:
     base = sorted({e["budget"] for e in entries if e["method"] == "supervised" and e.get("budget")})
     if len(base) != 1:
         return "Budget: " + "; ".join(budgets) + "."
-    shape = _STEPS.sub("N steps x batch", base[0])
-    longer = sorted({int(_STEPS.search(b).group(1)) for b in budgets  # type: ignore[union-attr]
-                     if b != base[0] and _STEPS.sub("N steps x batch", b) == shape})
-    others = [b for b in budgets if b != base[0] and _STEPS.sub("N steps x batch", b) != shape]
+    def shape(budget: str) -> str:  # the budget with its step count left out
+        return _STEPS.sub("N steps x batch", budget)
+
+    rest = [b for b in budgets if b != base[0]]
+    longer = sorted({int(_STEPS.search(b).group(1)) for b in rest if shape(b) == shape(base[0])})  # type: ignore[union-attr]
+    others = [b for b in rest if shape(b) != shape(base[0])]
     steps = f" (other step counts: {', '.join(map(str, longer))}, for the controls and the oracle)" if longer else ""
     return "Budget: " + "; ".join([base[0] + steps, *others]) + "."
 
