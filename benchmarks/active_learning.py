@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 ARMS = ("uncertain", "random-0", "random-1", "random-2", "confident")
+PICKED_FILE = "suggestion.json"  # the arm's suggestion (stems, scores, how many per source dataset)
 
 
 def arm_strategy(arm: str) -> tuple[str, int]:
@@ -36,6 +37,7 @@ def arm_strategy(arm: str) -> tuple[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     from semiseg import api
+    from semiseg.atomic import atomic_write_text
     from semiseg.report.suggest import LIST_FILE, suggest_labels
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -77,14 +79,18 @@ def main(argv: list[str] | None = None) -> int:
             strategy, draw = arm_strategy(arm)
             picks = args.out_dir / f"al-s{seed}-{arm}"
             if not (picks / LIST_FILE).is_file():
-                suggest_labels(start_run, args.k, out_dir=picks, strategy=strategy, seed=draw,  # type: ignore[arg-type]
-                               progress=False, **quiet)
+                picked = suggest_labels(start_run, args.k, out_dir=picks, strategy=strategy,  # type: ignore[arg-type]
+                                        seed=draw, progress=False, **quiet)
+                atomic_write_text(picks / PICKED_FILE, json.dumps(picked.to_dict(), indent=1))
+            per_subset = json.loads((picks / PICKED_FILE).read_text()).get("per_subset") \
+                if (picks / PICKED_FILE).is_file() else None
             extra = [f"method.{o}" for part in options for o in part.split(",") if o]
             cfg = api.load_config(args.protocol, [*base, f"name=al-s{seed}-{arm}-{method}", f"method.name={method}",
                                                   *extra, f"split.add_labeled={picks / LIST_FILE}"])
             res, _ = api.finish(cfg, **quiet)
             save({"split_seed": seed, "method": method, "options": options, "arm": arm, "added": args.k,
-                  "test": res["test"]["headline"], "val": res["val"].get(res["val_metric"])})
+                  "test": res["test"]["headline"], "val": res["val"].get(res["val_metric"]),
+                  "per_subset": per_subset})
             print(f"seed {seed} {method:<12} {arm:<10} test {rows[-1]['test']:.4f}", flush=True)
     write_results(args.results, args.protocol, args.k, rows)
     print(markdown(rows, args.k))

@@ -202,10 +202,14 @@ def suggest_labels(
         similarity: Annotated[float, typer.Option(help="skip an image whose thumbnail is more alike than this "
                                                   "(cosine) to one already chosen; 1 keeps near-duplicates")] = 0.95,
         seed: Annotated[int, typer.Option(help="seed of --strategy random")] = 0,
+        stratify: Annotated[bool, typer.Option("--stratify/--no-stratify", help=(
+            "split K across the source datasets by their share of the unlabeled images, one frame per video "
+            "first"))] = True,
         json_out: Annotated[Path | None, typer.Option("--json", help="also write the suggestion here")] = None,
         no_progress: NoProgress = False) -> None:
     """Which unlabeled images to annotate next: the least confident (and, after st++, least stable) first,
-    near-duplicate frames skipped. Writes labels-to-add.txt (stems, best first) and a contact sheet."""
+    near-duplicate frames skipped, each source dataset at its share. Writes labels-to-add.txt (stems, best
+    first) and a contact sheet."""
     from semiseg.atomic import atomic_write_text
     from semiseg.pipeline.preflight import check_writable_file
     from semiseg.report.suggest import suggest_labels as suggest
@@ -214,10 +218,12 @@ def suggest_labels(
     if json_out:
         check_writable_file(json_out, "--json")
     res = suggest(run, n, out_dir=out_dir, strategy=strategy, similarity=similarity,  # type: ignore[arg-type]
-                  seed=seed, progress=not no_progress, console=console, log=log_line)
+                  seed=seed, stratify=stratify, progress=not no_progress, console=console, log=log_line)
     if json_out:
         atomic_write_text(json_out, json.dumps(res.to_dict(), indent=1))
     dup = f"; {res.skipped_as_duplicates} near-duplicate(s) skipped" if res.skipped_as_duplicates else ""
+    if len(res.per_subset) > 1:
+        dup += "; " + ", ".join(f"{k} from {sub}" for sub, k in res.per_subset.items())
     out.print(f"wrote {len(res.stems)} images to label, best first, to {res.files['list']} and a contact sheet to "
               f"{res.files['sheet']} ({res.criterion}{dup})")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -40,6 +41,7 @@ def fake_runs(monkeypatch):
     def suggest_labels(run, k, *, out_dir, **_):
         Path(out_dir).mkdir(parents=True)
         (Path(out_dir) / suggest.LIST_FILE).write_text("a\n")
+        return SimpleNamespace(to_dict=lambda: {"stems": ["a"], "per_subset": {"part-a": 1}})
 
     monkeypatch.setattr(api, "finish", finish)
     monkeypatch.setattr(suggest, "suggest_labels", suggest_labels)
@@ -59,6 +61,7 @@ def test_resumes_row_by_row_and_saves_each_row(tmp_path, fake_runs):
     rows = json.loads(results.read_text())["rows"]
     assert [r["arm"] for r in rows] == ["start", "uncertain", "random-0", "random-1", "random-2", "confident"]
     assert rows[1]["test"] == 0.50 and all(r["commit"] and "active_learning.py" in r["command"] for r in rows[3:])
+    assert rows[3]["per_subset"] == {"part-a": 1}  # each arm's row says where its K images come from
     table = results.with_suffix(".md").read_text()
     assert "| supervised | uncertain | 50.0 | 50.0 | +1.000 |" in table  # (0.50 - 0.40) * 100 / 10 per mask
 

@@ -9,7 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from semiseg.report.suggest import least_confidence, mean_rank, select_diverse, thumbnail
+from semiseg.report.suggest import (
+    least_confidence,
+    mean_rank,
+    proportional_quotas,
+    select_diverse,
+    select_stratified,
+    thumbnail,
+)
 from tests.safety_helpers import TINY, cli
 
 
@@ -39,6 +46,29 @@ def test_the_diversity_rule_skips_near_duplicates_and_fills_up_when_it_must():
     assert select_diverse([0, 1, 2, 3], features, 3, 0.95) == ([0, 2, 3], 1)
     assert select_diverse([0, 1, 2, 3], features, 3, 1.0) == ([0, 1, 2], 0)  # similarity 1 keeps duplicates
     assert select_diverse([0, 1], features, 2, 0.95) == ([0, 1], 1)  # too few distinct ones: the skipped fill up
+
+
+def test_one_frame_per_video_is_taken_before_a_second_from_any_video():
+    features = np.eye(5, dtype=np.float32)  # all distinct: only the group rule acts
+    groups = ["v1", "v1", "v2", None, "v2"]
+    assert select_diverse([0, 1, 2, 3, 4], features, 3, 0.95, groups) == ([0, 2, 3], 0)
+    # fewer videos than asked: the waiting frames fill up, best first
+    assert select_diverse([0, 1, 2, 4], features, 3, 0.95, groups) == ([0, 2, 1], 0)
+
+
+def test_quotas_are_proportional_with_the_largest_remainder():
+    assert proportional_quotas(["a"] * 60 + ["b"] * 40, 33) == {"a": 20, "b": 13}  # 19.8 -> 20, 13.2 -> 13
+    assert proportional_quotas(["a"] * 5 + ["b"] * 5, 3) == {"a": 2, "b": 1}  # a tie goes to the first by name
+    assert proportional_quotas(["a"] * 9 + ["b"], 4) == {"a": 4, "b": 0}
+    assert sum(proportional_quotas(["a", "b", "c"] * 7, 10).values()) == 10
+
+
+def test_stratified_selection_keeps_each_source_at_its_share_and_the_ranking_order():
+    features = np.eye(10, dtype=np.float32)
+    strata = ["k"] * 6 + ["c"] * 4
+    order = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]  # every "k" image ranks above every "c" one
+    chosen, skipped = select_stratified(order, features, 5, 0.95, strata, [None] * 10)
+    assert chosen == [0, 1, 2, 6, 7] and skipped == 0  # 3 of 6 "k", 2 of 4 "c" (unstratified: 0..4, all "k")
 
 
 def test_mean_rank_combines_scales_and_ranks_nan_last():

@@ -12,8 +12,16 @@ uncertainty ranking that core-set and BADGE address: Sener & Savarese 2018, Ash 
 taken best first, and one whose thumbnail (16x16, mean-centred, unit length) has cosine similarity above
 ``similarity`` with an image already chosen is skipped.
 
-``strategy="confident"`` takes the most confident end instead and ``random`` a seeded draw: the two control arms
-of the measured protocol (the confident end should be the worst choice). Test images are never read.
+**Group-aware** (``stratify``, on by default): where the pool joins several source datasets (sample ``subset``s,
+e.g. Kvasir-SEG + CVC-ClinicDB), K is split across them in proportion to their unlabeled images (largest
+remainder), each part filled best first, so that the harder source cannot take every mask (unstratified, the
+polyp suggestion took 31 of 33 from Kvasir-SEG: polyp-notes.md); within a part, one frame per video (sample
+``group``) is taken before a second from any video. This is stratified uncertainty sampling, the
+representativeness term of hybrid criteria (Settles 2009, sec. 5.1).
+
+``strategy="confident"`` takes the most confident end instead (stratified alike) and ``random`` a seeded draw
+(near-duplicates skipped, nothing else): the two control arms of the measured protocol (the confident end should
+be the worst choice). Test images are never read.
 """
 
 from __future__ import annotations
@@ -65,19 +73,70 @@ def mean_rank(*scores: np.ndarray) -> np.ndarray:
     return np.mean(ranks, axis=0)
 
 
-def select_diverse(order: list[int], features: np.ndarray, n: int, similarity: float) -> tuple[list[int], int]:
+def select_diverse(order: list[int], features: np.ndarray, n: int, similarity: float,
+                   groups: list[str | None] | None = None) -> tuple[list[int], int]:
     """The first ``n`` of ``order`` whose feature has cosine similarity ``<= similarity`` with every one chosen
-    before it; when that leaves fewer than ``n``, the skipped ones fill up in order. Returns (chosen, skipped)."""
+    before it. With ``groups``, a candidate of a group already chosen from waits until every other candidate was
+    seen (one per video first). When that leaves fewer than ``n``, the waiting ones, then the near-duplicates,
+    fill up in order. Returns (chosen, near-duplicates skipped)."""
     chosen: list[int] = []
+    waiting: list[int] = []
     skipped: list[int] = []
+    taken_groups: set[str] = set()
+
+    def alike(i: int) -> bool:
+        return bool(chosen) and float((features[chosen] @ features[i]).max()) > similarity
+
     for i in order:
         if len(chosen) == n:
             break
-        if chosen and float((features[chosen] @ features[i]).max()) > similarity:
+        group = groups[i] if groups is not None else None
+        if alike(i):
             skipped.append(i)
-            continue
-        chosen.append(i)
+        elif group is not None and group in taken_groups:
+            waiting.append(i)
+        else:
+            chosen.append(i)
+            if group is not None:
+                taken_groups.add(group)
+    for i in waiting:
+        if len(chosen) == n:
+            break
+        if alike(i):
+            skipped.append(i)
+        else:
+            chosen.append(i)
     return chosen + skipped[:n - len(chosen)], len(skipped)
+
+
+def proportional_quotas(strata: list[str], n: int) -> dict[str, int]:
+    """``n`` split across the strata in proportion to how often each occurs (largest remainder; ties by name)."""
+    counts: dict[str, int] = {}
+    for s in strata:
+        counts[s] = counts.get(s, 0) + 1
+    total = sum(counts.values())
+    exact = {s: n * c / total for s, c in counts.items()}
+    quotas = {s: min(int(e), counts[s]) for s, e in exact.items()}
+    for s in sorted(counts, key=lambda s: (-(exact[s] - quotas[s]), s)):
+        if sum(quotas.values()) == n:
+            break
+        if quotas[s] < counts[s]:
+            quotas[s] += 1
+    return quotas
+
+
+def select_stratified(order: list[int], features: np.ndarray, n: int, similarity: float,
+                      strata: list[str], groups: list[str | None]) -> tuple[list[int], int]:
+    """:func:`select_diverse` within each stratum for its proportional quota; the union in ``order``'s order."""
+    position = {i: p for p, i in enumerate(order)}
+    chosen: list[int] = []
+    skipped = 0
+    for stratum, quota in proportional_quotas([strata[i] for i in order], n).items():
+        part, part_skipped = select_diverse([i for i in order if strata[i] == stratum], features, quota,
+                                            similarity, groups)
+        chosen += part
+        skipped += part_skipped
+    return sorted(chosen, key=position.__getitem__), skipped
 
 
 @dataclass
@@ -88,10 +147,12 @@ class Suggestion:
     criterion: str
     skipped_as_duplicates: int
     files: dict[str, str]
+    per_subset: dict[str, int]  # how many of the K come from each source dataset (empty for a single source)
 
     def to_dict(self) -> dict[str, Any]:
         return {"stems": self.stems, "scores": self.scores, "strategy": self.strategy, "criterion": self.criterion,
-                "skipped_as_duplicates": self.skipped_as_duplicates, "files": self.files}
+                "skipped_as_duplicates": self.skipped_as_duplicates, "files": self.files,
+                "per_subset": self.per_subset}
 
 
 def _stability(run_dir: Path, stems: list[str]) -> np.ndarray | None:
@@ -106,8 +167,8 @@ def _stability(run_dir: Path, stems: list[str]) -> np.ndarray | None:
 
 
 def suggest_labels(run_dir: Path, n: int, *, out_dir: Path | None = None, strategy: Strategy = "uncertain",
-                   similarity: float = 0.95, seed: int = 0, progress: bool = True, console: Any = None,
-                   log: Any = print) -> Suggestion:
+                   similarity: float = 0.95, seed: int = 0, stratify: bool = True, progress: bool = True,
+                   console: Any = None, log: Any = print) -> Suggestion:
     """Rank ``run_dir``'s unlabeled images for annotation and write the best ``n`` (see the module)."""
     from semiseg.pipeline.labeling import make_labeler
 
@@ -144,7 +205,18 @@ def suggest_labels(run_dir: Path, n: int, *, out_dir: Path | None = None, strate
         order = list(np.random.default_rng(seed).permutation(len(stems)))
     else:
         order = list(np.argsort(-score, kind="stable"))
-    chosen, skipped = select_diverse([int(i) for i in order], features, n, similarity)
+    order = [int(i) for i in order]
+    by_stem = ctx.source.by_stem()
+    subsets = [by_stem[s].subset or "" for s in stems]
+    if stratify and strategy != "random":
+        groups = [by_stem[s].group for s in stems]
+        chosen, skipped = select_stratified(order, features, n, similarity, subsets, groups)
+        if len(set(subsets)) > 1:
+            criterion += "; K split across the source datasets in proportion to their unlabeled images"
+        if len({g for g in groups if g is not None}) < sum(g is not None for g in groups):
+            criterion += "; one frame per video first"
+    else:
+        chosen, skipped = select_diverse(order, features, n, similarity)
     out_dir = Path(out_dir) if out_dir is not None else Path(run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     picked = [stems[i] for i in chosen]
@@ -152,7 +224,9 @@ def suggest_labels(run_dir: Path, n: int, *, out_dir: Path | None = None, strate
     sheet = _contact_sheet(ctx, model, chosen, stems, uncertainty, stability, strategy, criterion)
     atomic_write_text(out_dir / SHEET_FILE, sheet)
     files = {"list": str(out_dir / LIST_FILE), "sheet": str(out_dir / SHEET_FILE)}
-    return Suggestion(picked, [float(uncertainty[i]) for i in chosen], strategy, criterion, skipped, files)
+    per_subset = {sub: sum(subsets[i] == sub for i in chosen) for sub in sorted(set(subsets)) if sub}
+    return Suggestion(picked, [float(uncertainty[i]) for i in chosen], strategy, criterion, skipped, files,
+                      per_subset)
 
 
 def _contact_sheet(ctx: Any, model: Any, chosen: list[int], stems: list[str], uncertainty: np.ndarray,
