@@ -352,6 +352,7 @@ def test_every_bench_method_has_its_compute_matched_control(protocol, labeled, u
     assert needs["self-training"] == needs["st++"] == needs["dst-cbc"] == needs["stso"] == 2 * budget
     assert needs["atso"] == needs["self-learning"] == 2 * budget
     assert needs["st++match"] == 3 * budget  # ST++'s student 2x, then its online stage 1x
+    assert needs["ensemble-st"] == 2 * budget  # a student from scratch, as long as ST++'s
 
 
 def test_a_supervised_control_row_is_a_baseline_not_a_method():

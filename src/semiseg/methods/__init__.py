@@ -3,6 +3,7 @@
 from semiseg.methods import (
     atso,  # noqa: F401
     dst_cbc,  # noqa: F401
+    ensemble_st,  # noqa: F401
     fixmatch,  # noqa: F401
     gta_seg,  # noqa: F401
     mean_teacher,  # noqa: F401

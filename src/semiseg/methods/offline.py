@@ -21,10 +21,11 @@ Stems = Sequence[str] | Callable[[], Sequence[str]]
 Round = tuple[StageRef, Stems]  # a label stage and the stems it labelled (a callable: known once upstream ran)
 
 
-def label_all(p: Pipeline, name: str, *, teacher: Source, stems: Stems, tta_scales: Sequence[float],
-              tta_flip: bool, which: Which = "best", batch_size: int | None = None,
+def label_all(p: Pipeline, name: str, *, teacher: Source | Sequence[Source], stems: Stems,
+              tta_scales: Sequence[float], tta_flip: bool, which: Which = "best", batch_size: int | None = None,
               previous: Sequence[StageRef] = (), inputs: Sequence[Source] = ()) -> StageRef:
-    """A label stage: ``teacher``'s hard labels of every pixel of ``stems`` (no selection), TTA-fused."""
+    """A label stage: ``teacher``'s hard labels of every pixel of ``stems`` (no selection), TTA-fused; several
+    teachers label with their mean probabilities."""
     return p.label(name, teacher=teacher, which=which, stems=stems, policy=SelectAll(),
                    tta_scales=tuple(tta_scales), tta_flip=tta_flip, batch_size=batch_size, previous=previous,
                    inputs=inputs)

@@ -97,8 +97,8 @@ class _SelfTrainingBase(Method[OptionsT]):
     """Label with a teacher, re-train a student on labeled + pseudo-labeled images; the steps both ST and ST++
     are made of."""
 
-    def label(self, p: Pipeline, name: str, *, teacher: StageRef, stems: Stems, inputs: Sequence[StageRef] = (),
-              previous: Sequence[StageRef] = ()) -> StageRef:
+    def label(self, p: Pipeline, name: str, *, teacher: StageRef | Sequence[StageRef], stems: Stems,
+              inputs: Sequence[StageRef] = (), previous: Sequence[StageRef] = ()) -> StageRef:
         o = self.options
         return label_all(p, name, teacher=teacher, stems=stems, tta_scales=o.tta_scales, tta_flip=o.tta_flip,
                          batch_size=o.label_batch_size, inputs=inputs, previous=previous)

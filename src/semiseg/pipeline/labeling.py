@@ -184,7 +184,8 @@ def labeling_params(run: RunContext, policy: Policy, tta_scales: Sequence[float]
 
 def label_work(run: RunContext, *, model: Callable[[], nn.Module], stems: Stems, policy: Policy,
                tta_scales: Sequence[float], tta_flip: bool, batch_size: int | None,
-               previous: Callable[[], Sequence[Path] | None], checkpoint: Callable[[], Path]) -> Callable[[Path], None]:
+               previous: Callable[[], Sequence[Path] | None],
+               checkpoint: Callable[[], Path | None]) -> Callable[[Path], None]:
     """The work of a label stage (:meth:`semiseg.pipeline.plan.Pipeline.label`): one writer, the main rank; the
     runner's barrier makes the round visible to every rank. The callables read upstream stages when it runs."""
 

@@ -24,6 +24,7 @@ from semiseg.engine.checkpoint import load_checkpoint, seed_everything
 from semiseg.engine.task import TrainingTask
 from semiseg.layout import RunLayout, StageLayout
 from semiseg.losses import cross_entropy, labeled_loss
+from semiseg.models.ensemble import MeanProbabilities
 from semiseg.models.factory import build_model
 from semiseg.options import Declared, MethodOptions, declared_names, key_of, option_slice, reading_only
 from semiseg.pipeline.context import RunContext
@@ -218,21 +219,30 @@ class Pipeline:
         self.trainings.append(ref)
         return ref
 
-    def label(self, name: str, *, teacher: Source, stems: Sequence[str] | Callable[[], Sequence[str]],
-              policy: Any, which: Which = "best", tta_scales: Sequence[float] = (1.0,), tta_flip: bool = False,
-              previous: Sequence[StageRef] = (), batch_size: int | None = None,
-              inputs: Sequence[Source] = ()) -> StageRef:
+    def label(self, name: str, *, teacher: Source | Sequence[Source],
+              stems: Sequence[str] | Callable[[], Sequence[str]], policy: Any, which: Which = "best",
+              tta_scales: Sequence[float] = (1.0,), tta_flip: bool = False, previous: Sequence[StageRef] = (),
+              batch_size: int | None = None, inputs: Sequence[Source] = ()) -> StageRef:
         """A stage writing one pseudo-label round of ``stems`` with ``teacher``'s model through ``policy``
-        (see :mod:`semiseg.pipeline.labeling`). ``stems`` may be a callable of upstream outputs; their stage
-        goes in ``inputs``. ``previous``: earlier rounds, for the flip rate. It reads no method option: what
-        the labels depend on is in these arguments, and so in its key."""
-        work = label_work(self.run, model=lambda: teacher.resolve().model(which=which), stems=stems, policy=policy,
-                          tta_scales=tta_scales, tta_flip=tta_flip, batch_size=batch_size,
-                          previous=lambda: [p.path for p in previous] or None,
-                          checkpoint=lambda: teacher.resolve().checkpoint(which=which))
+        (see :mod:`semiseg.pipeline.labeling`); several teachers label as one, their softmax probabilities
+        averaged (:class:`~semiseg.models.ensemble.MeanProbabilities`). ``stems`` may be a callable of upstream
+        outputs; their stage goes in ``inputs``. ``previous``: earlier rounds, for the flip rate. It reads no
+        method option: what the labels depend on is in these arguments, and so in its key."""
+        teachers = [teacher] if isinstance(teacher, StageRef | BestOf) else list(teacher)
+
+        def model() -> nn.Module:
+            members = [t.resolve().model(which=which) for t in teachers]
+            return members[0] if len(members) == 1 else MeanProbabilities(members).eval()
+
+        def checkpoint() -> Path | None:  # an ensemble's provenance is its members' weights hash alone
+            return teachers[0].resolve().checkpoint(which=which) if len(teachers) == 1 else None
+
+        work = label_work(self.run, model=model, stems=stems, policy=policy, tta_scales=tta_scales,
+                          tta_flip=tta_flip, batch_size=batch_size, previous=lambda: [p.path for p in previous] or None,
+                          checkpoint=checkpoint)
         variant = {**labeling_params(self.run, policy, tta_scales, tta_flip), "batch_size": batch_size,
                    "which": which, "stems": None if callable(stems) else list(stems)}
-        return self.add(name, work, inputs=[teacher, *inputs, *previous], variant=variant)
+        return self.add(name, work, inputs=[*teachers, *inputs, *previous], variant=variant)
 
     def last_training(self) -> StageRef:
         if not self.trainings:

@@ -1,0 +1,71 @@
+"""``ensemble-st``: a student self-trained on the labels of two teachers from the two paper families that gain
+most on polyp, an ST++ student and a UniMatch network, averaged (ours, issue 28).
+
+Why: the two learn from the unlabeled images in different ways (ST++ offline, from a fixed reliable-first set of
+pseudo labels; UniMatch online, from its own weak-view predictions under image and feature perturbation), so their
+mistakes differ and their mean is a better labeller than either: the lever ATSO's alternating students pull
+(better labels, then a student from scratch on them).
+
+Algorithm:
+
+1. ST++ as ``st++`` runs it (its options, its stages, shared with an ``st++`` run of the same settings under one
+   ``out_dir``): supervised teacher with snapshots, stability ranking, reliable half labelled and learned, the
+   unreliable half labelled by that student, a student S on labeled + all pseudo labels;
+2. UniMatch as ``unimatch`` runs it (its options, its one stage, shared with a ``unimatch`` run likewise): a network
+   U trained online from the shared initialisation;
+3. every unlabeled image labelled by the mean of S's and U's softmax probabilities (each TTA-fused as ST++ labels:
+   ``tta_scales``, ``tta_flip``), hard argmax, no threshold;
+4. a student from scratch (``student_init``) on labeled + those labels, ST++'s strong view on the pseudo-labelled
+   images (``strong_aug``), as long as ST++'s students (``retrain_scale`` / ``retrain_steps``).
+
+The delivered model is that student; its compute-matched control counts its own steps (it starts from the shared
+initialisation, as ST++'s students do), so its row is compared with the same control as ``st++``'s.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from semiseg.methods.fixmatch import weak_strong_streams
+from semiseg.methods.registry import MethodOptions, register
+from semiseg.methods.self_training import STPlusPlus, STPlusPlusOptions
+from semiseg.methods.unimatch import UniMatchOptions, UniMatchTask
+from semiseg.pipeline.plan import Pipeline, StageInputs, StageRef
+from semiseg.pipeline.training import new_model
+
+
+class EnsembleSTOptions(STPlusPlusOptions, UniMatchOptions):
+    """ST++'s options (its stages and the final student) and UniMatch's (its stage); nothing of its own."""
+
+
+# the UniMatch stage declares exactly what a `unimatch` run's stage declares (ALL of UniMatch's), so its key is the same
+UNIMATCH_OPTIONS = tuple(UniMatchOptions.option_names())
+
+
+@register
+class EnsembleST(STPlusPlus):
+    name = "ensemble-st"
+    summary = "a student on the mean labels of an ST++ student and a UniMatch network (ours)"
+    paper = "semiseg (issue 28): ST++ (CVPR 2022) and UniMatch (CVPR 2023) as one labeller"
+    options_model: ClassVar[type[MethodOptions]] = EnsembleSTOptions
+    options: EnsembleSTOptions
+
+    def plan(self, p: Pipeline) -> None:
+        student, rounds, stability = self.staged(p)
+        online = self.unimatch(p)
+        stems = list(self.run.splits.unlabeled)
+        labels = self.label(p, "label-ensemble", teacher=[student, online], stems=stems,
+                            previous=[ref for ref, _ in rounds])
+        self.retrain(p, "retrain-ensemble", rounds=[(labels, stems)], teacher=student, n_pseudo=len(stems))
+        self.diagnose(p, stability)
+
+    def unimatch(self, p: Pipeline) -> StageRef:
+        """UniMatch's stage, as the ``unimatch`` method plans it."""
+        run = self.run
+        seed, views = run.stage_seed("unimatch"), self.options.strong_views
+
+        def task(stage: StageInputs) -> UniMatchTask:
+            return UniMatchTask(new_model(run), weak_strong_streams(run, seed, stage.options, views), stage,
+                                seed=seed + 3, rank=run.dist.rank, views=views)
+
+        return p.train("unimatch", task, options=UNIMATCH_OPTIONS)

@@ -1,0 +1,84 @@
+"""``ensemble-st``: ST++'s stages shared with an ``st++`` run, UniMatch's with a ``unimatch`` run, then one round
+labelled by both teachers' mean probabilities and a student from scratch on it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from semiseg.models.ensemble import MeanProbabilities
+from semiseg.pipeline.labeling import make_labeler
+from semiseg.pipeline.stages import run_stages
+from tests.methods.test_self_training import STPP_STAGES, one_thread, synthetic_run  # noqa: F401
+
+STPP = {"retrain_steps": 4, "tta_scales": [1.0], "tta_flip": False}
+
+
+class Fixed(nn.Module):
+    """A "network" whose logits are a constant map."""
+
+    def __init__(self, logits: list[float]) -> None:
+        super().__init__()
+        self.register_buffer("logits", torch.tensor(logits).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits.expand(x.shape[0], -1, *x.shape[2:])
+
+
+def test_mean_probabilities_by_hand() -> None:
+    a, b = Fixed([0.0, 0.0]), Fixed([np.log(3.0), 0.0])  # softmax (0.5, 0.5) and (0.75, 0.25)
+    out = MeanProbabilities([a, b])(torch.zeros(2, 3, 4, 4))
+    assert out.shape == (2, 2, 4, 4)
+    assert torch.allclose(out.softmax(1)[0, :, 0, 0], torch.tensor([0.625, 0.375]))
+    # a confident member outvotes an unsure one: argmax follows the mean, not the count of votes
+    c = Fixed([0.0, np.log(1.5)])  # (0.4, 0.6): votes class 1, weakly
+    d = Fixed([np.log(9.0), 0.0])  # (0.9, 0.1): votes class 0, strongly
+    e = Fixed([0.0, np.log(1.5)])
+    assert MeanProbabilities([c, d, e])(torch.zeros(1, 3, 1, 1)).argmax(1).item() == 0  # mean (0.57, 0.43)
+    with pytest.raises(ValueError, match="at least one"):
+        MeanProbabilities([])
+
+
+def test_plan_shares_the_stages_of_st_plus_plus_and_of_unimatch(tmp_path: Path) -> None:
+    data, out = tmp_path / "data", tmp_path / "runs"
+    _, pp = synthetic_run(data, out, "pp", "st++", **STPP)
+    _, um = synthetic_run(data, out, "um", "unimatch")
+    _, es = synthetic_run(data, out, "es", "ensemble-st", **STPP)
+    names = [s.name for s in es.stages()]
+    assert names == [n.split("-", 1)[1] for n in STPP_STAGES] + ["unimatch", "label-ensemble", "retrain-ensemble",
+                                                                 "diagnostics"]
+    # one out_dir trains ST++'s stages once for st++ and ensemble-st, and UniMatch's once for unimatch and it
+    assert [s.key_hash() for s in es.stages()[:6]] == [s.key_hash() for s in pp.stages()[:6]]
+    assert es.stages()[6].key_hash() == um.stages()[0].key_hash()
+    # the final student starts from scratch and trains as long as ST++'s: the same control as st++
+    assert es.trained_steps() == pp.trained_steps() == 4
+    # a UniMatch option changes the UniMatch stage and what follows it, never ST++'s stages
+    _, other = synthetic_run(data, out, "x", "ensemble-st", fp_weight=0.0, **STPP)
+    assert [a.key_hash() == b.key_hash() for a, b in zip(es.stages()[:9], other.stages()[:9], strict=True)] == \
+        [True] * 6 + [False] * 3
+
+
+def test_the_ensemble_round_holds_the_argmax_of_both_teachers_mean(tmp_path: Path,
+                                                                    one_thread: None) -> None:  # noqa: F811
+    run, es = synthetic_run(tmp_path / "data", tmp_path / "runs", "es", "ensemble-st", steps=8, **STPP)
+    dirs = run_stages(run.run_dir, es.stages(), out_dir=tmp_path / "runs", log=lambda m: None)
+    assert [d.name for d in dirs][-4:] == ["6-unimatch", "7-label-ensemble", "8-retrain-ensemble", "9-diagnostics"]
+    refs = es.pipeline.refs
+    rnd = refs["label-ensemble"].round()
+    assert sorted(rnd.stems) == sorted(run.splits.unlabeled)
+    teachers = [refs["retrain-all"].model(), refs["unimatch"].model()]
+    images = run.arrays("unlabeled").images
+    each = [dict(make_labeler(run, t).iter_predictions(images, [0, 1])) for t in teachers]
+    stems = run.arrays("unlabeled").stems
+    for i in (0, 1):
+        mean = ((each[0][i] + each[1][i]) / 2).argmax(0)
+        assert np.array_equal(rnd.labels(stems[i]), mean.astype(np.uint8))
+        # the two teachers disagree here, and the round is neither one's labels alone
+        assert all((mean != one[i].argmax(0)).any() for one in each)
+    final = es.final_model().state_dict()
+    best = torch.load(dirs[8] / "checkpoints" / "best.pt", weights_only=False)["net"]
+    assert all(torch.equal(final[k], best[k]) for k in best)
