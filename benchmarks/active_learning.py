@@ -10,7 +10,8 @@ it ``suggest-labels`` picks K images by each arm, every arm's K masks are added 
 
 - ``uncertain``: the suggestion (least confident, near-duplicates skipped);
 - ``random-0``, ``random-1``, ``random-2``: three seeded random draws of K;
-- ``confident``: the K most confident (a sanity check: it should be the worst arm).
+- ``confident``: the K most confident (a sanity check: it should be the worst arm);
+- ``typical``: ``--strategy typical``, the low-budget criterion (TypiClust: typical images of uncovered clusters).
 
 Every run is resumable and reused when finished (``api.finish``); validation picks each run's checkpoint, test is
 read once per run. Each row goes to ``RESULTS`` (default ``benchmarks/results/polyp-al.json``) as it finishes, with
@@ -27,7 +28,7 @@ import statistics
 import sys
 from pathlib import Path
 
-ARMS = ("uncertain", "random-0", "random-1", "random-2", "confident")
+ARMS = ("uncertain", "random-0", "random-1", "random-2", "confident", "typical")
 PICKED_FILE = "suggestion.json"  # the arm's suggestion (stems, scores, how many per source dataset)
 
 

@@ -198,7 +198,8 @@ def suggest_labels(
         run: Annotated[Path, typer.Argument(help="finished run directory")],
         n: Annotated[int, typer.Option("--n", help="how many images to suggest")],
         out_dir: Annotated[Path | None, typer.Option("--out", help="folder of both files (default: the run)")] = None,
-        strategy: Annotated[str, typer.Option(help="uncertain | confident | random (control arms)")] = "uncertain",
+        strategy: Annotated[str, typer.Option(help=(
+            "uncertain | typical (low budgets: TypiClust) | confident | random (control arms)"))] = "uncertain",
         similarity: Annotated[float, typer.Option(help="skip an image whose thumbnail is more alike than this "
                                                   "(cosine) to one already chosen; 1 keeps near-duplicates")] = 0.95,
         seed: Annotated[int, typer.Option(help="seed of --strategy random")] = 0,

@@ -57,9 +57,10 @@ def test_resumes_row_by_row_and_saves_each_row(tmp_path, fake_runs):
                     "--results", str(results)]) == 0
     # the start run is read back (it picks the images); only the three missing arms are trained
     assert fake_runs == ["demo-s0-supervised", "al-s0-random-1-supervised", "al-s0-random-2-supervised",
-                         "al-s0-confident-supervised"]
+                         "al-s0-confident-supervised", "al-s0-typical-supervised"]
     rows = json.loads(results.read_text())["rows"]
-    assert [r["arm"] for r in rows] == ["start", "uncertain", "random-0", "random-1", "random-2", "confident"]
+    assert [r["arm"] for r in rows] == ["start", "uncertain", "random-0", "random-1", "random-2", "confident",
+                                        "typical"]
     assert rows[1]["test"] == 0.50 and all(r["commit"] and "active_learning.py" in r["command"] for r in rows[3:])
     assert rows[3]["per_subset"] == {"part-a": 1}  # each arm's row says where its K images come from
     table = results.with_suffix(".md").read_text()
@@ -68,7 +69,7 @@ def test_resumes_row_by_row_and_saves_each_row(tmp_path, fake_runs):
     fake_runs.clear()  # every row there: nothing runs again, not even the start run
     assert al.main(["--protocol", "demo", "--seeds", "0", "--k", "10", "--out-dir", str(tmp_path / "runs"),
                     "--results", str(results)]) == 0
-    assert fake_runs == [] and len(json.loads(results.read_text())["rows"]) == 6
+    assert fake_runs == [] and len(json.loads(results.read_text())["rows"]) == 7
 
 
 def test_refuses_a_results_file_of_another_k(tmp_path, fake_runs):

@@ -112,6 +112,15 @@ def test_suggest_labels_writes_the_k_least_confident_distinct_unlabeled_images(t
              tmp_path / f"r{i}", "--no-progress"], capsys)
         draws.append((tmp_path / f"r{i}" / "labels-to-add.txt").read_text().split())
     assert draws[0] == draws[1] != draws[2]
+    # the low-budget criterion: typical images of uncovered clusters, seeded
+    typical = []
+    for i in range(2):
+        res = cli(["suggest-labels", tiny_run, "--n", "3", "--strategy", "typical", "--out", tmp_path / f"t{i}",
+                   "--no-progress"], capsys)
+        assert res.code == 0, res.err
+        assert "TypiClust" in res.out
+        typical.append((tmp_path / f"t{i}" / "labels-to-add.txt").read_text().split())
+    assert typical[0] == typical[1] and len(set(typical[0])) == 3 and set(typical[0]) <= set(unlabeled)
 
 
 @pytest.mark.parametrize("args,message", [

@@ -19,6 +19,9 @@ polyp suggestion took 31 of 33 from Kvasir-SEG: polyp-notes.md); within a part, 
 ``group``) is taken before a second from any video. This is stratified uncertainty sampling, the
 representativeness term of hybrid criteria (Settles 2009, sec. 5.1).
 
+``strategy="typical"`` is the low-budget criterion instead (TypiClust, :mod:`semiseg.report.typical`): the most
+typical image of each cluster no mask covers yet, in the run's encoder features (stratified alike).
+
 ``strategy="confident"`` takes the most confident end instead (stratified alike) and ``random`` a seeded draw
 (near-duplicates skipped, nothing else): the two control arms of the measured protocol (the confident end should
 be the worst choice). Test images are never read.
@@ -41,8 +44,8 @@ from semiseg.layout import RunLayout
 from semiseg.progress import progress_bar
 from semiseg.report.figures import encode_image, overlay, resize, thumb_size
 
-Strategy = Literal["uncertain", "confident", "random"]
-STRATEGIES = ("uncertain", "confident", "random")
+Strategy = Literal["uncertain", "typical", "confident", "random"]
+STRATEGIES = ("uncertain", "typical", "confident", "random")
 LIST_FILE, SHEET_FILE = "labels-to-add.txt", "labels-to-add.html"
 THUMB = 16  # side of the thumbnails the diversity rule compares
 SHEET_PX = 192  # longest side of an image on the contact sheet
@@ -178,7 +181,8 @@ def suggest_labels(run_dir: Path, n: int, *, out_dir: Path | None = None, strate
         raise ConfigError(f"--similarity {similarity}: a cosine similarity in (0, 1] (1 keeps near-duplicates)")
     if n < 1:
         raise ConfigError(f"--n {n}: ask for at least one image")
-    ctx, model = load_run(run_dir, check=("unlabeled",), command="suggest-labels", log=log)
+    ctx, model = load_run(run_dir, check=("unlabeled", "labeled") if strategy == "typical" else ("unlabeled",),
+                          command="suggest-labels", log=log)
     stems = list(ctx.splits.unlabeled)
     if not stems:
         raise ConfigError(f"{run_dir}: the run has no unlabeled images to suggest (its split.labeled is 1)")
@@ -208,7 +212,13 @@ def suggest_labels(run_dir: Path, n: int, *, out_dir: Path | None = None, strate
     order = [int(i) for i in order]
     by_stem = ctx.source.by_stem()
     subsets = [by_stem[s].subset or "" for s in stems]
-    if stratify and strategy != "random":
+    if strategy == "typical":
+        criterion = "typicality in the run's encoder features, one per least covered cluster (TypiClust)"
+        chosen = _typical(ctx, model, n, subsets if stratify else [""] * len(stems), seed)
+        skipped = 0
+        if stratify and len(set(subsets)) > 1:
+            criterion += "; K split across the source datasets in proportion to their unlabeled images"
+    elif stratify and strategy != "random":
         groups = [by_stem[s].group for s in stems]
         chosen, skipped = select_stratified(order, features, n, similarity, subsets, groups)
         if len(set(subsets)) > 1:
@@ -227,6 +237,27 @@ def suggest_labels(run_dir: Path, n: int, *, out_dir: Path | None = None, strate
     per_subset = {sub: sum(subsets[i] == sub for i in chosen) for sub in sorted(set(subsets)) if sub}
     return Suggestion(picked, [float(uncertainty[i]) for i in chosen], strategy, criterion, skipped, files,
                       per_subset)
+
+
+def _typical(ctx: Any, model: Any, n: int, subsets: list[str], seed: int) -> list[int]:
+    """TypiClust's picks among the unlabeled images, each stratum (source dataset) for its proportional quota
+    against its own labeled images; best first within a stratum, strata interleaved by pick rank."""
+    from semiseg.report.typical import encoder_embedding, select_typical
+
+    unl, lab = ctx.arrays("unlabeled"), ctx.arrays("labeled")
+    by_stem = ctx.source.by_stem()
+    lab_subsets = [by_stem[s].subset or "" for s in lab.stems]
+    emb_u = encoder_embedding(model, unl.images, range(len(unl.stems)), device=ctx.device)
+    emb_l = encoder_embedding(model, lab.images, range(len(lab.stems)), device=ctx.device)
+    if len(set(subsets)) == 1:
+        lab_subsets = subsets[:1] * len(lab.stems)  # one stratum: every labeled image covers it
+    ranked: list[tuple[int, int]] = []
+    for stratum, quota in proportional_quotas(subsets, n).items():
+        mine = [i for i, s in enumerate(subsets) if s == stratum]
+        theirs = [i for i, s in enumerate(lab_subsets) if s == stratum]
+        picks = select_typical(emb_u[mine], emb_l[theirs], quota, seed)
+        ranked += [(rank, mine[i]) for rank, i in enumerate(picks)]
+    return [i for _, i in sorted(ranked)]
 
 
 def _contact_sheet(ctx: Any, model: Any, chosen: list[int], stems: list[str], uncertainty: np.ndarray,
