@@ -10,8 +10,9 @@ import json
 from pathlib import Path
 
 KINDS = {
-    "al": ("Which images to label next", "`suggest-labels`' picks against three random draws and the most confident "
-           "end, each added to the labeled split and retrained (`benchmarks/active_learning.py`); test Dice."),
+    "al": ("Which images to label next", "`suggest-labels`' picks (`uncertain`: least confident, stratified by "
+           "source dataset; `typical`: TypiClust) against three random draws and the most confident end, each added "
+           "to the labeled split and retrained (`benchmarks/active_learning.py`); test Dice."),
     "pilot": ("Does `semiseg pilot` pick the bench's best method?", "per split seed, the pilot's pick (validation "
               "only) against the best bench row of that seed on test (`benchmarks/pilot_vs_bench.py`)."),
 }
