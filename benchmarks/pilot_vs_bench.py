@@ -49,7 +49,9 @@ def table(rows: list[dict]) -> str:
         def pct(v: float | None) -> str:
             return "—" if v is None else f"{v * 100:.1f}"
         behind = "—" if "behind_best" not in r else f"{r['behind_best'] * 100:.1f}"
-        lines.append(f"| {r['split_seed']} | {r['pick']} | {pct(r['pick_test'])} | {r['bench_best'] or '—'} | "
+        earlier = r.get("pick_by_gain")
+        pick = r["pick"] + (f" (ranked by gain: {earlier})" if earlier and earlier != r["pick"] else "")
+        lines.append(f"| {r['split_seed']} | {pick} | {pct(r['pick_test'])} | {r['bench_best'] or '—'} | "
                      f"{pct(r['bench_best_test'])} | {behind} |")
     within = [r for r in rows if "behind_best" in r]
     close = sum(r["behind_best"] <= 0.01 for r in within)
@@ -77,7 +79,13 @@ def main(argv: list[str] | None = None) -> int:
                                                                      else argv)])
     # seeds already in the results file (same share and candidates) are kept and not piloted again: a session may
     # end between seeds
-    rows = earlier_rows(out, args.share, candidates)
+    rows = [reranked(r, args.protocol, candidates) for r in earlier_rows(out, args.share, candidates)]
+
+    def save() -> None:
+        rows.sort(key=lambda r: r["split_seed"])
+        atomic_write_text(out, json.dumps({"share": args.share, "candidates": candidates, "rows": rows}, indent=1))
+        atomic_write_text(out.with_suffix(".md"), table(rows) + "\n")
+
     for seed in (int(s) for s in args.seeds.split(",")):
         if any(r["split_seed"] == seed for r in rows):
             continue
@@ -87,14 +95,25 @@ def main(argv: list[str] | None = None) -> int:
         # nothing ahead of its control: the pilot's advice is supervised
         row = compare(args.protocol, seed, pick.method if pick.gain > 0 else "supervised", candidates, RESULTS)
         rows.append({**row, "ranking": [r.__dict__ for r in result.ranking], "pilot_seconds": result.seconds,
-                     "command": command, "commit": api.git_commit()})
-        rows.sort(key=lambda r: r["split_seed"])
-        doc = {"share": args.share, "candidates": candidates, "rows": rows}
-        atomic_write_text(out, json.dumps(doc, indent=1))
-        atomic_write_text(out.with_suffix(".md"), table(rows) + "\n")
+                     "command": command, "commit": api.git_commit(), "rank_by": "val"})
+        save()
         print(f"split seed {seed}: pick {row['pick']}, bench best {row['bench_best']}", flush=True)
+    if rows:
+        save()  # seeds re-picked from their stored rankings
     print(table(rows))
     return 0
+
+
+def reranked(row: dict, protocol: str, candidates: list[str]) -> dict:
+    """A seed piloted when the pilot ranked by gain over the control (rows without ``rank_by``), its pick taken
+    again from its stored ranking by validation, as the pilot now ranks; the earlier pick stays as
+    ``pick_by_gain``. No run is repeated: every figure the rule needs was recorded."""
+    if row.get("rank_by") == "val":
+        return row
+    best = max(row["ranking"], key=lambda r: r["val"])
+    pick = best["method"] if best["gain"] > 0 else "supervised"
+    return {**row, **compare(protocol, row["split_seed"], pick, candidates, RESULTS), "rank_by": "val",
+            "pick_by_gain": row["pick"]}
 
 
 def earlier_rows(path: Path, share: float, candidates: list[str]) -> list[dict]:

@@ -133,7 +133,8 @@ def pilot(config: Annotated[str | None, typer.Argument(help="a config file or bu
           out_dir: Annotated[Path, typer.Option(help="the pilot runs (resumable)")] = Path("pilot-runs"),
           json_out: Annotated[Path | None, typer.Option("--json", help="also write the ranking here")] = None) -> None:
     """Which method to run on your data: short pilots of the candidates and their compute-matched supervised
-    controls, ranked by validation gain (test is never read), with the command that trains the winner."""
+    controls, ranked by validation score with each one's gain over its control (test is never read), with the
+    command that trains the winner."""
     from semiseg.atomic import atomic_write_text
     from semiseg.bench.pilot import run_pilot
     from semiseg.pipeline.preflight import check_writable_file

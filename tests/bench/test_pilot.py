@@ -1,4 +1,5 @@
-"""semiseg pilot: ranked validation gains over compute-matched controls, never a test image, the winner's command."""
+"""semiseg pilot: candidates ranked by validation, each with its gain over its compute-matched control, never a test
+image, the winner's command."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ def test_ranking_by_hand():
     assert first.gain == pytest.approx(0.08) and first.spread == pytest.approx(0.02)
     assert first.trust == "clear" and first.positive_seeds == 2 and first.full_minutes == pytest.approx(4.0)
     assert second.gain == pytest.approx(-0.005) and second.trust == "within noise" and second.positive_seeds == 1
+    # the best-validated first, not the largest gain: a long control is a strong one
+    c, d = PilotRow("c", 0, 0.72, 0.70, 20, 60.0), PilotRow("d", 0, 0.69, 0.60, 10, 30.0)
+    assert [r.method for r in rank([d, c], share=0.25)] == ["c", "d"]
 
 
 def test_pilot_ranks_candidates_on_validation_only_and_prints_the_winners_command(tmp_path, capsys, monkeypatch):
@@ -28,7 +32,7 @@ def test_pilot_ranks_candidates_on_validation_only_and_prints_the_winners_comman
     assert res.code == 0, res.err
     doc = json.loads((tmp_path / "pilot.json").read_text())
     assert [r["method"] for r in doc["ranking"]] == sorted(["mean-teacher", "fixmatch"],
-                                                             key=lambda m: -next(r["gain"] for r in doc["ranking"]
+                                                             key=lambda m: -next(r["val"] for r in doc["ranking"]
                                                                                 if r["method"] == m))
     assert len(doc["rows"]) == 4 and doc["test_read"] is False
     assert "pilot 4/4" in res.err and "ETA" in res.err  # progress with an ETA
@@ -101,3 +105,12 @@ def test_pilot_vs_bench_saves_each_seed_and_skips_seeds_already_measured(tmp_pat
     assert all("pilot_vs_bench.py" in r["command"] for r in rows)
     with pytest.raises(SystemExit, match="p-pilot.json: holds share 0.25"):
         script.main([*argv, "--share", "0.5"])
+    # a seed piloted when the ranking was by gain is re-picked by validation from its stored ranking, not re-run
+    doc = json.loads((tmp_path / "p-pilot.json").read_text())
+    doc["rows"][0].pop("rank_by")
+    doc["rows"][0]["ranking"] = [{"method": "unimatch", "val": 0.70, "gain": 0.10},
+                                 {"method": "st++", "val": 0.72, "gain": 0.02}]
+    (tmp_path / "p-pilot.json").write_text(json.dumps(doc))
+    assert script.main([*argv[:-1], "0,1"]) == 0 and piloted == [0, 1]
+    row = json.loads((tmp_path / "p-pilot.json").read_text())["rows"][0]
+    assert (row["pick"], row["pick_by_gain"], row["rank_by"], row["pick_test"]) == ("st++", "unimatch", "val", 0.79)
