@@ -127,27 +127,32 @@ def write_results(path: Path, protocol: str, k: int, rows: list[dict]) -> None:
 
 
 def markdown(rows: list[dict], k: int) -> str:
-    """Test Dice per method and arm: per split seed, the mean, and the gain per added mask over the start."""
+    """Test Dice per method and arm: per split seed, the mean, and the gain per added mask over the start. The mean
+    and the gain are taken over the seeds where every arm of the method and the start have a row, so that arms are
+    compared on the same seeds while a protocol is partly run."""
     seeds = sorted({r["split_seed"] for r in rows})
     start = {r["split_seed"]: r["test"] for r in rows if r["arm"] == "start"}
     lines = ["| method | arm | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | Dice points per added mask |",
              "|---|---|" + "---|" * len(seeds) + "---|---|"]
+    complete: set[int] = set(start)
     for method in sorted({r["method"] for r in rows if r["arm"] != "start"}):
-        for arm in ARMS:
-            got = {r["split_seed"]: r["test"] for r in rows if r["method"] == method and r["arm"] == arm}
-            if not got:
-                continue
+        arms = {arm: {r["split_seed"]: r["test"] for r in rows if r["method"] == method and r["arm"] == arm}
+                for arm in ARMS}
+        arms = {arm: got for arm, got in arms.items() if got}
+        common = sorted(set(start).intersection(*arms.values()))
+        complete &= set(common)
+        for arm, got in arms.items():
             cells = [f"{100 * got[s]:.1f}" if s in got else "—" for s in seeds]
-            mean = statistics.fmean(got.values())
-            gains = [got[s] - start[s] for s in got if s in start]
-            gain = f"{statistics.fmean(gains) * 100 / k:+.3f}" if gains else "—"
-            lines.append(f"| {method} | {arm} | " + " | ".join(cells) + f" | {100 * mean:.1f} | {gain} |")
+            mean = f"{100 * statistics.fmean(got[s] for s in common):.1f}" if common else "—"
+            gain = f"{statistics.fmean(got[s] - start[s] for s in common) * 100 / k:+.3f}" if common else "—"
+            lines.append(f"| {method} | {arm} | " + " | ".join(cells) + f" | {mean} | {gain} |")
     if start:
         starts = " | ".join(f"{100 * start[s]:.1f}" if s in start else "—" for s in seeds)
-        mean = statistics.fmean(start.values())
-        lines.append(f"| supervised | start (no mask added) | {starts} | {100 * mean:.1f} | |")
+        mean = f"{100 * statistics.fmean(start[s] for s in complete):.1f}" if complete else "—"
+        lines.append(f"| supervised | start (no mask added) | {starts} | {mean} | |")
+    lines.append(f"\nMeans and gains over the split seeds complete in every arm: "
+                 f"{', '.join(map(str, sorted(complete))) or 'none yet'}.")
     return "\n".join(lines) + "\n"
-
 
 if __name__ == "__main__":
     sys.exit(main())

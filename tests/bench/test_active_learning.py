@@ -78,3 +78,13 @@ def test_refuses_a_results_file_of_another_k(tmp_path, fake_runs):
     with pytest.raises(SystemExit, match="al.json: holds protocol demo with k=33, not demo with k=10"):
         _script().main(["--protocol", "demo", "--seeds", "0", "--k", "10", "--results", str(results)])
     assert fake_runs == []
+
+
+def test_the_table_compares_arms_on_the_seeds_every_arm_has():
+    al = _script()
+    rows = [_row("start", 0.40), _row("start", 0.60, seed=1), _row("uncertain", 0.50), _row("uncertain", 0.90, seed=1),
+            _row("random-0", 0.45)]
+    table = al.markdown(rows, 10)
+    assert "| supervised | uncertain | 50.0 | 90.0 | 50.0 | +1.000 |" in table  # seed 1 shown, not averaged
+    assert "| supervised | start (no mask added) | 40.0 | 60.0 | 40.0 | |" in table
+    assert "complete in every arm: 0." in table
