@@ -228,7 +228,7 @@ class Pipeline:
         averaged (:class:`~semiseg.models.ensemble.MeanProbabilities`). ``stems`` may be a callable of upstream
         outputs; their stage goes in ``inputs``. ``previous``: earlier rounds, for the flip rate. It reads no
         method option: what the labels depend on is in these arguments, and so in its key."""
-        teachers = [teacher] if isinstance(teacher, StageRef | BestOf) else list(teacher)
+        teachers = list(teacher) if isinstance(teacher, list | tuple) else [teacher]
 
         def model() -> nn.Module:
             members = [t.resolve().model(which=which) for t in teachers]
