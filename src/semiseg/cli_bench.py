@@ -151,8 +151,8 @@ def pilot(config: Annotated[str | None, typer.Argument(help="a config file or bu
                       f"{r.positive_seeds}/{r.seeds}", r.trust, f"{r.full_minutes:.0f} min")
     out.print(table)
     best = res.ranking[0]
-    verdict = ("no candidate beats its supervised control on validation: train supervised" if best.gain <= 0 else
-               f"train {best.method} ({best.trust}): {res.command}")
+    verdict = (f"train {best.method} ({best.trust}): {res.command}" if best.gain > 0 else
+               "the best-validated candidate does not beat its supervised control: train supervised")
     out.print(verdict, soft_wrap=True)
     if json_out:
         atomic_write_text(json_out, json.dumps(res.to_dict(), indent=1))
