@@ -26,12 +26,11 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from semiseg.methods.fixmatch import weak_strong_streams
+from semiseg.methods.fixmatch import train_weak_strong
 from semiseg.methods.registry import MethodOptions, register
 from semiseg.methods.self_training import STPlusPlus, STPlusPlusOptions
 from semiseg.methods.unimatch import UniMatchOptions, UniMatchTask
-from semiseg.pipeline.plan import Pipeline, StageInputs, StageRef
-from semiseg.pipeline.training import new_model
+from semiseg.pipeline.plan import Pipeline, StageRef
 
 
 class EnsembleSTOptions(STPlusPlusOptions, UniMatchOptions):
@@ -61,11 +60,4 @@ class EnsembleST(STPlusPlus):
 
     def unimatch(self, p: Pipeline) -> StageRef:
         """UniMatch's stage, as the ``unimatch`` method plans it."""
-        run = self.run
-        seed, views = run.stage_seed("unimatch"), self.options.strong_views
-
-        def task(stage: StageInputs) -> UniMatchTask:
-            return UniMatchTask(new_model(run), weak_strong_streams(run, seed, stage.options, views), stage,
-                                seed=seed + 3, rank=run.dist.rank, views=views)
-
-        return p.train("unimatch", task, options=UNIMATCH_OPTIONS)
+        return train_weak_strong(p, "unimatch", UniMatchTask, self.options.strong_views, options=UNIMATCH_OPTIONS)

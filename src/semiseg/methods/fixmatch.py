@@ -48,9 +48,9 @@ from semiseg.methods.online import (
 from semiseg.methods.registry import Method, MethodOptions, register
 from semiseg.methods.schedules import share_of
 from semiseg.models.factory import unwrap
-from semiseg.options import ALL
+from semiseg.options import ALL, Declared
 from semiseg.pipeline.context import RunContext
-from semiseg.pipeline.plan import Pipeline, StageInputs
+from semiseg.pipeline.plan import Pipeline, StageInputs, StageRef
 from semiseg.pipeline.training import new_model
 from semiseg.pseudo.policies import ONLINE_THRESHOLDS
 
@@ -113,6 +113,20 @@ def weak_strong_streams(run: RunContext, seed: int, options: FixMatchOptions, vi
     return {"labeled": labeled_stream(run, seed, repeat_to=repeat),
             "unlabeled": unlabeled_stream(run, seed + 1, strong=strong, strong_views=views),
             "mix": unlabeled_stream(run, seed + 2, strong=strong, strong_views=views, order_seed=mix_order)}
+
+
+def train_weak_strong(p: Pipeline, name: str, task_class: type[FixMatchTask], views: int,
+                      options: Declared) -> StageRef:
+    """The one training stage of fixmatch / unimatch (``task_class``), from the shared initialisation; another
+    method planning it with the same ``name`` and ``options`` shares it with their runs under one out_dir."""
+    run = p.run
+    seed = run.stage_seed(name)
+
+    def task(stage: StageInputs) -> FixMatchTask:
+        return task_class(new_model(run), weak_strong_streams(run, seed, stage.options, views), stage,
+                          seed=seed + 3, rank=run.dist.rank, views=views)
+
+    return p.train(name, task, options=options)
 
 
 class FixMatchTask(TrainingTask):
@@ -193,11 +207,4 @@ class FixMatch(Method[FixMatchOptions]):
         return 1
 
     def plan(self, p: Pipeline) -> None:
-        run = self.run
-        seed, views = run.stage_seed(self.name), self.strong_views()
-
-        def task(stage: StageInputs) -> FixMatchTask:
-            return self.task_class(new_model(run), weak_strong_streams(run, seed, stage.options, views), stage,
-                                   seed=seed + 3, rank=run.dist.rank, views=views)
-
-        p.train(self.name, task, options=ALL)
+        train_weak_strong(p, self.name, self.task_class, self.strong_views(), options=ALL)
