@@ -105,11 +105,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def reranked(row: dict, protocol: str, candidates: list[str]) -> dict:
-    """A seed piloted when the pilot ranked by gain over the control (rows without ``rank_by``), its pick taken
+    """A stored seed compared again with the bench file as it is now (a bench row may land after its seed's pilot).
+    A seed piloted when the pilot ranked by gain over the control (rows without ``rank_by``) has its pick taken
     again from its stored ranking by validation, as the pilot now ranks; the earlier pick stays as
     ``pick_by_gain``. No run is repeated: every figure the rule needs was recorded."""
     if row.get("rank_by") == "val":
-        return row
+        return {**row, **compare(protocol, row["split_seed"], row["pick"], candidates, RESULTS)}
     best = max(row["ranking"], key=lambda r: r["val"])
     pick = best["method"] if best["gain"] > 0 else "supervised"
     return {**row, **compare(protocol, row["split_seed"], pick, candidates, RESULTS), "rank_by": "val",

@@ -4,6 +4,7 @@ image, the winner's command."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -56,7 +57,6 @@ def test_bad_pilot_requests_are_one_line_errors(capsys, args, message):
 
 def test_pilot_vs_bench_compares_the_pick_with_the_bench_best_of_that_seed(tmp_path):
     import importlib.util
-    from pathlib import Path
 
     path = Path(__file__).resolve().parents[2] / "benchmarks" / "pilot_vs_bench.py"
     spec = importlib.util.spec_from_file_location("pilot_vs_bench", path)
@@ -76,7 +76,6 @@ def test_pilot_vs_bench_compares_the_pick_with_the_bench_best_of_that_seed(tmp_p
 
 def test_pilot_vs_bench_saves_each_seed_and_skips_seeds_already_measured(tmp_path, monkeypatch):
     import importlib.util
-    from pathlib import Path
     from types import SimpleNamespace
 
     import semiseg.bench.pilot as pilot
@@ -114,3 +113,18 @@ def test_pilot_vs_bench_saves_each_seed_and_skips_seeds_already_measured(tmp_pat
     assert script.main([*argv[:-1], "0,1"]) == 0 and piloted == [0, 1]
     row = json.loads((tmp_path / "p-pilot.json").read_text())["rows"][0]
     assert (row["pick"], row["pick_by_gain"], row["rank_by"], row["pick_test"]) == ("st++", "unimatch", "val", 0.79)
+    # a bench row that lands after its seed's pilot is compared on the next run (nothing re-piloted)
+    assert row_of(tmp_path, 1)["bench_best"] == "unimatch" and row_of(tmp_path, 1)["bench_rows_missing"] == []
+    entries.append({"method": "ensemble-st", "split_seed": 1, "test": 0.82})
+    (tmp_path / "p.json").write_text(json.dumps({"entries": entries}))
+    three = ["--protocol", "p", "--methods", "st++,unimatch,ensemble-st", "--results", tmp_path / "p3.json"]
+    assert script.main([*map(str, three), "--seeds", "1"]) == 0 and piloted == [0, 1, 1]
+    entries[-1]["test"] = 0.83
+    (tmp_path / "p.json").write_text(json.dumps({"entries": entries}))
+    assert script.main([*map(str, three), "--seeds", "1"]) == 0 and piloted == [0, 1, 1]
+    row = json.loads((tmp_path / "p3.json").read_text())["rows"][0]
+    assert (row["bench_best"], row["bench_best_test"]) == ("ensemble-st", 0.83)
+
+
+def row_of(results: Path, seed: int) -> dict:
+    return next(r for r in json.loads((results / "p-pilot.json").read_text())["rows"] if r["split_seed"] == seed)
