@@ -42,6 +42,11 @@ def test_pilot_ranks_candidates_on_validation_only_and_prints_the_winners_comman
     assert len(results) >= 4 and all(r["test"] is None for r in results)  # candidates and controls: no test read
     steps = {r["name"]: r["trained_steps"] for r in results}
     assert steps["pilot-s0-mean-teacher"] == 3  # half of TINY's 6 steps
+    # again on the same out-dir: every pilot is read back, and no ETA of 0 is promised from them
+    again = cli(["pilot", *sets, "--methods", "mean-teacher,fixmatch", "--seeds", "0,1", "--share", "0.5",
+                 "--out-dir", tmp_path / "pilot"], capsys)
+    assert again.code == 0 and again.err.count("(read back)") == 4
+    assert "ETA after the first pilot that trains" in again.err and "ETA 0.0" not in again.err
 
 
 @pytest.mark.parametrize("args,message", [

@@ -121,23 +121,29 @@ def run_pilot(config: str | None, overrides: Sequence[str], *, methods: str | No
     quiet = {"log": lambda *a, **k: None}
     rows: list[PilotRow] = []
     total, done, t0 = len(candidates) * len(seeds), 0, time.time()
+    trained_seconds, trained = 0.0, 0  # the ETA's rate: pilots read back from out_dir cost nothing
     for seed in seeds:
         for method, options in candidates:
             cfg = api.load_config(config, [*common, f"split.seed={seed}", f"name=pilot-s{seed}-{method}",
                                            f"method.name={method}", *(f"method.{k}={v}" for k, v in options.items())])
-            res, _ = api.finish(cfg, **quiet)
-            trained = int(res.get("trained_steps") or steps)
+            began = time.time()
+            res, ran = api.finish(cfg, **quiet)
+            steps_behind = int(res.get("trained_steps") or steps)
             ctrl_cfg = api.load_config(config, [*overrides, "eval.test=false", "train.progress=false",
-                                                f"out_dir={out_dir}", f"train.steps={trained}", f"split.seed={seed}",
-                                                f"name=pilot-s{seed}-supervised-{trained}", "method.name=supervised"])
-            ctrl, _ = api.finish(ctrl_cfg, **quiet)
-            rows.append(PilotRow(method, seed, _val(res), _val(ctrl), trained, float(res.get("stage_seconds", 0.0))))
+                                                f"out_dir={out_dir}", f"train.steps={steps_behind}",
+                                                f"split.seed={seed}", f"name=pilot-s{seed}-supervised-{steps_behind}",
+                                                "method.name=supervised"])
+            ctrl, ctrl_ran = api.finish(ctrl_cfg, **quiet)
+            rows.append(PilotRow(method, seed, _val(res), _val(ctrl), steps_behind,
+                                 float(res.get("stage_seconds", 0.0))))
             done += 1
-            elapsed = time.time() - t0
-            eta = elapsed / done * (total - done)
+            if ran or ctrl_ran:
+                trained_seconds, trained = trained_seconds + time.time() - began, trained + 1
+            eta = (f"ETA {trained_seconds / trained * (total - done) / 60:.1f} min" if trained
+                   else "ETA after the first pilot that trains")
             log(f"pilot {done}/{total}: {method} split seed {seed}: validation {rows[-1].val:.3f} vs control "
-                f"{rows[-1].control_val:.3f} ({rows[-1].gain:+.3f}); elapsed {elapsed / 60:.1f} min, "
-                f"ETA {eta / 60:.1f} min")
+                f"{rows[-1].control_val:.3f} ({rows[-1].gain:+.3f}){'' if ran or ctrl_ran else ' (read back)'}; "
+                f"elapsed {(time.time() - t0) / 60:.1f} min, {eta}")
     ranking = rank(rows, share)
     winner = ranking[0]
     options = dict(candidates)[winner.method]
