@@ -60,6 +60,15 @@ def test_plan_shares_the_stages_of_st_plus_plus_and_of_unimatch(tmp_path: Path) 
     _, other = synthetic_run(data, out, "x", "ensemble-st", fp_weight=0.0, **STPP)
     assert [a.key_hash() == b.key_hash() for a, b in zip(es.stages()[:9], other.stages()[:9], strict=True)] == \
         [True] * 6 + [False] * 3
+    # a second round re-labels with the newest student beside U; the first round's stages stay reusable
+    _, two = synthetic_run(data, out, "two", "ensemble-st", ensemble_rounds=2, **STPP)
+    stages = two.stages()
+    assert [s.name for s in stages][7:] == ["label-ensemble", "retrain-ensemble", "label-ensemble-2",
+                                            "retrain-ensemble-2", "diagnostics"]
+    assert [s.key_hash() for s in stages[:9]] == [s.key_hash() for s in es.stages()[:9]]
+    teachers = set(stages[9].key["inputs"])
+    assert {stages[8].key_hash(), stages[6].key_hash()} <= teachers and stages[5].key_hash() not in teachers
+    assert two.trained_steps() == 4  # the last student from scratch: the same control
 
 
 def test_the_ensemble_round_holds_the_argmax_of_both_teachers_mean(tmp_path: Path,

@@ -18,13 +18,18 @@ Algorithm:
 4. a student from scratch (``student_init``) on labeled + those labels, ST++'s strong view on the pseudo-labelled
    images (``strong_aug``), as long as ST++'s students (``retrain_scale`` / ``retrain_steps``).
 
-The delivered model is that student; its compute-matched control counts its own steps (it starts from the shared
-initialisation, as ST++'s students do), so its row is compared with the same control as ``st++``'s.
+5. with ``ensemble_rounds`` > 1, steps 3-4 again: the newest student takes S's place beside U (ST++'s appendix-B
+   re-labelling rounds, with the ensemble as labeller).
+
+The delivered model is the last student; its compute-matched control counts its own steps (it starts from the
+shared initialisation, as ST++'s students do), so its row is compared with the same control as ``st++``'s.
 """
 
 from __future__ import annotations
 
 from typing import ClassVar
+
+from pydantic import Field
 
 from semiseg.methods.fixmatch import train_weak_strong
 from semiseg.methods.registry import MethodOptions, register
@@ -34,7 +39,11 @@ from semiseg.pipeline.plan import Pipeline, StageRef
 
 
 class EnsembleSTOptions(STPlusPlusOptions, UniMatchOptions):
-    """ST++'s options (its stages and the final student) and UniMatch's (its stage); nothing of its own."""
+    """ST++'s options (its stages and the final student), UniMatch's (its stage), and the number of rounds."""
+
+    ensemble_rounds: int = Field(1, ge=1, description=(
+        "label-and-retrain rounds with the two teachers; each round after the first labels with the newest student "
+        "in place of ST++'s (ours; 1 = one ensemble labelling)"))
 
 
 # the UniMatch stage declares exactly what a `unimatch` run's stage declares (ALL of UniMatch's), so its key is the same
@@ -53,9 +62,14 @@ class EnsembleST(STPlusPlus):
         student, rounds, stability = self.staged(p)
         online = self.unimatch(p)
         stems = list(self.run.splits.unlabeled)
-        labels = self.label(p, "label-ensemble", teacher=[student, online], stems=stems,
-                            previous=[ref for ref, _ in rounds])
-        self.retrain(p, "retrain-ensemble", rounds=[(labels, stems)], teacher=student, n_pseudo=len(stems))
+        previous = [ref for ref, _ in rounds]
+        for r in range(1, self.options.ensemble_rounds + 1):
+            suffix = "" if r == 1 else f"-{r}"
+            labels = self.label(p, f"label-ensemble{suffix}", teacher=[student, online], stems=stems,
+                                previous=previous)
+            student = self.retrain(p, f"retrain-ensemble{suffix}", rounds=[(labels, stems)], teacher=student,
+                                   n_pseudo=len(stems))
+            previous = [labels]
         self.diagnose(p, stability)
 
     def unimatch(self, p: Pipeline) -> StageRef:
