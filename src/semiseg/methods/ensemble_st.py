@@ -43,7 +43,7 @@ class EnsembleSTOptions(STPlusPlusOptions, UniMatchOptions):
 
     ensemble_rounds: int = Field(1, ge=1, description=(
         "label-and-retrain rounds with the two teachers; each round after the first labels with the newest student "
-        "in place of ST++'s (ours; 1 = one ensemble labelling)"))
+        "in place of ST++'s (ours; 1 = one ensemble labelling; 2 did not pay on polyp validation, polyp-notes.md)"))
 
 
 # the UniMatch stage declares exactly what a `unimatch` run's stage declares (ALL of UniMatch's), so its key is the same
