@@ -62,7 +62,7 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     from semiseg import api
     from semiseg.atomic import atomic_write_text
-    from semiseg.bench.pilot import DEFAULT_SHARE, parse_methods, run_pilot
+    from semiseg.bench.pilot import DEFAULT_SHARE, advised, parse_methods, run_pilot
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--protocol", default="polyp", help="a bundled protocol config with a bench results file")
@@ -91,9 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         result = run_pilot(args.protocol, args.overrides, methods=args.methods, seeds=[seed], share=args.share,
                            out_dir=args.out_dir, log=lambda m: print(m, flush=True))
-        pick = result.ranking[0]
-        # nothing ahead of its control: the pilot's advice is supervised
-        row = compare(args.protocol, seed, pick.method if pick.gain > 0 else "supervised", candidates, RESULTS)
+        row = compare(args.protocol, seed, advised(result.ranking), candidates, RESULTS)
         rows.append({**row, "ranking": [r.__dict__ for r in result.ranking], "pilot_seconds": result.seconds,
                      "command": command, "commit": api.git_commit(), "rank_by": "val"})
         save()
@@ -111,8 +109,11 @@ def reranked(row: dict, protocol: str, candidates: list[str]) -> dict:
     ``pick_by_gain``. No run is repeated: every figure the rule needs was recorded."""
     if row.get("rank_by") == "val":
         return {**row, **compare(protocol, row["split_seed"], row["pick"], candidates, RESULTS)}
-    best = max(row["ranking"], key=lambda r: r["val"])
-    pick = best["method"] if best["gain"] > 0 else "supervised"
+    from types import SimpleNamespace
+
+    from semiseg.bench.pilot import advised
+
+    pick = advised([SimpleNamespace(**r) for r in row["ranking"]])  # stored rankings: older ones hold fewer fields
     return {**row, **compare(protocol, row["split_seed"], pick, candidates, RESULTS), "rank_by": "val",
             "pick_by_gain": row["pick"]}
 

@@ -136,7 +136,7 @@ def pilot(config: Annotated[str | None, typer.Argument(help="a config file or bu
     controls, ranked by validation score with each one's gain over its control (test is never read), with the
     command that trains the winner."""
     from semiseg.atomic import atomic_write_text
-    from semiseg.bench.pilot import run_pilot
+    from semiseg.bench.pilot import advised, run_pilot
     from semiseg.pipeline.preflight import check_writable_file
 
     if json_out:
@@ -151,7 +151,7 @@ def pilot(config: Annotated[str | None, typer.Argument(help="a config file or bu
                       f"{r.positive_seeds}/{r.seeds}", r.trust, f"{r.full_minutes:.0f} min")
     out.print(table)
     best = res.ranking[0]
-    verdict = (f"train {best.method} ({best.trust}): {res.command}" if best.gain > 0 else
+    verdict = (f"train {best.method} ({best.trust}): {res.command}" if advised(res.ranking) == best.method else
                "the best-validated candidate does not beat its supervised control: train supervised")
     out.print(verdict, soft_wrap=True)
     if json_out:

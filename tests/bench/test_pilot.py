@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from semiseg.bench.pilot import PilotRow, rank
+from semiseg.bench.pilot import PilotRow, advised, rank
 from tests.safety_helpers import TINY, cli
 
 
@@ -23,6 +23,10 @@ def test_ranking_by_hand():
     # the best-validated first, not the largest gain: a long control is a strong one
     c, d = PilotRow("c", 0, 0.72, 0.70, 20, 60.0), PilotRow("d", 0, 0.69, 0.60, 10, 30.0)
     assert [r.method for r in rank([d, c], share=0.25)] == ["c", "d"]
+    assert advised(rank([d, c], share=0.25)) == "c"
+    # the best-validated candidate below its own control: the advice is supervised, not the runner-up
+    assert advised(rank(rows, share=0.25)) == "a" and advised([second, rank([d], share=0.25)[0]]) == "d"
+    assert advised([second]) == "supervised"
 
 
 def test_pilot_ranks_candidates_on_validation_only_and_prints_the_winners_command(tmp_path, capsys, monkeypatch):

@@ -169,3 +169,10 @@ def rank(rows: Sequence[PilotRow], share: float) -> list[Ranked]:
                           statistics.fmean(r.control_val for r in mine),
                           statistics.fmean(r.seconds for r in mine) / share / 60))
     return sorted(out, key=lambda r: r.val, reverse=True)
+
+
+def advised(ranking: Sequence[Ranked]) -> str:
+    """The method the pilot advises: the best-validated candidate, or supervised when that one does not beat its
+    own control (the unlabeled images did nothing for the user's best model)."""
+    best = max(ranking, key=lambda r: r.val)
+    return best.method if best.gain > 0 else "supervised"
