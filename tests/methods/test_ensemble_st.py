@@ -3,6 +3,8 @@ labelled by both teachers' mean probabilities and a student from scratch on it."
 
 from __future__ import annotations
 
+import contextlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -69,11 +71,63 @@ def test_plan_shares_the_stages_of_st_plus_plus_and_of_unimatch(tmp_path: Path) 
     teachers = set(stages[9].key["inputs"])
     assert {stages[8].key_hash(), stages[6].key_hash()} <= teachers and stages[5].key_hash() not in teachers
     assert two.trained_steps() == 4  # the last student from scratch: the same control
+    # CutMix in the ensemble student keys its stage only; off, no key holds it, so the stages of
+    # runs from before the option existed are still read back
+    _, mixed = synthetic_run(data, out, "mix", "ensemble-st", student_cutmix=0.5, **STPP)
+    assert [a.key_hash() == b.key_hash() for a, b in zip(es.stages()[:9], mixed.stages()[:9], strict=True)] == \
+        [True] * 8 + [False]
+    assert mixed.stages()[8].key["variant"]["cutmix_p"] == 0.5 and "cutmix_p" not in es.stages()[8].key["variant"]
+
+
+def test_the_cutmix_student_pastes_the_next_images_box_with_its_label() -> None:
+    from semiseg.engine.task import StepContext
+    from semiseg.methods.offline import CutMixStudentTask
+
+    seen: dict[str, torch.Tensor] = {}
+
+    class Recorder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(()))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen["image"] = x
+            return torch.zeros(x.shape[0], 2, *x.shape[2:]) + self.w
+
+    def loss(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        seen["mask"] = mask
+        return logits.sum()
+
+    b, h, w = 4, 16, 16
+    image = torch.arange(b, dtype=torch.float32).view(b, 1, 1, 1).expand(b, 3, h, w).clone()
+    mask = torch.arange(b).view(b, 1, 1).expand(b, h, w).clone()
+    batch = {"labeled": {"image": image, "mask": mask, "pseudo": torch.tensor([0, 1, 0, 1])}}
+
+    def step(task: CutMixStudentTask, at: int) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+        ctx = StepContext(at, torch.device("cpu"), contextlib.nullcontext, lambda name, value: None, total_steps=10)
+        return task.train_step(batch, ctx), seen["image"].clone(), seen["mask"].clone()
+
+    task = CutMixStudentTask(Recorder(), None, loss=loss, p=1.0, seed=7)
+    logs, mixed, labels = step(task, 3)
+    for i in range(b):
+        box = mixed[i, 0] != i  # where image i shows another image
+        assert box.any() and not box.all()  # every image gets one box (p = 1), never the whole image
+        assert (mixed[i, 0][box] == (i + 1) % b).all()  # the next image of the batch
+        assert torch.equal(labels[i] != i, box)  # and its label with it, pixel for pixel
+    assert 0 < logs["cutmix_share"] < 1 and logs["pseudo_share"] == 0.5
+    assert torch.equal(image, batch["labeled"]["image"])  # the loader's batch is left as it was
+    # the boxes are a pure function of (seed, rank, step): a resumed run replays them, another step draws others
+    assert torch.equal(step(CutMixStudentTask(Recorder(), None, loss=loss, p=1.0, seed=7), 3)[1], mixed)
+    assert not torch.equal(step(task, 4)[1], mixed)
+    _, untouched, _ = step(CutMixStudentTask(Recorder(), None, loss=loss, p=0.0, seed=7), 3)
+    assert torch.equal(untouched, image)
 
 
 def test_the_ensemble_round_holds_the_argmax_of_both_teachers_mean(tmp_path: Path,
                                                                     one_thread: None) -> None:  # noqa: F811
-    run, es = synthetic_run(tmp_path / "data", tmp_path / "runs", "es", "ensemble-st", steps=8, **STPP)
+    # the student CutMixes its batches (the option's real loop: loader batches, pseudo flags, checkpoints)
+    run, es = synthetic_run(tmp_path / "data", tmp_path / "runs", "es", "ensemble-st", steps=8, student_cutmix=0.5,
+                            **STPP)
     dirs = run_stages(run.run_dir, es.stages(), out_dir=tmp_path / "runs", log=lambda m: None)
     assert [d.name for d in dirs][-4:] == ["6-unimatch", "7-label-ensemble", "8-retrain-ensemble", "9-diagnostics"]
     refs = es.pipeline.refs
@@ -88,6 +142,8 @@ def test_the_ensemble_round_holds_the_argmax_of_both_teachers_mean(tmp_path: Pat
         assert np.array_equal(rnd.labels(stems[i]), mean.astype(np.uint8))
         # the two teachers disagree here, and the round is neither one's labels alone
         assert all((mean != one[i].argmax(0)).any() for one in each)
+    logged = [json.loads(line) for line in (dirs[8] / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("train/cutmix_share", 0) > 0 for r in logged)
     final = es.final_model().state_dict()
     best = torch.load(dirs[8] / "checkpoints" / "best.pt", weights_only=False)["net"]
     assert all(torch.equal(final[k], best[k]) for k in best)

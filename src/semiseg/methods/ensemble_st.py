@@ -16,7 +16,8 @@ Algorithm:
 3. every unlabeled image labelled by the mean of S's and U's softmax probabilities (each TTA-fused as ST++ labels:
    ``tta_scales``, ``tta_flip``), hard argmax, no threshold;
 4. a student from scratch (``student_init``) on labeled + those labels, ST++'s strong view on the pseudo-labelled
-   images (``strong_aug``), as long as ST++'s students (``retrain_scale`` / ``retrain_steps``).
+   images (``strong_aug``), as long as ST++'s students (``retrain_scale`` / ``retrain_steps``); with
+   ``student_cutmix`` > 0 its batches are CutMixed within themselves (labeled and pseudo-labeled images mix).
 
 5. with ``ensemble_rounds`` > 1, steps 3-4 again: the newest student takes S's place beside U (ST++'s appendix-B
    re-labelling rounds, with the ensemble as labeller).
@@ -44,6 +45,10 @@ class EnsembleSTOptions(STPlusPlusOptions, UniMatchOptions):
     ensemble_rounds: int = Field(1, ge=1, description=(
         "label-and-retrain rounds with the two teachers; each round after the first labels with the newest student "
         "in place of ST++'s (ours; 1 = one ensemble labelling; 2 did not pay on polyp validation, polyp-notes.md)"))
+    student_cutmix: float = Field(0.0, ge=0, le=1, description=(
+        "probability per image that the ensemble student's batch image gets a CutMix box (UniMatch's shape: area "
+        "U(0.02, 0.4) of the image, aspect U(0.3, 3.3)) pasted from the next image of its batch, with its label, "
+        "so labeled and pseudo-labeled images mix (ours; 0 = none, as ST++'s students; polyp-notes.md)"))
 
 
 # the UniMatch stage declares exactly what a `unimatch` run's stage declares (ALL of UniMatch's), so its key is the same
@@ -68,7 +73,7 @@ class EnsembleST(STPlusPlus):
             labels = self.label(p, f"label-ensemble{suffix}", teacher=[student, online], stems=stems,
                                 previous=previous)
             student = self.retrain(p, f"retrain-ensemble{suffix}", rounds=[(labels, stems)], teacher=student,
-                                   n_pseudo=len(stems))
+                                   n_pseudo=len(stems), cutmix=self.options.student_cutmix)
             previous = [labels]
         self.diagnose(p, stability)
 

@@ -8,7 +8,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
+import torch
+
+from semiseg.data.transforms import cutmix_boxes, paste_boxes
 from semiseg.engine.loader import EndlessLoader
+from semiseg.engine.task import StepContext
 from semiseg.methods.schedules import offline_student_steps
 from semiseg.methods.supervised import SupervisedTask
 from semiseg.pipeline.context import RunContext
@@ -57,16 +62,42 @@ def student_loader(run: RunContext, rounds: Sequence[Round], seed: int, *, stron
 
 
 def train_student(p: Pipeline, name: str, rounds: Sequence[Round], *, steps: int, init: Source | None = None,
-                  which: Which = "best", oversample: bool = True,
+                  which: Which = "best", oversample: bool = True, cutmix: float = 0.0,
                   record: Callable[[], dict[str, Any]] | None = None) -> StageRef:
     """A student on labeled + ``rounds``, cross-entropy, from the shared initialisation or from ``init``'s
-    ``which`` checkpoint; it reads the method's ``strong_aug``."""
+    ``which`` checkpoint; it reads the method's ``strong_aug``. ``cutmix``: :class:`CutMixStudentTask`'s box
+    probability (0: none, and no key change for the stages of runs from before it existed)."""
     run, seed = p.run, p.run.stage_seed(name)
 
     def task(stage: StageInputs) -> SupervisedTask:
         model = new_model(run) if stage.init is None else stage.init.resolve().model(which=which)
-        return SupervisedTask(model, student_loader(run, rounds, seed, strong=stage.options.strong_aug,
-                                                    oversample=oversample), loss=stage.labeled_loss)
+        loader = student_loader(run, rounds, seed, strong=stage.options.strong_aug, oversample=oversample)
+        if cutmix:
+            return CutMixStudentTask(model, loader, loss=stage.labeled_loss, p=cutmix, seed=seed + 3,
+                                     rank=run.dist.rank)
+        return SupervisedTask(model, loader, loss=stage.labeled_loss)
 
     return p.train(name, task, options=("strong_aug",), steps=steps, init=init, inputs=[ref for ref, _ in rounds],
-                   variant={"init_from": which, "oversample_labeled": oversample}, record=record)
+                   variant={"init_from": which, "oversample_labeled": oversample,
+                            **({"cutmix_p": cutmix} if cutmix else {})}, record=record)
+
+
+class CutMixStudentTask(SupervisedTask):
+    """A student whose batch is CutMixed within itself: each image, with probability ``p``, gets one box of
+    UniMatch's shape pasted from the next image of the batch, its label (true or pseudo) with it, so labeled and
+    pseudo-labeled images mix. The boxes of a step are a pure function of (seed, rank, step): a resumed run
+    replays an unbroken one."""
+
+    def __init__(self, model: Any, loader: Any, *, loss: Any, p: float, seed: int, rank: int = 0) -> None:
+        super().__init__(model, loader, loss=loss)
+        self.p, self.seed, self.rank = p, seed, rank
+
+    def train_step(self, batches: dict[str, Any], ctx: StepContext) -> dict[str, float]:
+        batch = dict(batches["labeled"])
+        image, mask = batch["image"], batch["mask"]
+        rng = np.random.default_rng([self.seed, self.rank, ctx.step])
+        boxes = cutmix_boxes(image.shape[0], *image.shape[-2:], rng, p=self.p).to(image.device)
+        partner = torch.roll(torch.arange(image.shape[0], device=image.device), -1)
+        batch["image"] = paste_boxes(boxes, image, image[partner])
+        batch["mask"] = paste_boxes(boxes, mask, mask[partner])
+        return {**super().train_step({"labeled": batch}, ctx), "cutmix_share": boxes.float().mean().item()}
