@@ -6,7 +6,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from semiseg.bench.tables import BASELINES, _algorithm
+from semiseg.bench.tables import BASELINES, algorithm_of
 
 
 def _per_class(entries: list[dict], method: str, seeds: list[int]) -> dict[str, float] | None:
@@ -21,7 +21,7 @@ def _per_class(entries: list[dict], method: str, seeds: list[int]) -> dict[str, 
 
 def best_method(summary: list[dict[str, Any]], entries: list[dict]) -> dict[str, Any] | None:
     """The method row with the highest mean test score, baselines and supervised controls left out."""
-    supervised_like = {e["method"] for e in entries if _algorithm(e) == "supervised"} | set(BASELINES)
+    supervised_like = {e["method"] for e in entries if algorithm_of(e) == "supervised"} | set(BASELINES)
     candidates = [r for r in summary if r["method"] not in supervised_like and r["test_mean"] is not None]
     return max(candidates, key=lambda r: r["test_mean"], default=None)
 

@@ -127,7 +127,7 @@ def invalid_seeds(entries: list[dict], protocol: str) -> dict[int, str]:
     return out
 
 
-def _algorithm(e: dict) -> str:
+def algorithm_of(e: dict) -> str:
     return e.get("algorithm") or e["method"]
 
 
@@ -163,7 +163,7 @@ def budget_line(entries: list[dict]) -> str:
 def is_control(e: dict) -> bool:
     """A compute-matched control: ``supervised`` with its default options, only its steps changed (rows recorded
     before ``method_options`` existed are all such); ``supervised loss=dice`` is a variant, no control."""
-    return _algorithm(e) == "supervised" and not e.get("method_options")
+    return algorithm_of(e) == "supervised" and not e.get("method_options")
 
 
 def controls_by_steps(rows: list[dict]) -> dict[tuple[int, int], dict]:
@@ -207,7 +207,7 @@ def summarize(entries: list[dict], protocol: str) -> list[dict[str, Any]]:
     invalid = invalid_seeds(entries, protocol)
     controls = controls_by_steps(rows)
     # baselines and supervised controls (e.g. supervised-2x) first; they recover no gap and "beat" nothing
-    baselines = {e["method"] for e in rows if e["method"] in BASELINES or _algorithm(e) == "supervised"}
+    baselines = {e["method"] for e in rows if e["method"] in BASELINES or algorithm_of(e) == "supervised"}
     methods = sorted({e["method"] for e in rows},
                      key=lambda m: (m not in baselines, m not in BASELINES, m != "supervised", m))
     out = []
