@@ -6,7 +6,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from semiseg.bench.tables import BASELINES, algorithm_of
+from semiseg.bench.stats import BASELINES, algorithm_of
 
 
 def _per_class(entries: list[dict], method: str, seeds: list[int]) -> dict[str, float] | None:

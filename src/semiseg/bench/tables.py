@@ -11,10 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from semiseg.atomic import atomic_write_text
-from semiseg.bench.stats import VALIDITY_GATE, mean_std
+from semiseg.bench.stats import BASELINES, VALIDITY_GATE, algorithm_of, mean_std
 from semiseg.errors import ConfigError
-
-BASELINES = ("supervised", "oracle")
 
 
 def budget_of(config: Any) -> str:
@@ -125,10 +123,6 @@ def invalid_seeds(entries: list[dict], protocol: str) -> dict[int, str]:
             out[seed] = (f"oracle {ora * 100:.1f} vs supervised {sup * 100:.1f}: {(ora - sup) * 100:+.1f} pts, "
                          f"below the {VALIDITY_GATE * 100:.0f}-point validity gate")
     return out
-
-
-def algorithm_of(e: dict) -> str:
-    return e.get("algorithm") or e["method"]
 
 
 _STEPS = re.compile(r"(\d+) steps x batch")
