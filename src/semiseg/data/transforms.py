@@ -263,10 +263,8 @@ def cutmix_batch(images: torch.Tensor, labels: torch.Tensor, confidence: torch.T
     for i in range(b):
         y, x, bh, bw = cutmix_box(h, w, generator)
         box[i, y:y + bh, x:x + bw] = True
-    partner = torch.roll(torch.arange(b, device=images.device), -1)  # partner[i] = (i + 1) % B
-
     def mix(t: torch.Tensor) -> torch.Tensor:
-        return paste_boxes(box, t, t[partner])
+        return paste_from_next(box, t)
 
     return mix(images), mix(labels), None if confidence is None else mix(confidence)
 
@@ -283,6 +281,11 @@ def cutmix_boxes(batch: int, height: int, width: int, rng: np.random.Generator, 
             y, x, bh, bw = sample_cutout_box(height, width, rng, area=area, ratio=ratio, redraw_area=False)
             boxes[i, y:y + bh, x:x + bw] = True
     return boxes
+
+
+def paste_from_next(box: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
+    """CutMix within a batch: sample i with sample (i + 1) % B inside ``box[i]`` (B×H×W bool)."""
+    return paste_boxes(box, batch, torch.roll(batch, -1, dims=0))
 
 
 def paste_boxes(box: torch.Tensor, target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:

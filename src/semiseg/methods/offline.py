@@ -9,9 +9,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-import torch
 
-from semiseg.data.transforms import cutmix_boxes, paste_boxes
+from semiseg.data.transforms import cutmix_boxes, paste_from_next
 from semiseg.engine.loader import EndlessLoader
 from semiseg.engine.task import StepContext
 from semiseg.methods.schedules import offline_student_steps
@@ -97,7 +96,5 @@ class CutMixStudentTask(SupervisedTask):
         image, mask = batch["image"], batch["mask"]
         rng = np.random.default_rng([self.seed, self.rank, ctx.step])
         boxes = cutmix_boxes(image.shape[0], *image.shape[-2:], rng, p=self.p).to(image.device)
-        partner = torch.roll(torch.arange(image.shape[0], device=image.device), -1)
-        batch["image"] = paste_boxes(boxes, image, image[partner])
-        batch["mask"] = paste_boxes(boxes, mask, mask[partner])
+        batch["image"], batch["mask"] = paste_from_next(boxes, image), paste_from_next(boxes, mask)
         return {**super().train_step({"labeled": batch}, ctx), "cutmix_share": boxes.float().mean().item()}
