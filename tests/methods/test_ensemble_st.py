@@ -147,3 +147,70 @@ def test_the_ensemble_round_holds_the_argmax_of_both_teachers_mean(tmp_path: Pat
     final = es.final_model().state_dict()
     best = torch.load(dirs[8] / "checkpoints" / "best.pt", weights_only=False)["net"]
     assert all(torch.equal(final[k], best[k]) for k in best)
+
+
+def test_the_averaged_student_delivers_its_weights_moving_average_by_hand() -> None:
+    from semiseg.engine.task import StepContext
+    from semiseg.methods.offline import AveragedStudent
+    from semiseg.methods.supervised import SupervisedTask
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 2, 1), nn.BatchNorm2d(2))
+    task = AveragedStudent(SupervisedTask(model, None), [0.9, 0.5])
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+
+    def optimize(name: str, loss: torch.Tensor) -> None:
+        assert name == "model"  # the raw student is what the loop optimises
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    batch = {"labeled": {"image": torch.randn(2, 3, 4, 4), "mask": torch.randint(0, 2, (2, 4, 4))}}
+    seen = []
+    for step in range(3):
+        task.train_step(batch, StepContext(step, torch.device("cpu"), contextlib.nullcontext, optimize, 3))
+        logs = {}
+        for hook in task.hooks:
+            logs.update(hook.after_step(step, batch))
+        seen.append({k: v.clone() for k, v in model.state_dict().items()})
+        assert logs == {"average_decay": min(1 - 1 / (step + 1), 0.9)}
+    w = "0.weight"
+    # warm-up decay d_t = min(1 - 1/(t+1), m): 0, 1/2, 2/3 (m = 0.9) -> the plain mean of the three students
+    assert torch.allclose(task.nets["average"].state_dict()[w], (seen[0][w] + seen[1][w] + seen[2][w]) / 3)
+    # m = 0.5 caps d at 0.5 from step 1 on: s0/4 + s1/4 + s2/2
+    assert torch.allclose(task.nets["average0.5"].state_dict()[w], seen[0][w] / 4 + seen[1][w] / 4 + seen[2][w] / 2)
+    # BN statistics are averaged too, so the eval-mode average matches its weights
+    rm = "1.running_mean"
+    assert torch.allclose(task.nets["average"].state_dict()[rm], sum(s[rm] for s in seen) / 3)
+    assert task.eval_net() is task.nets["average"]
+    assert task.extra_eval_nets() == {"student": model, "average0.5": task.nets["average0.5"]}
+    assert not any(p.requires_grad for p in task.nets["average"].parameters())
+
+
+def test_the_averaged_student_trains_as_the_raw_one_and_delivers_its_average(
+        tmp_path: Path, one_thread: None) -> None:  # noqa: F811
+    data, out = tmp_path / "data", tmp_path / "runs"
+    _, plain = synthetic_run(data, out, "plain", "ensemble-st", steps=8, **STPP)
+    run, avg = synthetic_run(data, out, "avg", "ensemble-st", steps=8, student_average=[0.9, 0.5], **STPP)
+    # the option keys the student's stage only; off, no key holds it (older runs' stages are read back)
+    assert [a.key_hash() == b.key_hash() for a, b in zip(plain.stages(), avg.stages(), strict=True)][:9] == \
+        [True] * 8 + [False]
+    assert avg.stages()[8].key["variant"]["weight_averages"] == [0.9, 0.5]
+    assert "weight_averages" not in plain.stages()[8].key["variant"]
+    assert avg.trained_steps() == plain.trained_steps()  # the same control
+    logs = []
+    for method in (plain, avg):
+        dirs = run_stages(method.run.run_dir, method.stages(), out_dir=out, log=lambda m: None)
+        logs.append([json.loads(line) for line in (dirs[8] / "metrics.jsonl").read_text().splitlines()])
+    # the averages only watch: the raw student's losses are the plain run's, step for step
+    assert [r["train/loss"] for r in logs[0]] == [r["train/loss"] for r in logs[1]]
+    validated = [r for r in logs[1] if "val/dice" in r]
+    assert validated and all("val_student/dice" in r and "val_average0.5/dice" in r for r in validated)
+    assert [r["val_student/dice"] for r in validated] == [r["val/dice"] for r in logs[0] if "val/dice" in r]
+    checkpoints = dirs[8] / "checkpoints"
+    assert (checkpoints / "best-student.pt").exists() and (checkpoints / "best-average0.5.pt").exists()
+    final = avg.final_model().state_dict()
+    best = torch.load(checkpoints / "best.pt", weights_only=False)["net"]
+    assert all(torch.equal(final[k], best[k]) for k in best)  # the delivered model is the selected average
+    with pytest.raises(ValueError, match="distinct and in"):
+        synthetic_run(data, out, "bad", "ensemble-st", student_average=[1.0], **STPP)

@@ -17,7 +17,8 @@ Algorithm:
    ``tta_scales``, ``tta_flip``), hard argmax, no threshold;
 4. a student from scratch (``student_init``) on labeled + those labels, ST++'s strong view on the pseudo-labelled
    images (``strong_aug``), as long as ST++'s students (``retrain_scale`` / ``retrain_steps``); with
-   ``student_cutmix`` > 0 its batches are CutMixed within themselves (labeled and pseudo-labeled images mix).
+   ``student_cutmix`` > 0 its batches are CutMixed within themselves (labeled and pseudo-labeled images mix);
+   with ``student_average`` the delivered student is the moving average of its weights.
 
 5. with ``ensemble_rounds`` > 1, steps 3-4 again: the newest student takes S's place beside U (ST++'s appendix-B
    re-labelling rounds, with the ensemble as labeller).
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from semiseg.methods.fixmatch import train_weak_strong
 from semiseg.methods.registry import MethodOptions, register
@@ -49,6 +50,17 @@ class EnsembleSTOptions(STPlusPlusOptions, UniMatchOptions):
         "probability per image that the ensemble student's batch image gets a CutMix box (UniMatch's shape: area "
         "U(0.02, 0.4) of the image, aspect U(0.3, 3.3)) pasted from the next image of its batch, with its label, "
         "so labeled and pseudo-labeled images mix (ours; 0 = none, as ST++'s students; polyp-notes.md)"))
+    student_average: list[float] = Field([], description=(
+        "EMA momenta per step of moving averages of the ensemble student's weights (and BN statistics): the first "
+        "is validated, selected and delivered, the raw student and the others are validated alongside "
+        "(val_student/..., val_average<m>/...) for comparison (ours; [] = the raw student, as ST++'s)"))
+
+    @field_validator("student_average")
+    @classmethod
+    def _momenta(cls, v: list[float]) -> list[float]:
+        if any(not 0 < m < 1 for m in v) or len(set(v)) != len(v):
+            raise ValueError(f"momenta must be distinct and in (0, 1), got {v}")
+        return v
 
 
 # the UniMatch stage declares exactly what a `unimatch` run's stage declares (ALL of UniMatch's), so its key is the same
@@ -73,7 +85,8 @@ class EnsembleST(STPlusPlus):
             labels = self.label(p, f"label-ensemble{suffix}", teacher=[student, online], stems=stems,
                                 previous=previous)
             student = self.retrain(p, f"retrain-ensemble{suffix}", rounds=[(labels, stems)], teacher=student,
-                                   n_pseudo=len(stems), cutmix=self.options.student_cutmix)
+                                   n_pseudo=len(stems), cutmix=self.options.student_cutmix,
+                                   averages=self.options.student_average)
             previous = [labels]
         self.diagnose(p, stability)
 

@@ -9,12 +9,15 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+from torch import nn
 
 from semiseg.data.transforms import cutmix_boxes, paste_from_next
+from semiseg.engine.hooks import EMAHook, ema
 from semiseg.engine.loader import EndlessLoader
-from semiseg.engine.task import StepContext
+from semiseg.engine.task import StepContext, TrainingTask
 from semiseg.methods.schedules import offline_student_steps
 from semiseg.methods.supervised import SupervisedTask
+from semiseg.models.ema import frozen_copy
 from semiseg.pipeline.context import RunContext
 from semiseg.pipeline.labeling import PseudoLabeledDataset, oversampled_size, pseudo_dataset
 from semiseg.pipeline.plan import Pipeline, Source, StageInputs, StageRef, Which
@@ -62,23 +65,62 @@ def student_loader(run: RunContext, rounds: Sequence[Round], seed: int, *, stron
 
 def train_student(p: Pipeline, name: str, rounds: Sequence[Round], *, steps: int, init: Source | None = None,
                   which: Which = "best", oversample: bool = True, cutmix: float = 0.0,
+                  averages: Sequence[float] = (),
                   record: Callable[[], dict[str, Any]] | None = None) -> StageRef:
     """A student on labeled + ``rounds``, cross-entropy, from the shared initialisation or from ``init``'s
     ``which`` checkpoint; it reads the method's ``strong_aug``. ``cutmix``: :class:`CutMixStudentTask`'s box
-    probability (0: none, and no key change for the stages of runs from before it existed)."""
+    probability; ``averages``: :class:`AveragedStudent`'s momenta (0 / empty: none, and no key change for the
+    stages of runs from before either existed)."""
     run, seed = p.run, p.run.stage_seed(name)
 
-    def task(stage: StageInputs) -> SupervisedTask:
+    def task(stage: StageInputs) -> TrainingTask:
         model = new_model(run) if stage.init is None else stage.init.resolve().model(which=which)
         loader = student_loader(run, rounds, seed, strong=stage.options.strong_aug, oversample=oversample)
-        if cutmix:
-            return CutMixStudentTask(model, loader, loss=stage.labeled_loss, p=cutmix, seed=seed + 3,
-                                     rank=run.dist.rank)
-        return SupervisedTask(model, loader, loss=stage.labeled_loss)
+        inner = (CutMixStudentTask(model, loader, loss=stage.labeled_loss, p=cutmix, seed=seed + 3,
+                                   rank=run.dist.rank) if cutmix else SupervisedTask(model, loader,
+                                                                                     loss=stage.labeled_loss))
+        return AveragedStudent(inner, averages) if averages else inner
 
     return p.train(name, task, options=("strong_aug",), steps=steps, init=init, inputs=[ref for ref, _ in rounds],
                    variant={"init_from": which, "oversample_labeled": oversample,
-                            **({"cutmix_p": cutmix} if cutmix else {})}, record=record)
+                            **({"cutmix_p": cutmix} if cutmix else {}),
+                            **({"weight_averages": list(averages)} if averages else {})}, record=record)
+
+
+class AveragedStudent(TrainingTask):
+    """``inner``'s student trained as ``inner`` trains it, validated and delivered as the moving average of its
+    weights and BN statistics (``average``: momentum ``momenta[0]`` per step, warm-up ``min(1 - 1/(t+1), m)``),
+    the mean of its last ~1/(1 - m) steps, which smooths the step-to-step swings a best-on-validation pick
+    chases. The raw student (``student``) and the averages of the other momenta (``average<m>``) are validated
+    alongside, each kept as its own best checkpoint, so one run compares them."""
+
+    def __init__(self, inner: TrainingTask, momenta: Sequence[float]) -> None:
+        self.inner = inner
+        self.nets = inner.nets  # the same dict: the loop's DDP wrapping reaches the inner step
+        student = self.nets[inner.eval_net_name]
+        self.names = ["average"] + [f"average{m:g}" for m in momenta[1:]]
+        self.hooks = list(inner.hooks)
+        for i, (name, m) in enumerate(zip(self.names, momenta, strict=True)):
+            self.nets[name] = frozen_copy(student)
+            average = ema(student, self.nets[name], momentum=m, updates=0, warmup=True, buffers=True)
+            self.hooks.append(EMAHook(average, log="average_decay" if i == 0 else None))
+        self.loaders, self.optimized = inner.loaders, inner.optimized
+        self.eval_net_name = "average"
+
+    def train_step(self, batches: dict[str, Any], ctx: StepContext) -> dict[str, float]:
+        return self.inner.train_step(batches, ctx)
+
+    def extra_eval_nets(self) -> dict[str, nn.Module]:
+        return {"student": self.nets[self.inner.eval_net_name], **{n: self.nets[n] for n in self.names[1:]}}
+
+    def on_epoch_end(self, epoch: int) -> None:
+        self.inner.on_epoch_end(epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)
 
 
 class CutMixStudentTask(SupervisedTask):

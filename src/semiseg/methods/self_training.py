@@ -104,12 +104,14 @@ class _SelfTrainingBase(Method[OptionsT]):
                          batch_size=o.label_batch_size, inputs=inputs, previous=previous)
 
     def retrain(self, p: Pipeline, name: str, *, rounds: list[Round], teacher: StageRef, n_pseudo: int,
-                cutmix: float = 0.0) -> StageRef:
+                cutmix: float = 0.0, averages: Sequence[float] = ()) -> StageRef:
         """A student on labeled + ``rounds`` = [(label stage, its stems)] (``n_pseudo`` pseudo-labeled images),
         from the shared initialisation or, with ``student_init=teacher``, from ``teacher``'s model; ``cutmix``:
-        the box probability of a batch CutMixed within itself (0: none, as ST/ST++)."""
+        the box probability of a batch CutMixed within itself (0: none, as ST/ST++); ``averages``: the student
+        delivered as the moving average of its weights (:class:`AveragedStudent`; none, as ST/ST++)."""
         init = teacher if self.options.student_init == "teacher" else None
-        return train_student(p, name, rounds, steps=self.retrain_steps(n_pseudo), init=init, cutmix=cutmix)
+        return train_student(p, name, rounds, steps=self.retrain_steps(n_pseudo), init=init, cutmix=cutmix,
+                             averages=averages)
 
     def retrain_steps(self, n_pseudo: int) -> int:
         """Steps of a re-training on the labeled images + ``n_pseudo`` pseudo-labeled ones: ``retrain_steps``,
