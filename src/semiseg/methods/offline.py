@@ -18,6 +18,7 @@ from semiseg.engine.task import StepContext, TrainingTask
 from semiseg.methods.schedules import offline_student_steps
 from semiseg.methods.supervised import SupervisedTask
 from semiseg.models.ema import frozen_copy
+from semiseg.models.factory import unwrap
 from semiseg.pipeline.context import RunContext
 from semiseg.pipeline.labeling import PseudoLabeledDataset, oversampled_size, pseudo_dataset
 from semiseg.pipeline.plan import Pipeline, Source, StageInputs, StageRef, Which
@@ -111,7 +112,8 @@ class AveragedStudent(TrainingTask):
         return self.inner.train_step(batches, ctx)
 
     def extra_eval_nets(self) -> dict[str, nn.Module]:
-        return {"student": self.nets[self.inner.eval_net_name], **{n: self.nets[n] for n in self.names[1:]}}
+        student = unwrap(self.nets[self.inner.eval_net_name])  # under torchrun the loop wrapped it in DDP
+        return {"student": student, **{n: self.nets[n] for n in self.names[1:]}}
 
     def on_epoch_end(self, epoch: int) -> None:
         self.inner.on_epoch_end(epoch)
