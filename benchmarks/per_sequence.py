@@ -1,8 +1,9 @@
 """Test mIoU of finished runs per video sequence (issue 29's "why camvid shows no gain").
 
-    python benchmarks/per_sequence.py RUN_DIR... [--out FILE.json]
+    python benchmarks/per_sequence.py RUN_DIR... [--out benchmarks/results/<protocol>-videos.json]
 
-(``benchmarks/results/camvid-per-sequence.json``: the camvid bench rows of split seeds 0-1.)
+(``benchmarks/results/camvid-videos.json``: the camvid bench rows of split seeds 0-1; BENCHMARKS.md shows its
+``.md`` table.)
 
 CamVid's official test frames come from two videos: the end of 0001TP (a sequence whose earlier frames are in the
 train pool) and Seq05VD (a street no train frame shows). A run's recorded test score pools both; this splits it by
@@ -53,22 +54,33 @@ def by_sequence(run_dir: Path) -> dict:
     return row
 
 
+def table(rows: list[dict]) -> str:
+    """Markdown: one line per run, test mIoU per sequence (its frames in the header) and pooled."""
+    seqs = sorted({k: v["images"] for r in rows for k, v in r["sequences"].items()}.items())
+    head = "| split seed | run | " + " | ".join(f"{k} ({n} frames)" for k, n in seqs) + " | pooled |"
+    lines = [head, "|" + "---|" * (len(seqs) + 3)]
+    for r in rows:
+        cells = [f"{r['sequences'][k]['miou'] * 100:.1f}" if k in r["sequences"] else "—" for k, _ in seqs]
+        lines.append(f"| {r['split_seed']} | {r['run']} | " + " | ".join(cells) + f" | {r['pooled'] * 100:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("runs", nargs="+", type=Path)
-    ap.add_argument("--out", type=Path, help="also write the rows as JSON here")
+    ap.add_argument("--out", type=Path, help="also write the rows as JSON here, and their table beside it (.md)")
     args = ap.parse_args()
+    command = " ".join(["python benchmarks/per_sequence.py", *map(portable_arg, sys.argv[1:])])
     rows = []
     for run in args.runs:
-        row = by_sequence(run)
+        row = {**by_sequence(run), "command": command, "commit": git_commit()}
         rows.append(row)
         seqs = ", ".join(f"{k} {v['miou'] * 100:.1f} ({v['images']})" for k, v in row["sequences"].items())
         print(f"{row['run']}: {seqs}; pooled {row['pooled'] * 100:.1f} (recorded {row['recorded'] * 100:.1f})",
               flush=True)
     if args.out:
-        command = " ".join(["python benchmarks/per_sequence.py", *map(portable_arg, sys.argv[1:])])
-        doc = {"command": command, "commit": git_commit(), "rows": rows}
-        args.out.write_text(json.dumps(doc, indent=1) + "\n")
+        args.out.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+        args.out.with_suffix(".md").write_text(table(rows))
 
 
 if __name__ == "__main__":

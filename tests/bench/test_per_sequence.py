@@ -45,3 +45,5 @@ def test_the_sequences_pool_to_the_recorded_score(tmp_path: Path, monkeypatch: p
     assert row["pooled"] == pytest.approx(recorded, abs=1e-6)
     # a part is not the whole: the per-video scores differ from the pooled one
     assert any(abs(v["miou"] - recorded) > 1e-6 for v in row["sequences"].values())
+    md = script.table([row])
+    assert md.splitlines()[0].startswith("| split seed | run | even (") and "| sup |" in md

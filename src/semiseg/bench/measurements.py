@@ -15,6 +15,9 @@ KINDS = {
            "to the labeled split and retrained (`benchmarks/active_learning.py`); test Dice."),
     "pilot": ("Does `semiseg pilot` pick the bench's best method?", "per split seed, the pilot's pick (validation "
               "only) against the best bench row of that seed on test (`benchmarks/pilot_vs_bench.py`)."),
+    "videos": ("Test score per video", "the delivered models of bench rows re-evaluated on their test split one "
+               "source video at a time (`benchmarks/per_sequence.py`), for a diagnosis only: nothing is chosen "
+               "from it; the videos' confusion matrices pool back to each row's recorded score."),
 }
 
 
