@@ -70,16 +70,17 @@ def train_student(p: Pipeline, name: str, rounds: Sequence[Round], *, steps: int
                   record: Callable[[], dict[str, Any]] | None = None) -> StageRef:
     """A student on labeled + ``rounds``, cross-entropy, from the shared initialisation or from ``init``'s
     ``which`` checkpoint; it reads the method's ``strong_aug``. ``cutmix``: :class:`CutMixStudentTask`'s box
-    probability; ``averages``: :class:`AveragedStudent`'s momenta (0 / empty: none, and no key change for the
-    stages of runs from before either existed)."""
+    probability (0: none); ``averages``: :class:`AveragedStudent`'s momenta (empty: none). Either off, no key
+    holds it, so the stages of runs from before it existed are still read back."""
     run, seed = p.run, p.run.stage_seed(name)
 
     def task(stage: StageInputs) -> TrainingTask:
         model = new_model(run) if stage.init is None else stage.init.resolve().model(which=which)
         loader = student_loader(run, rounds, seed, strong=stage.options.strong_aug, oversample=oversample)
-        inner = (CutMixStudentTask(model, loader, loss=stage.labeled_loss, p=cutmix, seed=seed + 3,
-                                   rank=run.dist.rank) if cutmix else SupervisedTask(model, loader,
-                                                                                     loss=stage.labeled_loss))
+        inner: TrainingTask = SupervisedTask(model, loader, loss=stage.labeled_loss)
+        if cutmix:
+            inner = CutMixStudentTask(model, loader, loss=stage.labeled_loss, p=cutmix, seed=seed + 3,
+                                      rank=run.dist.rank)
         return AveragedStudent(inner, averages) if averages else inner
 
     return p.train(name, task, options=("strong_aug",), steps=steps, init=init, inputs=[ref for ref, _ in rounds],
