@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -10,15 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from semiseg import api
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "active_learning.py"
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("active_learning", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from tests.bench.scripts import load_script
 
 
 def _row(arm: str, test: float, seed: int = 0) -> dict:
@@ -49,7 +40,7 @@ def fake_runs(monkeypatch):
 
 
 def test_resumes_row_by_row_and_saves_each_row(tmp_path, fake_runs):
-    al = _script()
+    al = load_script("active_learning")
     results = tmp_path / "al.json"
     results.write_text(json.dumps({"protocol": "demo", "k": 10, "rows": [
         _row("start", 0.40), _row("uncertain", 0.50), _row("random-0", 0.45)]}))
@@ -76,12 +67,12 @@ def test_refuses_a_results_file_of_another_k(tmp_path, fake_runs):
     results = tmp_path / "al.json"
     results.write_text(json.dumps({"protocol": "demo", "k": 33, "rows": []}))
     with pytest.raises(SystemExit, match="al.json: holds protocol demo with k=33, not demo with k=10"):
-        _script().main(["--protocol", "demo", "--seeds", "0", "--k", "10", "--results", str(results)])
+        load_script("active_learning").main(["--protocol", "demo", "--seeds", "0", "--k", "10", "--results", str(results)])
     assert fake_runs == []
 
 
 def test_the_table_compares_arms_on_the_seeds_every_arm_has():
-    al = _script()
+    al = load_script("active_learning")
     rows = [_row("start", 0.40), _row("start", 0.60, seed=1), _row("uncertain", 0.50), _row("uncertain", 0.90, seed=1),
             _row("random-0", 0.45)]
     table = al.markdown(rows, 10)

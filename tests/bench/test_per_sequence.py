@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from tests.bench.scripts import load_script
 from tests.safety_helpers import TINY
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "per_sequence.py"
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("per_sequence", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_the_sequence_is_the_stem_before_its_frame_number() -> None:
-    script = _script()
+    script = load_script("per_sequence")
     assert script.sequence_of("0001TP_008550") == "0001TP"
     assert script.sequence_of("Seq05VD_f00210") == "Seq05VD"
     assert script.sequence_of("a_b_0001") == "a_b" and script.sequence_of("frame") == "frame"
@@ -35,7 +26,7 @@ def test_the_sequences_pool_to_the_recorded_score(tmp_path: Path, monkeypatch: p
                                  "data.options.kind=multiclass"])
     api.run(cfg, log=lambda *_: None)
     run = tmp_path / "runs" / "sup"
-    script = _script()
+    script = load_script("per_sequence")
     test = (run / "splits" / "test.txt").read_text().split()
     # two made-up "videos" by the stem's parity: their confusion matrices must add up to the whole test split's
     monkeypatch.setattr(script, "sequence_of", lambda stem: "odd" if int(stem[-1]) % 2 else "even")

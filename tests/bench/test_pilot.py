@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from semiseg.bench.pilot import PilotRow, advised, rank
+from tests.bench.scripts import load_script
 from tests.safety_helpers import TINY, cli
 
 
@@ -65,12 +66,7 @@ def test_bad_pilot_requests_are_one_line_errors(capsys, args, message):
 
 
 def test_pilot_vs_bench_compares_the_pick_with_the_bench_best_of_that_seed(tmp_path):
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "pilot_vs_bench.py"
-    spec = importlib.util.spec_from_file_location("pilot_vs_bench", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("pilot_vs_bench")
     entries = [{"method": m, "split_seed": s, "test": t} for m, s, t in [
         ("supervised", 0, 0.70), ("st++", 0, 0.79), ("unimatch", 0, 0.785), ("oracle", 0, 0.85),
         ("supervised", 1, 0.71), ("st++", 1, 0.74), ("unimatch", 1, 0.78)]]
@@ -84,15 +80,11 @@ def test_pilot_vs_bench_compares_the_pick_with_the_bench_best_of_that_seed(tmp_p
 
 
 def test_pilot_vs_bench_saves_each_seed_and_skips_seeds_already_measured(tmp_path, monkeypatch):
-    import importlib.util
     from types import SimpleNamespace
 
     import semiseg.bench.pilot as pilot
 
-    path = Path(__file__).resolve().parents[2] / "benchmarks" / "pilot_vs_bench.py"
-    spec = importlib.util.spec_from_file_location("pilot_vs_bench", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("pilot_vs_bench")
     entries = [{"method": m, "split_seed": s, "test": t} for m, s, t in [
         ("supervised", 0, 0.70), ("st++", 0, 0.79), ("unimatch", 0, 0.785),
         ("supervised", 1, 0.71), ("st++", 1, 0.74), ("unimatch", 1, 0.78)]]
