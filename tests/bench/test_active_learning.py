@@ -67,7 +67,8 @@ def test_refuses_a_results_file_of_another_k(tmp_path, fake_runs):
     results = tmp_path / "al.json"
     results.write_text(json.dumps({"protocol": "demo", "k": 33, "rows": []}))
     with pytest.raises(SystemExit, match="al.json: holds protocol demo with k=33, not demo with k=10"):
-        load_script("active_learning").main(["--protocol", "demo", "--seeds", "0", "--k", "10", "--results", str(results)])
+        load_script("active_learning").main(["--protocol", "demo", "--seeds", "0", "--k", "10",
+                                             "--results", str(results)])
     assert fake_runs == []
 
 
