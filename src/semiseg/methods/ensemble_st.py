@@ -60,7 +60,7 @@ class EnsembleSTOptions(STPlusPlusOptions, UniMatchOptions):
     @classmethod
     def _momenta(cls, v: list[float]) -> list[float]:
         if any(not 0 < m < 1 for m in v) or len(set(v)) != len(v):
-            raise ValueError(f"momenta must be distinct and in (0, 1), got {v}")
+            raise ValueError("momenta must be distinct and in (0, 1)")
         return v
 
 
