@@ -28,6 +28,9 @@ def test_ranking_by_hand():
     # the best-validated candidate below its own control: the advice is supervised, not the runner-up
     assert advised(rank(rows, share=0.25)) == "a" and advised([second, rank([d], share=0.25)[0]]) == "d"
     assert advised([second]) == "supervised"
+    # one seed has no spread: its gain is never called clear, however large
+    alone = rank([PilotRow("a", 0, 0.70, 0.60, 10, 60.0)], share=0.25)[0]
+    assert alone.spread == 0 and alone.trust == "one seed"
 
 
 def test_pilot_ranks_candidates_on_validation_only_and_prints_the_winners_command(tmp_path, capsys, monkeypatch):
