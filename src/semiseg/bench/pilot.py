@@ -6,7 +6,8 @@ for as many steps as the candidate's delivered network: ``trained_steps``), on o
 ``share`` x ``train.steps`` per training stage (default a quarter), so a pilot of a candidate costs about that
 share of its full run. The ranking is by mean validation score, each candidate shown with its mean gain over its
 control; a gain is called clear when it is positive on every seed and larger than twice its spread across seeds,
-otherwise within noise (from one seed, which has no spread: "one seed"). The winner is the best-validated candidate unless it does not beat its own control.
+otherwise within noise (from one seed, which has no spread: "one seed"). The winner is the best-validated
+candidate unless it does not beat its own control.
 
 The candidates are the bench's strongest rows (BENCHMARKS.md, polyp), with the options their rows use. Pilots share
 one out_dir, so a candidate built from other candidates' stages (ensemble-st) reads those stages back.
