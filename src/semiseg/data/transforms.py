@@ -263,10 +263,8 @@ def cutmix_batch(images: torch.Tensor, labels: torch.Tensor, confidence: torch.T
     for i in range(b):
         y, x, bh, bw = cutmix_box(h, w, generator)
         box[i, y:y + bh, x:x + bw] = True
-    def mix(t: torch.Tensor) -> torch.Tensor:
-        return paste_from_next(box, t)
-
-    return mix(images), mix(labels), None if confidence is None else mix(confidence)
+    mixed_confidence = None if confidence is None else paste_from_next(box, confidence)
+    return paste_from_next(box, images), paste_from_next(box, labels), mixed_confidence
 
 
 def cutmix_boxes(batch: int, height: int, width: int, rng: np.random.Generator, *, p: float = 0.5,
