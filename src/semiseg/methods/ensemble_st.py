@@ -20,6 +20,9 @@ Algorithm:
    ``student_cutmix`` > 0 its batches are CutMixed within themselves (labeled and pseudo-labeled images mix);
    with ``student_average`` the delivered student is the moving average of its weights.
 
+With ``teachers``, other registered methods' delivered models join S and U in step 3, each planned inside the run
+as its own run plans it (its stages shared with a run of it under one ``out_dir``).
+
 5. with ``ensemble_rounds`` > 1, steps 3-4 again: the newest student takes S's place beside U (ST++'s appendix-B
    re-labelling rounds, with the ensemble as labeller).
 
@@ -29,12 +32,14 @@ shared initialisation, as ST++'s students do), so its row is compared with the s
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 
+from semiseg.config import RunConfig
+from semiseg.errors import ConfigError
 from semiseg.methods.fixmatch import train_weak_strong
-from semiseg.methods.registry import MethodOptions, register
+from semiseg.methods.registry import Method, MethodOptions, get_method, register
 from semiseg.methods.self_training import STPlusPlus, STPlusPlusOptions
 from semiseg.methods.unimatch import UniMatchOptions, UniMatchTask
 from semiseg.pipeline.plan import Pipeline, StageRef
@@ -56,12 +61,40 @@ class EnsembleSTOptions(STPlusPlusOptions, UniMatchOptions):
         "(val_student/..., val_average<m>/...) for comparison (ours; [] = the raw student, as ST++'s; the best 0.995 "
         "average validated 0.7 under the best raw checkpoint on polyp, polyp-notes.md)"))
 
+    teachers: dict[str, dict[str, Any]] = Field({}, description=(
+        "more labellers beside S and U: registered method -> its options (as in a bench protocol), e.g. "
+        "{atso: {generations: 1, generation_scale: 2}}; each is planned inside this run as its own run plans "
+        "it (stages `<method>.<stage>`, shared with a run of it under the same out_dir) and its delivered "
+        "model's probabilities join the mean (ours; {} = S and U only)"))
+
+    @field_validator("teachers")
+    @classmethod
+    def _teachers(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for name in v:
+            teacher_options(name, v[name])  # raises ValueError naming the method and the option
+        return v
+
     @field_validator("student_average")
     @classmethod
     def _momenta(cls, v: list[float]) -> list[float]:
         if any(not 0 < m < 1 for m in v) or len(set(v)) != len(v):
             raise ValueError("momenta must be distinct and in (0, 1)")
         return v
+
+
+def teacher_options(name: str, options: dict[str, Any]) -> MethodOptions:
+    """``name``'s options model validating ``options`` (a ValueError naming the teacher otherwise)."""
+    if name == EnsembleST.name:
+        raise ValueError(f"{name}: a method cannot be its own teacher")
+    try:
+        method = get_method(name)
+    except KeyError as err:
+        raise ValueError(err.args[0]) from None
+    try:
+        return method.options_model.model_validate({"name": name, **(options or {})})
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise ValueError(f"{name}: {problems}") from None
 
 
 # the UniMatch stage declares exactly what a `unimatch` run's stage declares (ALL of UniMatch's), so its key is the same
@@ -76,14 +109,29 @@ class EnsembleST(STPlusPlus):
     options_model: ClassVar[type[MethodOptions]] = EnsembleSTOptions
     options: EnsembleSTOptions
 
+    @classmethod
+    def check_config(cls, config: RunConfig, options: EnsembleSTOptions) -> None:
+        super().check_config(config, options)
+        for name, method in cls.teacher_methods(options).items():
+            try:
+                method.check_config(config, method.options)
+            except ConfigError as err:
+                raise ConfigError(f"method.teachers.{name}: {err}") from None
+
+    @staticmethod
+    def teacher_methods(options: EnsembleSTOptions, run: Any = None) -> dict[str, Method]:
+        """The ``teachers`` methods with their options (bound to ``run`` when planning)."""
+        return {name: get_method(name)(run, teacher_options(name, o)) for name, o in options.teachers.items()}
+
     def plan(self, p: Pipeline) -> None:
         student, rounds, stability = self.staged(p)
         online = self.unimatch(p)
+        extra = [method.teach(p) for method in self.teacher_methods(self.options, self.run).values()]
         stems = list(self.run.splits.unlabeled)
         previous = [ref for ref, _ in rounds]
         for r in range(1, self.options.ensemble_rounds + 1):
             suffix = "" if r == 1 else f"-{r}"
-            labels = self.label(p, f"label-ensemble{suffix}", teacher=[student, online], stems=stems,
+            labels = self.label(p, f"label-ensemble{suffix}", teacher=[student, online, *extra], stems=stems,
                                 previous=previous)
             student = self.retrain(p, f"retrain-ensemble{suffix}", rounds=[(labels, stems)], teacher=student,
                                    n_pseudo=len(stems), cutmix=self.options.student_cutmix,

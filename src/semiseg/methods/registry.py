@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, get_args
 
 # MethodOptions lives with the config (which holds the chosen method's options); re-exported for method files
 from semiseg.config import MethodOptions, RunConfig
-from semiseg.pipeline.plan import Pipeline, Source
+from semiseg.pipeline.plan import NetOf, Pipeline, Source, Teacher
 
 if TYPE_CHECKING:
     from torch import nn
@@ -64,6 +64,16 @@ class Method(Generic[OptionsT]):
 
     def stages(self) -> list[Stage]:
         return self.pipeline.stages
+
+    def teach(self, outer: Pipeline) -> Teacher:
+        """Plan this method inside another method's run, as its teacher: the stages join ``outer`` named
+        ``<name>.<stage>`` and keyed as this method's own run keys them (one under the same ``out_dir`` shares
+        them). Returns the delivered model. No diagnostics stage: the outer run's describe the run."""
+        pipeline = outer.nested(f"{self.name}.", self.options)
+        self.plan(pipeline)
+        self._pipeline = pipeline
+        net = self.final_net()
+        return self.final_stage() if net is None else NetOf(self.final_stage(), net)
 
     def final_stage(self) -> Source:
         """The stage whose model is delivered: the last training stage."""

@@ -116,9 +116,9 @@ def add_diagnostics(pipeline: Pipeline, table: Callable[[], dict[str, Any]],
     """In benchmark mode, a last stage writing ``table()`` to ``diagnostics.json`` (in the stage and the run
     directory; the api merges it into ``results.json``), and a ``generations`` table also as ``metrics.jsonl``
     rows. Never reused: it describes this run's stages. ``options``: the method options ``table`` reads.
-    Outside benchmark mode nothing is added."""
+    Outside benchmark mode, and for a method planned as another's teacher (a nested pipeline), nothing is added."""
     run = pipeline.run
-    if not run.config.data.benchmark_gt:
+    if not run.config.data.benchmark_gt or pipeline.parent is not None:
         return None
 
     def work(path: Path) -> None:

@@ -156,22 +156,58 @@ def stage_key(run: RunContext, name: str, *, inputs: Sequence[Source] = (), opti
             "steps": steps, "inputs": hashes, "options": options, "variant": variant}
 
 
+@dataclass(frozen=True)
+class NetOf:
+    """One named net of a stage's model as a teacher (a method's delivered net, e.g. mean-teacher's EMA teacher)."""
+
+    source: Source
+    net: str
+
+    @property
+    def refs(self) -> list[StageRef]:
+        return self.source.refs
+
+
+Teacher = Source | NetOf
+"""What labels: a stage's validated model, or one named net of it."""
+
+
 @dataclass
 class Pipeline:
-    """The stages of one method, in order, each with its handle."""
+    """The stages of one method, in order, each with its handle.
+
+    A pipeline made by :meth:`nested` holds another method's stages inside this run (a teacher of this method):
+    they join this run's stage list named ``prefix + name`` and are keyed exactly as that method's own run keys
+    them (its stage names, its options), so a run of it under the same ``out_dir`` shares them."""
 
     run: RunContext
     stages: list[Stage] = field(default_factory=list)
     refs: dict[str, StageRef] = field(default_factory=dict)
     trainings: list[StageRef] = field(default_factory=list)
+    prefix: str = ""
+    method_options: MethodOptions | None = None  # a nested pipeline's method's options (else the run's)
+    parent: Pipeline | None = None
 
     def __getitem__(self, name: str) -> StageRef:
         return self.refs[name]
 
     @property
     def options(self) -> MethodOptions:
-        """The method's options (the run config holds them)."""
-        return self.run.config.method
+        """The options of the method planning here (the run config holds the run's method's)."""
+        return self.method_options if self.method_options is not None else self.run.config.method
+
+    def nested(self, prefix: str, options: MethodOptions) -> Pipeline:
+        """A pipeline for another method's stages inside this run, named ``prefix + name``, keyed by ``options``."""
+        return Pipeline(self.run, stages=self.stages, prefix=self.prefix + prefix, method_options=options,
+                        parent=self)
+
+    def _adopt(self, qualified: str, ref: StageRef) -> None:
+        """A nested pipeline's stage, listed here (and above) under its qualified name."""
+        if qualified in self.refs:
+            raise ValueError(f"stage name {qualified!r} used twice")
+        self.refs[qualified] = ref
+        if self.parent is not None:
+            self.parent._adopt(qualified, ref)
 
     def add(self, name: str, work: Callable[[Path], None], *, options: Declared = (), inputs: Sequence[Source] = (),
             variant: dict[str, Any] | None = None, reuse: bool = True, steps: int | None = None,
@@ -181,18 +217,21 @@ class Pipeline:
         was built with; ``reuse=False``: never taken from another run (e.g. a report of this run's stages)."""
         if name in self.refs:
             raise ValueError(f"stage name {name!r} used twice")
+        qualified = self.prefix + name  # its directory; the key holds the name its method gives it
         names = declared_names(self.options, options, name)
         key = None
         if reuse:
             key = stage_key(self.run, name, inputs=inputs, options=key_of(self.options, names, name),
                             variant=variant, steps=steps)
-        ref = StageRef(self.run, name, len(self.stages), key_hash(key), steps=steps, init=init, options=names)
+        ref = StageRef(self.run, qualified, len(self.stages), key_hash(key), steps=steps, init=init, options=names)
+        if self.parent is not None:
+            self.parent._adopt(qualified, ref)
 
         def sealed(path: Path) -> None:
-            with reading_only(name, names):
+            with reading_only(qualified, names):
                 work(path)
 
-        self.stages.append(Stage(name, sealed, key=key))
+        self.stages.append(Stage(qualified, sealed, key=key))
         self.refs[name] = ref
         return ref
 
@@ -219,7 +258,7 @@ class Pipeline:
         self.trainings.append(ref)
         return ref
 
-    def label(self, name: str, *, teacher: Source | Sequence[Source],
+    def label(self, name: str, *, teacher: Teacher | Sequence[Teacher],
               stems: Sequence[str] | Callable[[], Sequence[str]], policy: Any, which: Which = "best",
               tta_scales: Sequence[float] = (1.0,), tta_flip: bool = False, previous: Sequence[StageRef] = (),
               batch_size: int | None = None, inputs: Sequence[Source] = ()) -> StageRef:
@@ -229,20 +268,24 @@ class Pipeline:
         outputs; their stage goes in ``inputs``. ``previous``: earlier rounds, for the flip rate. It reads no
         method option: what the labels depend on is in these arguments, and so in its key."""
         teachers = list(teacher) if isinstance(teacher, list | tuple) else [teacher]
+        nets = [t.net if isinstance(t, NetOf) else None for t in teachers]
+        stages = [t.source if isinstance(t, NetOf) else t for t in teachers]
 
         def model() -> nn.Module:
-            members = [t.resolve().model(which=which) for t in teachers]
+            members = [s.resolve().model(net=n, which=which) for s, n in zip(stages, nets, strict=True)]
             return members[0] if len(members) == 1 else MeanProbabilities(members).eval()
 
         def checkpoint() -> Path | None:  # an ensemble's provenance is its members' weights hash alone
-            return teachers[0].resolve().checkpoint(which=which) if len(teachers) == 1 else None
+            return stages[0].resolve().checkpoint(nets[0], which=which) if len(teachers) == 1 else None
 
         work = label_work(self.run, model=model, stems=stems, policy=policy, tta_scales=tta_scales,
                           tta_flip=tta_flip, batch_size=batch_size, previous=lambda: [p.path for p in previous] or None,
                           checkpoint=checkpoint)
         variant = {**labeling_params(self.run, policy, tta_scales, tta_flip), "batch_size": batch_size,
                    "which": which, "stems": None if callable(stems) else list(stems)}
-        return self.add(name, work, inputs=[*teachers, *inputs, *previous], variant=variant)
+        if any(nets):  # only then: the keys of label stages from validated nets stay as they were
+            variant["nets"] = nets
+        return self.add(name, work, inputs=[*stages, *inputs, *previous], variant=variant)
 
     def last_training(self) -> StageRef:
         if not self.trainings:
