@@ -20,11 +20,11 @@ Algorithm:
    ``student_cutmix`` > 0 its batches are CutMixed within themselves (labeled and pseudo-labeled images mix);
    with ``student_average`` the delivered student is the moving average of its weights.
 
-With ``teachers``, other registered methods' delivered models join S and U in step 3, each planned inside the run
-as its own run plans it (its stages shared with a run of it under one ``out_dir``).
-
 5. with ``ensemble_rounds`` > 1, steps 3-4 again: the newest student takes S's place beside U (ST++'s appendix-B
    re-labelling rounds, with the ensemble as labeller).
+
+With ``teachers``, other registered methods' delivered models join S and U in step 3, each planned inside the run
+as its own run plans it (its stages shared with a run of it under one ``out_dir``).
 
 The delivered model is the last student; its compute-matched control counts its own steps (it starts from the
 shared initialisation, as ST++'s students do), so its row is compared with the same control as ``st++``'s.
