@@ -41,6 +41,12 @@ def test_a_teacher_method_is_planned_as_its_own_run_plans_it(tmp_path) -> None:
     assert "nets" not in plain.stages()[7].key["variant"]  # no named net: the key of runs from before the option
     assert stages["retrain-ensemble"].key_hash() != before["retrain-ensemble"]
     assert es.trained_steps() == plain.trained_steps()  # the student from scratch: the same control
+    # a teacher's option keys its own stages, and through them the labels and the student
+    teachers = {"mean-teacher": {}, "atso": {**ATSO, "generation_steps": 5}}
+    _, longer = synthetic_run(data, out, "es4", "ensemble-st", teachers=teachers, **STPP)
+    changed = {s.name: s.key_hash() != stages[s.name].key_hash() for s in longer.stages() if s.key is not None}
+    assert changed["atso.supervised"] is False and changed["atso.student-1A"] and changed["atso.final"]
+    assert changed["label-ensemble"] and changed["retrain-ensemble"] and not changed["mean-teacher.mean-teacher"]
 
 
 @pytest.mark.parametrize(("teachers", "message"), [
