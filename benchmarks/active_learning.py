@@ -2,7 +2,7 @@
 
     python benchmarks/active_learning.py --out-dir bench-runs --seeds 0,1,2 --k 33 \
         --set data.root=../shared/data --set train.threads=1 [--protocol polyp] \
-        [--methods "supervised;st++:retrain_scale=2"]
+        [--methods "supervised;st++:retrain_scale=2"] [--arms uncertain,random-0,random-1,random-2,confident]
 
 For each split seed: the protocol's supervised run (5 % labels on polyp: 65 masks) is trained or read back; from
 it ``suggest-labels`` picks K images by each arm, every arm's K masks are added to the labeled split
@@ -48,11 +48,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=33, help="masks added per arm")
     ap.add_argument("--methods", default="supervised", help=(
         "methods retrained with the added masks, ';'-separated, each METHOD[:option=value,...] (its bench options)"))
+    ap.add_argument("--arms", default=",".join(ARMS), help=(
+        "the arms to run, ','-separated (default all; the issue's comparison needs uncertain, random-0..2, confident)"))
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override a.b=c")
     ap.add_argument("--results", type=Path, default=Path("benchmarks/results/polyp-al.json"))
     args = ap.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")]
     methods = [m.split(":", 1) for m in args.methods.split(";")]
+    arms = [a for a in args.arms.split(",") if a]
+    if unknown := [a for a in arms if a not in ARMS]:
+        raise SystemExit(f"error: --arms: unknown arm(s) {', '.join(unknown)}; choose from {', '.join(ARMS)}")
     quiet = {"log": lambda *a, **k: None}
     command = " ".join(["python benchmarks/active_learning.py", *map(api.portable_arg, sys.argv[1:])])
     # rows already in RESULTS are kept and not run again: a protocol longer than a session resumes row by row
@@ -64,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for seed in seeds:
         done = {row_key(**r) for r in rows}
-        todo = [(arm, method, options) for arm in ARMS for method, *options in methods
+        todo = [(arm, method, options) for arm in arms for method, *options in methods
                 if row_key(seed, method, options, arm) not in done]
         have_start = any(r["split_seed"] == seed and r["arm"] == "start" for r in rows)
         if not todo and have_start:

@@ -80,3 +80,17 @@ def test_the_table_compares_arms_on_the_seeds_every_arm_has():
     assert "| supervised | uncertain | 50.0 | 90.0 | 50.0 | +1.000 |" in table  # seed 1 shown, not averaged
     assert "| supervised | start (no mask added) | 40.0 | 60.0 | 40.0 | |" in table
     assert "complete in every arm: 0." in table
+
+
+def test_arms_option_runs_only_the_named_arms_and_refuses_an_unknown_one(tmp_path, fake_runs):
+    al = load_script("active_learning")
+    results = tmp_path / "al.json"
+    common = ["--protocol", "demo", "--seeds", "0", "--k", "10", "--out-dir", str(tmp_path / "runs"),
+              "--results", str(results)]
+    assert al.main([*common, "--arms", "uncertain,confident"]) == 0
+    assert fake_runs == ["demo-s0-supervised", "al-s0-uncertain-supervised", "al-s0-confident-supervised"]
+    assert [r["arm"] for r in json.loads(results.read_text())["rows"]] == ["start", "uncertain", "confident"]
+    fake_runs.clear()
+    with pytest.raises(SystemExit, match="--arms: unknown arm.s. randm-0; choose from uncertain"):
+        al.main([*common, "--arms", "uncertain,randm-0"])
+    assert fake_runs == []
