@@ -510,3 +510,19 @@ def test_side_measurements_are_shown_beside_the_protocols_not_read_as_one(tmp_pa
     assert "## `p`" in md and "## `p-al`" not in md
     assert "## Which images to label next: `p`" in md and "| supervised | uncertain |" in md
     assert "- `python benchmarks/active_learning.py --k 3` (commit abc)" in md
+
+
+def test_wall_time_timed_before_the_stage_clock_is_marked_a_lower_bound(tmp_path):
+    results = {"method": "st++", "split_seed": 0, "test": {"headline": 0.7}, "stage_seconds": 120.0,
+               "stage_seconds_all_sessions": True}
+    assert entry_from_results("p", results)["wall_all_sessions"] is True
+    assert entry_from_results("p", {**results, "stage_seconds_all_sessions": False})["wall_all_sessions"] is False
+    entries = [entry("supervised", 0, 0.6, wall_all_sessions=True), entry("oracle", 0, 0.8, wall_all_sessions=True),
+               entry("st++", 0, 0.7, wall_all_sessions=True), entry("st++", 1, 0.7)]  # an older row: no flag
+    rows = {r["method"]: r for r in summarize(entries, "p")}
+    assert rows["st++"]["wall_lower_bound"] and not rows["supervised"]["wall_lower_bound"]
+    (tmp_path / "results").mkdir()
+    save_entries(tmp_path / "results" / "p.json", entries)
+    md = write_benchmarks_md(tmp_path / "results", tmp_path / "B.md").read_text()
+    assert re.search(r"\| `st\+\+` \|.*\| ≥ 1\.0 min \|", md)
+    assert re.search(r"\| `supervised` \|.*\| 1\.0 min \|", md)

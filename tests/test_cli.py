@@ -29,7 +29,7 @@ def test_train_writes_run_directory(finished_run):
     results = json.loads((run / "results.json").read_text())
     assert results["method"] == "supervised" and results["val_metric"] == "dice"
     assert 0.0 <= results["test"]["dice"] <= 1.0 and results["test"]["n_images"] > 0
-    assert results["peak_rss_mb"] > 0 and results["stage_seconds"] > 0
+    assert results["peak_rss_mb"] > 0 and results["stage_seconds"] > 0 and results["stage_seconds_all_sessions"]
     # the split files partition the data: nothing from test is in labeled/val
     split = {k: set((run / "splits" / f"{k}.txt").read_text().split()) for k in ("labeled", "val", "test")}
     assert not (split["test"] & (split["labeled"] | split["val"]))

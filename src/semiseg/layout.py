@@ -2,6 +2,7 @@
 
     <run>/stages/<i>-<name>/          one stage (:class:`StageLayout`)
         DONE                          written last: the stage finished (its record: key, seconds, memory)
+        elapsed.json                  seconds computed so far over every session (a resumed stage counts them all)
         checkpoints/best.pt           the validated net at its best; best-<net>.pt for an extra validated net
         checkpoints/last.pt           every net and optimizer, for an exact resume
         checkpoints/snapshot-<s>.pt   a net at step s (ST++'s stability snapshots)
@@ -65,6 +66,11 @@ class StageLayout:
     @property
     def checkpoints(self) -> Path:
         return self.path / CHECKPOINTS
+
+    @property
+    def elapsed(self) -> Path:
+        """Seconds the stage has computed so far, over every session that worked on it."""
+        return self.path / "elapsed.json"
 
     def best(self, net: str | None = None) -> Path:
         return self.checkpoints / best_file(net)

@@ -51,6 +51,8 @@ def final_results(ctx: RunContext, model: torch.nn.Module, stage_dirs: list[Path
         "void_images": void,  # masks void everywhere: no score, left out of every mean
         "trained_steps": trained_steps,
         "stage_seconds": round(sum(s.get("seconds", 0.0) for s in stages), 1),
+        # False where a stage was timed before the stage clock: a resumed one counted its last session only
+        "stage_seconds_all_sessions": all(s.get("seconds_all_sessions", False) for s in stages),
         "session_seconds": round(seconds, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "stages": stages, "command": recorded_command(), "commit": git_commit(),

@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -47,6 +48,9 @@ def key_hash(key: dict[str, Any] | None) -> str | None:
         return None
     blob = json.dumps(key, sort_keys=True, default=str).encode()
     return hashlib.blake2b(blob, digest_size=12).hexdigest()
+
+
+CLOCK_EVERY = 30.0  # seconds between two records of a running stage's time (a kill loses at most this much)
 
 
 def _reuse_index(out_dir: Path) -> Path:
@@ -101,11 +105,11 @@ def _run_stage(stage: Stage, path: Path, key_hash: str | None, out_dir: Path, di
                log: Callable[[str], None]) -> None:
     path.mkdir(parents=True, exist_ok=True)
     log(f"{label}: running")
-    t0 = time.time()
-    stage.run(path)
+    with stage_clock(path, enabled=dist.is_main, every=CLOCK_EVERY) as seconds:
+        stage.run(path)
     barrier()
     if dist.is_main:
-        info = {"stage": stage.name, "key": key_hash, "seconds": round(time.time() - t0, 2),
+        info = {"stage": stage.name, "key": key_hash, "seconds": round(seconds(), 2), "seconds_all_sessions": True,
                 "peak_rss_mb": round(_peak_rss_mb(), 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
         atomic_write_text(StageLayout(path).done, json.dumps(info, indent=1))
         if key_hash:
@@ -113,6 +117,42 @@ def _run_stage(stage: Stage, path: Path, key_hash: str | None, out_dir: Path, di
             index.mkdir(parents=True, exist_ok=True)
             atomic_write_text(index / key_hash, os.path.relpath(path, out_dir))
     barrier()
+
+
+@contextmanager
+def stage_clock(path: Path, *, enabled: bool = True, every: float = 30.0) -> Iterator[Callable[[], float]]:
+    """Seconds a stage has computed over every session: this session's plus those an earlier, interrupted session
+    recorded in ``elapsed.json``. The file is refreshed every ``every`` seconds and when the stage ends or fails, so
+    a kill loses at most that much of the count and a stage resumed across sessions reports its whole time."""
+    file = StageLayout(path).elapsed
+    try:
+        before = float(json.loads(file.read_text())["seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        before = 0.0
+    start = time.monotonic()
+
+    def seconds() -> float:
+        return before + time.monotonic() - start
+
+    def record() -> None:
+        atomic_write_text(file, json.dumps({"seconds": round(seconds(), 2)}))
+
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(every):
+            record()
+
+    thread = threading.Thread(target=beat, name="stage-clock", daemon=True) if enabled else None
+    if thread:
+        thread.start()
+    try:
+        yield seconds
+    finally:
+        if thread:
+            stop.set()
+            thread.join()
+            record()
 
 
 @contextmanager
