@@ -63,13 +63,20 @@ def test_a_stage_killed_and_resumed_reports_the_time_of_both_sessions(tmp_path):
     assert seconds < killed_session + 30
 
 
-def test_the_clock_records_a_failed_session_and_adds_the_next(tmp_path):
-    with pytest.raises(RuntimeError), stage_clock(tmp_path, every=3600) as seconds:
-        time.sleep(0.2)
+def test_a_failed_session_counts_to_its_last_beat_and_the_next_session_adds_to_it(tmp_path):
+    with pytest.raises(RuntimeError), stage_clock(tmp_path, every=0.05):
+        time.sleep(0.3)
         raise RuntimeError("the stage failed")
     first = _recorded(tmp_path / "elapsed.json")
-    assert first >= 0.2  # recorded on the way out, long before the next beat
+    assert first >= 0.1  # the beats of the failed session count, as a killed one's
     with stage_clock(tmp_path, every=3600) as seconds:
         assert seconds() >= first
         time.sleep(0.1)
-    assert _recorded(tmp_path / "elapsed.json") >= first + 0.1
+    assert _recorded(tmp_path / "elapsed.json") >= first + 0.09  # recorded at the end (rounded to 0.01 s)
+
+
+def test_a_session_failing_before_its_first_beat_leaves_the_record_as_it_was(tmp_path):
+    (tmp_path / "elapsed.json").write_text('{"seconds": 5.0}')
+    with pytest.raises(ValueError), stage_clock(tmp_path, every=3600):
+        raise ValueError("a bad checkpoint, found at once")
+    assert (tmp_path / "elapsed.json").read_text() == '{"seconds": 5.0}'

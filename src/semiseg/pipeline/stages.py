@@ -122,8 +122,9 @@ def _run_stage(stage: Stage, path: Path, key_hash: str | None, out_dir: Path, di
 @contextmanager
 def stage_clock(path: Path, *, enabled: bool = True, every: float = 30.0) -> Iterator[Callable[[], float]]:
     """Seconds a stage has computed over every session: this session's plus those an earlier, interrupted session
-    recorded in ``elapsed.json``. The file is refreshed every ``every`` seconds and when the stage ends or fails, so
-    a kill loses at most that much of the count and a stage resumed across sessions reports its whole time."""
+    recorded in ``elapsed.json``. The file is refreshed every ``every`` seconds and when the stage ends, so a kill
+    or a failure loses at most that much of the count and a stage resumed across sessions reports its whole time.
+    A session that fails before its first beat (bad input found at the start) leaves the file as it was."""
     file = StageLayout(path).elapsed
     try:
         before = float(json.loads(file.read_text())["seconds"])
@@ -152,7 +153,8 @@ def stage_clock(path: Path, *, enabled: bool = True, every: float = 30.0) -> Ite
         if thread:
             stop.set()
             thread.join()
-            record()
+    if enabled:
+        record()
 
 
 @contextmanager
