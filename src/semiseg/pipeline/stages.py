@@ -120,7 +120,7 @@ def _run_stage(stage: Stage, path: Path, key_hash: str | None, out_dir: Path, di
 
 
 @contextmanager
-def stage_clock(path: Path, *, enabled: bool = True, every: float = 30.0) -> Iterator[Callable[[], float]]:
+def stage_clock(path: Path, *, enabled: bool = True, every: float = CLOCK_EVERY) -> Iterator[Callable[[], float]]:
     """Seconds a stage has computed over every session: this session's plus those an earlier, interrupted session
     recorded in ``elapsed.json``. The file is refreshed every ``every`` seconds and when the stage ends, so a kill
     or a failure loses at most that much of the count and a stage resumed across sessions reports its whole time.
