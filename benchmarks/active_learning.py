@@ -13,10 +13,14 @@ it ``suggest-labels`` picks K images by each arm, every arm's K masks are added 
 - ``confident``: the K most confident (a sanity check: it should be the worst arm);
 - ``typical``: ``--strategy typical``, the low-budget criterion (TypiClust: typical images of uncovered clusters).
 
+Every method other than supervised also trains its own ``start`` (the method on the masks it started with, the bench
+row's configuration) after the seed's arms: its gain per added mask is over that start, so that the gain of the
+masks is told from the gain of the method.
+
 Every run is resumable and reused when finished (``api.finish``); validation picks each run's checkpoint, test is
 read once per run. Each row goes to ``RESULTS`` (default ``benchmarks/results/polyp-al.json``) as it finishes, with
 its command and commit; rows already there are not run again (a protocol longer than a session resumes). A table
-(test Dice per arm and seed, the mean, and the gain per added mask over the starting run) is written next to it as
+(test Dice per arm and seed, the mean, and the gain per added mask over the method's start) is written next to it as
 ``.md`` and printed.
 """
 
@@ -71,8 +75,10 @@ def main(argv: list[str] | None = None) -> int:
         done = {row_key(**r) for r in rows}
         todo = [(arm, method, options) for arm in arms for method, *options in methods
                 if row_key(seed, method, options, arm) not in done]
-        have_start = any(r["split_seed"] == seed and r["arm"] == "start" for r in rows)
-        if not todo and have_start:
+        starts_todo = [(method, options) for method, *options in methods if method != "supervised"
+                       and row_key(seed, method, options, "start") not in done]
+        have_start = row_key(seed, "supervised", [], "start") in done
+        if not todo and not starts_todo and have_start:
             continue
         base = [*args.overrides, f"split.seed={seed}", f"out_dir={args.out_dir}", "train.progress=false"]
         start_cfg = api.load_config(args.protocol, [*base, f"name={args.protocol}-s{seed}-supervised"])
@@ -98,6 +104,16 @@ def main(argv: list[str] | None = None) -> int:
                   "test": res["test"]["headline"], "val": res["val"].get(res["val_metric"]),
                   "per_subset": per_subset})
             print(f"seed {seed} {method:<12} {arm:<10} test {rows[-1]['test']:.4f}", flush=True)
+        for method, options in starts_todo:
+            # the method's own start (its gain per added mask is over it, not over supervised's): trained
+            # after the seed's arms, on the protocol's split with no mask added (the bench row's configuration)
+            extra = [f"method.{o}" for part in options for o in part.split(",") if o]
+            cfg = api.load_config(args.protocol, [*base, f"name={args.protocol}-s{seed}-{method}",
+                                                  f"method.name={method}", *extra])
+            res, _ = api.finish(cfg, **quiet)
+            save({"split_seed": seed, "method": method, "options": options, "arm": "start", "added": 0,
+                  "test": res["test"]["headline"], "val": res["val"].get(res["val_metric"])})
+            print(f"seed {seed} {method:<12} {'start':<10} test {rows[-1]['test']:.4f}", flush=True)
     write_results(args.results, args.protocol, args.k, rows)
     print(markdown(rows, args.k))
     return 0
@@ -132,32 +148,36 @@ def write_results(path: Path, protocol: str, k: int, rows: list[dict]) -> None:
 
 
 def markdown(rows: list[dict], k: int) -> str:
-    """Test Dice per method and arm: per split seed, the mean, and the gain per added mask over the start. The mean
-    and the gain are taken over the seeds where every arm of the method and the start have a row, so that arms are
-    compared on the same seeds while a protocol is partly run."""
+    """Test Dice per method and arm: per split seed, the mean, and the gain per added mask over the method's own
+    start (the method trained on the masks it started with). Each method's mean and gain are taken over the seeds
+    where every arm of it and its start have a row, so that arms are compared on the same seeds while a protocol
+    is partly run."""
     seeds = sorted({r["split_seed"] for r in rows})
-    start = {r["split_seed"]: r["test"] for r in rows if r["arm"] == "start"}
     lines = ["| method | arm | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | Dice points per added mask |",
              "|---|---|" + "---|" * len(seeds) + "---|---|"]
-    complete: set[int] = set(start)
-    for method in sorted({r["method"] for r in rows if r["arm"] != "start"}):
-        arms = {arm: {r["split_seed"]: r["test"] for r in rows if r["method"] == method and r["arm"] == arm}
-                for arm in ARMS}
+    complete: dict[str, list[int]] = {}
+
+    def cells(got: dict[int, float]) -> str:
+        return " | ".join(f"{100 * got[s]:.1f}" if s in got else "—" for s in seeds)
+
+    for method in sorted({r["method"] for r in rows}, key=lambda m: (m != "supervised", m)):
+        of_method = [r for r in rows if r["method"] == method]
+        start = {r["split_seed"]: r["test"] for r in of_method if r["arm"] == "start"}
+        arms = {arm: {r["split_seed"]: r["test"] for r in of_method if r["arm"] == arm} for arm in ARMS}
         arms = {arm: got for arm, got in arms.items() if got}
-        common = sorted(set(start).intersection(*arms.values()))
-        complete &= set(common)
+        common = complete[method] = sorted(set(start).intersection(*arms.values()))
         for arm, got in arms.items():
-            cells = [f"{100 * got[s]:.1f}" if s in got else "—" for s in seeds]
             mean = f"{100 * statistics.fmean(got[s] for s in common):.1f}" if common else "—"
             gain = f"{statistics.fmean(got[s] - start[s] for s in common) * 100 / k:+.3f}" if common else "—"
-            lines.append(f"| {method} | {arm} | " + " | ".join(cells) + f" | {mean} | {gain} |")
-    if start:
-        starts = " | ".join(f"{100 * start[s]:.1f}" if s in start else "—" for s in seeds)
-        mean = f"{100 * statistics.fmean(start[s] for s in complete):.1f}" if complete else "—"
-        lines.append(f"| supervised | start (no mask added) | {starts} | {mean} | |")
-    lines.append(f"\nMeans and gains over the split seeds complete in every arm: "
-                 f"{', '.join(map(str, sorted(complete))) or 'none yet'}.")
+            lines.append(f"| {method} | {arm} | {cells(got)} | {mean} | {gain} |")
+        if start:
+            mean = f"{100 * statistics.fmean(start[s] for s in common):.1f}" if common else "—"
+            lines.append(f"| {method} | start (no mask added) | {cells(start)} | {mean} | |")
+    seeds_of = "; ".join(f"{m}: {', '.join(map(str, got)) or 'none yet'}" for m, got in complete.items())
+    lines.append(f"\nMeans and gains over the split seeds where the method's start and every arm have a row "
+                 f"({seeds_of}). The gain per added mask is over the method's own start.")
     return "\n".join(lines) + "\n"
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -79,7 +79,27 @@ def test_the_table_compares_arms_on_the_seeds_every_arm_has():
     table = al.markdown(rows, 10)
     assert "| supervised | uncertain | 50.0 | 90.0 | 50.0 | +1.000 |" in table  # seed 1 shown, not averaged
     assert "| supervised | start (no mask added) | 40.0 | 60.0 | 40.0 | |" in table
-    assert "complete in every arm: 0." in table
+    assert "(supervised: 0)" in table
+
+
+def test_another_method_trains_its_own_start_after_its_arms_and_gains_over_it(tmp_path, fake_runs):
+    al = load_script("active_learning")
+    results = tmp_path / "al.json"
+    common = ["--protocol", "demo", "--seeds", "0", "--k", "10", "--out-dir", str(tmp_path / "runs"),
+              "--results", str(results), "--methods", "st++:retrain_scale=2", "--arms", "uncertain"]
+    assert al.main(common) == 0
+    # the supervised start picks the images; st++'s own start (no mask added) is trained after its arms
+    assert fake_runs == ["demo-s0-supervised", "al-s0-uncertain-st++", "demo-s0-st++"]
+    rows = json.loads(results.read_text())["rows"]
+    assert [(r["method"], r["arm"], r["options"]) for r in rows] == [
+        ("supervised", "start", []), ("st++", "uncertain", ["retrain_scale=2"]), ("st++", "start", ["retrain_scale=2"])]
+    table = results.with_suffix(".md").read_text()
+    # fake scores: supervised start .51, st++ uncertain .52, st++ start .53: the gain is over st++'s start
+    assert "| st++ | uncertain | 52.0 | 52.0 | -0.100 |" in table
+    assert "| st++ | start (no mask added) | 53.0 | 53.0 | |" in table
+    assert "(supervised: 0; st++: 0)" in table
+    fake_runs.clear()
+    assert al.main(common) == 0 and fake_runs == []  # every row there, st++'s start included
 
 
 def test_arms_option_runs_only_the_named_arms_and_refuses_an_unknown_one(tmp_path, fake_runs):
