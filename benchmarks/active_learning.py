@@ -71,6 +71,15 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({**row, "command": command, "commit": api.git_commit()})
         write_results(args.results, args.protocol, args.k, rows)
 
+    def train(base: list[str], name: str, method: str, options: list[str], *more: str, **row: object) -> None:
+        """Train (or read back) ``method`` with its bench options and save its row."""
+        extra = [f"method.{o}" for part in options for o in part.split(",") if o]
+        cfg = api.load_config(args.protocol, [*base, f"name={name}", f"method.name={method}", *extra, *more])
+        res, _ = api.finish(cfg, **quiet)
+        save({**row, "method": method, "options": options,
+              "test": res["test"]["headline"], "val": res["val"].get(res["val_metric"])})
+        print(f"seed {row['split_seed']} {method:<12} {row['arm']:<10} test {rows[-1]['test']:.4f}", flush=True)
+
     for seed in seeds:
         done = {row_key(**r) for r in rows}
         todo = [(arm, method, options) for arm in arms for method, *options in methods
@@ -96,24 +105,12 @@ def main(argv: list[str] | None = None) -> int:
                 atomic_write_text(picks / PICKED_FILE, json.dumps(picked.to_dict(), indent=1))
             per_subset = json.loads((picks / PICKED_FILE).read_text()).get("per_subset") \
                 if (picks / PICKED_FILE).is_file() else None
-            extra = [f"method.{o}" for part in options for o in part.split(",") if o]
-            cfg = api.load_config(args.protocol, [*base, f"name=al-s{seed}-{arm}-{method}", f"method.name={method}",
-                                                  *extra, f"split.add_labeled={picks / LIST_FILE}"])
-            res, _ = api.finish(cfg, **quiet)
-            save({"split_seed": seed, "method": method, "options": options, "arm": arm, "added": args.k,
-                  "test": res["test"]["headline"], "val": res["val"].get(res["val_metric"]),
-                  "per_subset": per_subset})
-            print(f"seed {seed} {method:<12} {arm:<10} test {rows[-1]['test']:.4f}", flush=True)
+            train(base, f"al-s{seed}-{arm}-{method}", method, options, f"split.add_labeled={picks / LIST_FILE}",
+                  split_seed=seed, arm=arm, added=args.k, per_subset=per_subset)
         for method, options in starts_todo:
             # the method's own start (its gain per added mask is over it, not over supervised's): trained
             # after the seed's arms, on the protocol's split with no mask added (the bench row's configuration)
-            extra = [f"method.{o}" for part in options for o in part.split(",") if o]
-            cfg = api.load_config(args.protocol, [*base, f"name={args.protocol}-s{seed}-{method}",
-                                                  f"method.name={method}", *extra])
-            res, _ = api.finish(cfg, **quiet)
-            save({"split_seed": seed, "method": method, "options": options, "arm": "start", "added": 0,
-                  "test": res["test"]["headline"], "val": res["val"].get(res["val_metric"])})
-            print(f"seed {seed} {method:<12} {'start':<10} test {rows[-1]['test']:.4f}", flush=True)
+            train(base, f"{args.protocol}-s{seed}-{method}", method, options, split_seed=seed, arm="start", added=0)
     write_results(args.results, args.protocol, args.k, rows)
     print(markdown(rows, args.k))
     return 0
