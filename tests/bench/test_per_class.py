@@ -33,6 +33,19 @@ def test_per_class_table_by_hand():
     assert lines[5] == "| Car | 42.0 | 43.0 | 51.0 | +8.0 |"
 
 
+def test_the_best_method_is_judged_on_the_most_split_seeds():
+    """A one-seed row with the highest mean is not the best method while a row on more seeds exists."""
+    entries = [
+        row("supervised", 0, 0.40, 0.80, 0.40, 10), row("supervised", 1, 0.42, 0.82, 0.44, 10),
+        row("st", 0, 0.45, 0.85, 0.50, 20), row("st", 1, 0.43, 0.89, 0.52, 20),
+        row("lucky", 0, 0.50, 0.99, 0.60, 20),
+    ]
+    lines = per_class_section(entries, summarize(entries, "p"), "p")
+    assert "split seed(s) 0, 1" in lines[0] and "`st` |" in lines[2] and "lucky" not in lines[2]
+    entries.append(row("lucky", 1, 0.44, 0.90, 0.50, 20))  # on as many seeds now, and higher on the mean
+    assert "`lucky` |" in per_class_section(entries, summarize(entries, "p"), "p")[2]
+
+
 def test_no_table_without_per_class_scores_and_no_control_column_without_a_control():
     plain = [entry("supervised", 0, 0.4), entry("st", 0, 0.5, trained_steps=20)]
     assert per_class_section(plain, summarize(plain, "p"), "p") == []
